@@ -1,0 +1,12 @@
+"""kseg: classic segmentation and classification CNNs for Keras 3 / TensorFlow."""
+
+from kseg._backend import ensure_tensorflow_backend
+
+ensure_tensorflow_backend()
+
+from kseg.api import build_model  # noqa: E402
+from kseg.registry import Preprocessing, get_spec, list_models, register_model  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = ["Preprocessing", "__version__", "build_model", "get_spec", "list_models", "register_model"]

@@ -1,0 +1,47 @@
+"""build_model: the one entry point from a registry name to a ready keras.Model."""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+from kseg.registry import get_spec
+
+
+def build_model(name, *, num_classes=None, input_shape=None, weights=None, **kwargs):
+    """Build the registered model `name`.
+
+    Args:
+        name: a name from `kseg.list_models()`.
+        num_classes: classes of the output layer; the spec's default if None.
+        input_shape: (height, width, channels); None dims accept any size at run time.
+        weights: None, or a path to a Keras weight file (.h5, .weights.h5, .keras; loaded
+            by layer name) or a torchvision-layout state_dict (.pth, .pt, .safetensors, .npz).
+            For architectures with two published layouts (ResNet), a state_dict selects the
+            torchvision layout unless `layout` is given.
+        **kwargs: architecture options (see the builder's signature).
+    """
+    spec = get_spec(name)
+    if weights is not None:
+        from kseg import weights as weights_mod
+
+        fmt = weights_mod.detect_format(weights)
+        if fmt == "state_dict":
+            for key, value in spec.layouts.get("torchvision", {}).items():
+                kwargs.setdefault(key, value)
+    build_kwargs = dict(kwargs)
+    if num_classes is not None:
+        build_kwargs["num_classes"] = num_classes
+    if input_shape is not None:
+        build_kwargs["input_shape"] = tuple(input_shape)
+    options = inspect.signature(spec.builder).parameters
+    unknown = sorted(set(build_kwargs) - set(options))
+    if unknown:
+        raise TypeError(
+            f"build_model({name!r}) got unknown option(s) {unknown}; "
+            f"{name} accepts {sorted(options)}"
+        )
+    model = spec.builder(**build_kwargs)
+    if weights is not None:
+        weights_mod.load_weights(model, os.fspath(weights), spec=spec)
+    return model

@@ -1,0 +1,18 @@
+"""Small helpers shared by the model builders."""
+
+from __future__ import annotations
+
+import keras
+
+
+def model_input(input_shape, default, name="image"):
+    """A named Keras input; `None` spatial dims accept any size at run time."""
+    shape = tuple(default if input_shape is None else input_shape)
+    if len(shape) != 3:
+        raise ValueError(f"input_shape must be (height, width, channels), got {shape}")
+    return keras.Input(shape=shape, name=name)
+
+
+def classifier_head(x, num_classes, activation, name="predictions"):
+    """The final dense layer; logits by default, as torchvision and the losses expect."""
+    return keras.layers.Dense(num_classes, activation=activation, name=name)(x)

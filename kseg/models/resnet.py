@@ -1,0 +1,179 @@
+"""ResNet50 / ResNet101 (He et al. 2016) with keras.applications layer names.
+
+Two published weight layouts exist and differ in more than names:
+- "keras" (keras.applications): conv biases, BN epsilon 1.001e-5, the stage's stride
+  on the first 1x1 conv of its first block.
+- "torchvision" ("v1.5"): no conv biases, BN epsilon 1e-5, the stride on the 3x3 conv,
+  with symmetric padding 1 (Keras' "same" pads a stride-2 conv asymmetrically).
+Both keep the keras.applications names, so heads and weight maps address one set of names.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import keras
+from keras import layers
+
+from kseg.models._common import classifier_head, model_input
+from kseg.registry import TorchMapping, register_model
+
+PAPER = "He, Zhang, Ren, Sun, Deep Residual Learning for Image Recognition, CVPR 2016"
+
+BLOCKS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
+STAGE_FILTERS = (64, 128, 256, 512)
+LAYOUTS = {
+    "keras": {"use_bias": True, "epsilon": 1.001e-5},
+    "torchvision": {"use_bias": False, "epsilon": 1e-5},
+}
+# Which stages trade their stride for dilation at each output stride
+# (torchvision's replace_stride_with_dilation, indexed by stage 3, 4, 5).
+DILATE_STAGES = {32: (False, False, False), 16: (False, False, True), 8: (False, True, True)}
+
+
+def feature_names(arch: str) -> dict[str, str]:
+    """Named feature maps for heads: C1 (stride 2) .. C5, by keras.applications layer name."""
+    blocks = BLOCKS[arch]
+    names = {"C1": "conv1_relu"}
+    for stage, n in enumerate(blocks, start=2):
+        names[f"C{stage}"] = f"conv{stage}_block{n}_out"
+    return names
+
+
+def torch_map(arch):
+    """torchvision.models.resnet50/101's state_dict keys for the layers of `arch`."""
+    blocks = BLOCKS[arch]
+    out = [TorchMapping("conv1", "conv1_conv", "conv"), TorchMapping("bn1", "conv1_bn", "bn")]
+    for stage, n in enumerate(blocks, start=1):
+        for b in range(n):
+            keras_block, torch_block = f"conv{stage + 1}_block{b + 1}", f"layer{stage}.{b}"
+            for k in (1, 2, 3):
+                out.append(TorchMapping(f"{torch_block}.conv{k}", f"{keras_block}_{k}_conv", "conv"))
+                out.append(TorchMapping(f"{torch_block}.bn{k}", f"{keras_block}_{k}_bn", "bn"))
+            if b == 0:
+                out.append(TorchMapping(f"{torch_block}.downsample.0", f"{keras_block}_0_conv", "conv"))
+                out.append(TorchMapping(f"{torch_block}.downsample.1", f"{keras_block}_0_bn", "bn"))
+    return out + [TorchMapping("fc", "predictions", "dense")]
+
+
+def _bottleneck(x, filters, *, stride, dilation, conv_shortcut, layout, name):
+    cfg = LAYOUTS[layout]
+    bias, eps = cfg["use_bias"], cfg["epsilon"]
+    if conv_shortcut:
+        shortcut = layers.Conv2D(4 * filters, 1, strides=stride, use_bias=bias, name=f"{name}_0_conv")(x)
+        shortcut = layers.BatchNormalization(epsilon=eps, name=f"{name}_0_bn")(shortcut)
+    else:
+        shortcut = x
+
+    stride_1x1, stride_3x3 = (stride, 1) if layout == "keras" else (1, stride)
+    x = layers.Conv2D(filters, 1, strides=stride_1x1, use_bias=bias, name=f"{name}_1_conv")(x)
+    x = layers.BatchNormalization(epsilon=eps, name=f"{name}_1_bn")(x)
+    x = layers.Activation("relu", name=f"{name}_1_relu")(x)
+
+    if stride_3x3 > 1:
+        # torchvision pads 1 on every side; Keras "same" would pad only bottom/right.
+        x = layers.ZeroPadding2D(dilation, name=f"{name}_2_pad")(x)
+        padding = "valid"
+    else:
+        padding = "same"
+    x = layers.Conv2D(
+        filters,
+        3,
+        strides=stride_3x3,
+        padding=padding,
+        dilation_rate=dilation,
+        use_bias=bias,
+        name=f"{name}_2_conv",
+    )(x)
+    x = layers.BatchNormalization(epsilon=eps, name=f"{name}_2_bn")(x)
+    x = layers.Activation("relu", name=f"{name}_2_relu")(x)
+
+    x = layers.Conv2D(4 * filters, 1, use_bias=bias, name=f"{name}_3_conv")(x)
+    x = layers.BatchNormalization(epsilon=eps, name=f"{name}_3_bn")(x)
+    x = layers.Add(name=f"{name}_add")([shortcut, x])
+    return layers.Activation("relu", name=f"{name}_out")(x)
+
+
+def resnet_trunk(x, arch, *, layout="keras", output_stride=32):
+    """Stem and four stages; returns the last feature map (C5)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
+    if output_stride not in DILATE_STAGES:
+        raise ValueError(f"output_stride must be one of {sorted(DILATE_STAGES)}, got {output_stride!r}")
+    cfg = LAYOUTS[layout]
+    x = layers.ZeroPadding2D(3, name="conv1_pad")(x)
+    x = layers.Conv2D(64, 7, strides=2, use_bias=cfg["use_bias"], name="conv1_conv")(x)
+    x = layers.BatchNormalization(epsilon=cfg["epsilon"], name="conv1_bn")(x)
+    x = layers.Activation("relu", name="conv1_relu")(x)
+    # Zero padding equals torchvision's -inf padding here: inputs are post-ReLU (>= 0).
+    x = layers.ZeroPadding2D(1, name="pool1_pad")(x)
+    x = layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
+
+    dilation = 1
+    dilate = (False,) + DILATE_STAGES[output_stride]
+    for stage, (filters, n_blocks) in enumerate(zip(STAGE_FILTERS, BLOCKS[arch]), start=2):
+        stride = 1 if stage == 2 else 2
+        # As torchvision: the first block of a dilated stage keeps the previous dilation.
+        first_dilation = dilation
+        if dilate[stage - 2]:
+            dilation *= stride
+            stride = 1
+        for block in range(1, n_blocks + 1):
+            x = _bottleneck(
+                x,
+                filters,
+                stride=stride if block == 1 else 1,
+                dilation=first_dilation if block == 1 else dilation,
+                conv_shortcut=block == 1,
+                layout=layout,
+                name=f"conv{stage}_block{block}",
+            )
+    return x
+
+
+def _resnet(arch, *, num_classes, input_shape, include_top, pooling, layout, output_stride, classifier_activation):
+    inputs = model_input(input_shape, (224, 224, 3) if include_top else (None, None, 3))
+    x = resnet_trunk(inputs, arch, layout=layout, output_stride=output_stride)
+    if include_top:
+        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        x = classifier_head(x, num_classes, classifier_activation)
+    elif pooling == "avg":
+        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    elif pooling == "max":
+        x = layers.GlobalMaxPooling2D(name="max_pool")(x)
+    elif pooling is not None:
+        raise ValueError(f"pooling must be None, 'avg' or 'max', got {pooling!r}")
+    return keras.Model(inputs, x, name=arch)
+
+
+def _spec(arch, params):
+    return dict(params=params, torch_map=functools.partial(torch_map, arch), **_COMMON)
+
+
+_COMMON = dict(
+    task="classification",
+    paper=PAPER,
+    input_shape=(224, 224, 3),
+    num_classes=1000,
+    preprocessing="caffe",
+    layouts={"keras": {"layout": "keras"}, "torchvision": {"layout": "torchvision"}},
+    layout_preprocessing={"torchvision": "torch"},
+)
+
+
+@register_model("resnet50", **_spec("resnet50", 25_636_712))
+def resnet50(*, num_classes=1000, input_shape=None, include_top=True, pooling=None,
+             layout="keras", output_stride=32, classifier_activation=None):
+    """ResNet50 (3-4-6-3 bottlenecks); layout="torchvision" for v1.5 weights, output_stride 8/16 dilates."""
+    return _resnet("resnet50", num_classes=num_classes, input_shape=input_shape, include_top=include_top,
+                   pooling=pooling, layout=layout, output_stride=output_stride,
+                   classifier_activation=classifier_activation)
+
+
+@register_model("resnet101", **_spec("resnet101", 44_707_176))
+def resnet101(*, num_classes=1000, input_shape=None, include_top=True, pooling=None,
+              layout="keras", output_stride=32, classifier_activation=None):
+    """ResNet101 (3-4-23-3 bottlenecks); layout="torchvision" for v1.5 weights, output_stride 8/16 dilates."""
+    return _resnet("resnet101", num_classes=num_classes, input_shape=input_shape, include_top=include_top,
+                   pooling=pooling, layout=layout, output_stride=output_stride,
+                   classifier_activation=classifier_activation)

@@ -1,0 +1,193 @@
+"""The model registry: one decorator, one table of specs, duplicate names raise.
+
+Every later feature (data pipelines, serving signatures, conversion metadata, the
+CLI and the generic tests) reads a model's facts from its spec here, never from
+the builder's code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+from typing import Any, Callable
+
+TASKS = ("classification", "segmentation", "edges")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How raw images (RGB, uint8 values 0..255, NHWC) become the model's input.
+
+    Models are built raw-input, like keras.applications and torchvision: the data
+    pipelines and serving signatures call `apply`, so weights imported from either
+    ecosystem see exactly the tensors they were trained on.
+    """
+
+    kind: str  # "caffe" | "torch" | "unit" | "batchnorm"
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    bgr: bool = False
+    scale: float = 1.0  # multiply 0..255 values by this before mean/std
+
+    def apply(self, images):
+        """Preprocess a float batch (NumPy or TF tensor) of RGB 0..255 images."""
+        x = images * self.scale if self.scale != 1.0 else images
+        if self.bgr:
+            x = x[..., ::-1]
+        if self.mean is not None:
+            x = x - _as_like(self.mean, x)
+        if self.std is not None:
+            x = x / _as_like(self.std, x)
+        return x
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _as_like(values, x):
+    # NumPy's and TF's broadcasting both accept a plain float list on the last axis,
+    # but a float64 NumPy constant would silently upcast float32 NumPy inputs.
+    import numpy as np
+
+    dtype = getattr(x, "dtype", np.float32)
+    try:
+        return np.asarray(values, dtype=np.dtype(getattr(dtype, "as_numpy_dtype", dtype)))
+    except TypeError:
+        return np.asarray(values, dtype=np.float32)
+
+
+# Caffe's VGG/ResNet convention (keras.applications "caffe" mode): BGR, 0..255, mean subtracted.
+CAFFE = Preprocessing("caffe", mean=(103.939, 116.779, 123.68), bgr=True)
+# torchvision's ImageNet convention: RGB scaled to [0, 1], then mean/std.
+TORCH = Preprocessing(
+    "torch", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), scale=1 / 255.0
+)
+UNIT = Preprocessing("unit", scale=1 / 255.0)
+# The model's first layer is a BatchNormalization that learns the normalisation
+# (SegNet's Oxford-IIIT Pet recipe); the pipeline feeds raw 0..255 floats.
+BATCHNORM = Preprocessing("batchnorm")
+
+PREPROCESSING = {p.kind: p for p in (CAFFE, TORCH, UNIT, BATCHNORM)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything kseg knows about a registered architecture."""
+
+    name: str
+    builder: Callable[..., Any]
+    task: str
+    paper: str
+    input_shape: tuple[int | None, int | None, int]
+    num_classes: int
+    preprocessing: Preprocessing
+    params: int  # reference parameter count of build_model(name) with defaults
+    # kwargs that select another published weight layout, e.g. {"torchvision": {"layout": "torchvision"}}
+    layouts: dict[str, dict] = dataclasses.field(default_factory=dict)
+    # preprocessing per weight layout, when it differs from `preprocessing`
+    layout_preprocessing: dict[str, Preprocessing] = dataclasses.field(default_factory=dict)
+    # torchvision state_dict layout as a table of TorchMapping; None if torchvision has no such net
+    torch_map: Callable[[], list["TorchMapping"]] | None = None
+    description: str = ""
+
+    def preprocessing_for(self, layout: str | None = None) -> Preprocessing:
+        return self.layout_preprocessing.get(layout, self.preprocessing)
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchMapping:
+    """One torchvision module (a state_dict key prefix) and the Keras layer holding its weights.
+
+    kind: "conv" (OIHW <-> HWIO), "bn" (weight/bias/running_mean/running_var), "dense"
+    (out,in <-> in,out) or "dense_nchw" (a dense layer right after a flatten of a
+    (C, H, W) map: torchvision flattens NCHW, Keras NHWC, so rows are permuted).
+    """
+
+    prefix: str
+    layer: str
+    kind: str
+    chw: tuple[int, int, int] | None = None
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(
+    name: str,
+    *,
+    task: str,
+    paper: str,
+    input_shape: tuple,
+    num_classes: int,
+    preprocessing: str | Preprocessing,
+    params: int,
+    layouts: dict[str, dict] | None = None,
+    layout_preprocessing: dict[str, str | Preprocessing] | None = None,
+    torch_map: Callable | None = None,
+):
+    """Register a builder under `name`. A second registration of a name raises."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r} for model {name!r}")
+
+    def resolve(p):
+        if isinstance(p, Preprocessing):
+            return p
+        if p not in PREPROCESSING:
+            raise ValueError(
+                f"unknown preprocessing {p!r} for model {name!r}; "
+                f"known: {sorted(PREPROCESSING)}"
+            )
+        return PREPROCESSING[p]
+
+    def decorator(builder):
+        if name in _REGISTRY:
+            other = _REGISTRY[name].builder
+            raise ValueError(
+                f"model name {name!r} is already registered by "
+                f"{other.__module__}.{other.__qualname__}"
+            )
+        doc = inspect.getdoc(builder) or ""
+        _REGISTRY[name] = ModelSpec(
+            name=name,
+            builder=builder,
+            task=task,
+            paper=paper,
+            input_shape=tuple(input_shape),
+            num_classes=num_classes,
+            preprocessing=resolve(preprocessing),
+            params=params,
+            layouts=dict(layouts or {}),
+            layout_preprocessing={k: resolve(v) for k, v in (layout_preprocessing or {}).items()},
+            torch_map=torch_map,
+            description=doc.splitlines()[0] if doc else "",
+        )
+        return builder
+
+    return decorator
+
+
+def _ensure_models_imported():
+    # Importing the model modules runs their @register_model decorators.
+    from kseg import models  # noqa: F401
+
+
+def get_spec(name: str) -> ModelSpec:
+    _ensure_models_imported()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, _REGISTRY, n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(
+            f"unknown model {name!r}.{hint} "
+            f"`kseg models` or kseg.list_models() lists all {len(_REGISTRY)}."
+        ) from None
+
+
+def list_models(task: str | None = None) -> list[str]:
+    """Registered model names, sorted; optionally only those of one task."""
+    _ensure_models_imported()
+    if task is not None and task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    return sorted(n for n, s in _REGISTRY.items() if task is None or s.task == task)

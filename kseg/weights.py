@@ -1,0 +1,247 @@
+"""Weights in: Keras weight files by layer name, and torchvision-layout state_dicts.
+
+Loading is all-or-nothing: every array is read, matched and shape-checked first, and
+the model is touched only when everything fits, so a bad file never leaves a model
+half-loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+
+import numpy as np
+
+from kseg.registry import ModelSpec, TorchMapping
+from kseg.statedict import WeightsFileError, load_state_dict
+
+KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
+STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".npz")
+
+
+class WeightsMismatchError(ValueError):
+    """The file is readable but does not fit the model (missing, unexpected or misshapen)."""
+
+
+def detect_format(path) -> str:
+    """'keras' for Keras weight/model files, 'state_dict' for torchvision-layout files."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
+    lower = path.lower()
+    if lower.endswith(KERAS_SUFFIXES):
+        return "keras"
+    if lower.endswith(STATE_DICT_SUFFIXES):
+        return "state_dict"
+    raise ValueError(
+        f"{path}: unknown weights format; expected a Keras file ({', '.join(KERAS_SUFFIXES)}) "
+        f"or a state_dict ({', '.join(STATE_DICT_SUFFIXES)})"
+    )
+
+
+def load_weights(model, path, *, spec: ModelSpec | None = None):
+    """Load `path` into `model` (Keras files by layer name; state_dicts via the spec's torch map)."""
+    path = os.fspath(path)
+    if detect_format(path) == "keras":
+        arrays = read_keras_weights(path)
+    else:
+        if spec is None or spec.torch_map is None:
+            name = spec.name if spec else model.name
+            raise ValueError(
+                f"{path}: {name} has no torchvision layout, so a state_dict cannot be mapped onto it"
+            )
+        arrays = torch_to_keras(load_state_dict(path), spec.torch_map(), model, path)
+    assign_weights(model, arrays, path)
+
+
+# --- Keras files -------------------------------------------------------------------
+
+
+def read_keras_weights(path) -> dict[str, list[np.ndarray]]:
+    """Layer name -> arrays in the layer's variable order, from any Keras weight file.
+
+    Reads the legacy HDF5 layout (keras.applications downloads, tf.keras 2.x and Keras 3
+    `.h5` model or weight files: attrs `layer_names` / `weight_names`) and Keras 3's
+    `.weights.h5` / `.keras` layout (`layers/<class>/vars/<i>`, the layer name in an attr).
+    """
+    import h5py
+
+    path = os.fspath(path)
+    try:
+        if path.lower().endswith(".keras"):
+            with zipfile.ZipFile(path) as zf:
+                if "model.weights.h5" not in zf.namelist():
+                    raise WeightsFileError(f"{path}: a .keras file without model.weights.h5")
+                import io
+
+                with h5py.File(io.BytesIO(zf.read("model.weights.h5")), "r") as f:
+                    return _read_keras3_layers(f, path)
+        with h5py.File(path, "r") as f:
+            root = f["model_weights"] if "layer_names" not in f.attrs and "model_weights" in f else f
+            if "layer_names" in root.attrs:
+                return _read_legacy_layers(root)
+            if "layers" in f:
+                return _read_keras3_layers(f, path)
+            raise WeightsFileError(f"{path}: an HDF5 file, but not a Keras weights file (no layer_names or layers/)")
+    except WeightsFileError:
+        raise
+    except (OSError, zipfile.BadZipFile, KeyError) as e:
+        raise WeightsFileError(f"{path}: cannot read Keras weights ({e}); is the file complete?") from None
+
+
+def _text(value):
+    return value.decode("utf8") if isinstance(value, bytes) else str(value)
+
+
+def _read_legacy_layers(root):
+    out = {}
+    for layer_name in map(_text, root.attrs["layer_names"]):
+        group = root[layer_name]
+        names = [_text(n) for n in group.attrs.get("weight_names", [])]
+        if names:
+            out[layer_name] = [np.asarray(group[n]) for n in names]
+    return out
+
+
+def _read_keras3_layers(f, path):
+    out = {}
+
+    def visit(group):
+        for key in group:
+            item = group[key]
+            if not hasattr(item, "keys"):
+                continue
+            if "vars" in item and len(item["vars"]):
+                vars_group = item["vars"]
+                name = _text(vars_group.attrs.get("name", key))
+                out[name] = [np.asarray(vars_group[str(i)]) for i in range(len(vars_group))]
+            if "layers" in item:
+                visit(item["layers"])
+
+    if "layers" not in f:
+        raise WeightsFileError(f"{path}: no layers/ group; not a Keras 3 weights file")
+    visit(f["layers"])
+    return out
+
+
+# --- torchvision state_dicts ---------------------------------------------------------
+
+
+def torch_to_keras(state: dict, table: list[TorchMapping], model, path) -> dict[str, list[np.ndarray]]:
+    """Convert a torchvision-layout state_dict to Keras arrays per layer name.
+
+    Keys of layers the model does not have (e.g. `fc` with include_top=False) are skipped;
+    any other key not consumed, or a needed key that is absent, raises with the names.
+    """
+    have = {layer.name for layer in model.layers}
+    used, missing, out = set(), [], {}
+    for entry in table:
+        suffixes = _TORCH_SUFFIXES[entry.kind]
+        keys = [f"{entry.prefix}.{s}" for s in suffixes]
+        if entry.layer not in have:
+            used.update(k for k in keys if k in state)
+            used.add(f"{entry.prefix}.num_batches_tracked")
+            continue
+        layer = model.get_layer(entry.layer)
+        if entry.kind in ("conv", "dense", "dense_nchw") and not getattr(layer, "use_bias", True):
+            keys = keys[:1]
+        absent = [k for k in keys if k not in state]
+        used.update(k for k in keys if k in state)
+        used.add(f"{entry.prefix}.num_batches_tracked")
+        if absent:
+            missing.extend(absent)
+            continue
+        out[entry.layer] = [_convert(state[k], entry, i) for i, k in enumerate(keys)]
+    unexpected = [k for k in state if k not in used]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:20]}" + (f" (+{len(missing) - 20} more)" if len(missing) > 20 else ""))
+        if unexpected:
+            parts.append(
+                f"unexpected keys {unexpected[:20]}" + (f" (+{len(unexpected) - 20} more)" if len(unexpected) > 20 else "")
+            )
+        raise WeightsMismatchError(f"{path}: state_dict does not fit {model.name}: " + "; ".join(parts))
+    return out
+
+
+_TORCH_SUFFIXES = {
+    "conv": ("weight", "bias"),
+    "dense": ("weight", "bias"),
+    "dense_nchw": ("weight", "bias"),
+    "bn": ("weight", "bias", "running_mean", "running_var"),
+}
+
+
+def _convert(array, entry: TorchMapping, index: int) -> np.ndarray:
+    a = np.asarray(array, dtype=np.float32)
+    if index != 0 or entry.kind == "bn":
+        return a
+    if entry.kind == "conv":
+        return a.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    if entry.kind == "dense":
+        return a.T
+    c, h, w = entry.chw
+    if a.ndim != 2 or a.shape[1] != c * h * w:
+        raise WeightsMismatchError(
+            f"{entry.prefix}.weight: expected (out, {c * h * w}) for a flatten of {c}x{h}x{w}, got {a.shape}"
+        )
+    # Row index c*H*W + h*W + w (NCHW flatten) -> (h*W + w)*C + c (NHWC flatten).
+    return a.reshape(-1, c, h, w).transpose(2, 3, 1, 0).reshape(h * w * c, -1)
+
+
+def keras_to_torch(model, table: list[TorchMapping]) -> dict[str, np.ndarray]:
+    """The inverse of torch_to_keras: a torchvision-layout state_dict from a Keras model."""
+    have = {layer.name for layer in model.layers}
+    state = {}
+    for entry in table:
+        if entry.layer not in have:
+            continue
+        arrays = [np.asarray(v) for v in model.get_layer(entry.layer).weights]
+        for i, (suffix, a) in enumerate(zip(_TORCH_SUFFIXES[entry.kind], arrays)):
+            if i == 0 and entry.kind == "conv":
+                a = a.transpose(3, 2, 0, 1)
+            elif i == 0 and entry.kind == "dense":
+                a = a.T
+            elif i == 0 and entry.kind == "dense_nchw":
+                c, h, w = entry.chw
+                a = a.reshape(h, w, c, -1).transpose(3, 2, 0, 1).reshape(-1, c * h * w)
+            state[f"{entry.prefix}.{suffix}"] = np.ascontiguousarray(a)
+    return state
+
+
+# --- assignment --------------------------------------------------------------------
+
+
+def assign_weights(model, arrays: dict[str, list[np.ndarray]], path) -> None:
+    """Set each layer's weights from `arrays` after checking every layer first.
+
+    Every model layer with weights must be present with matching shapes; file layers the
+    model lacks are ignored (a full ImageNet file loads into an include_top=False trunk).
+    """
+    missing, mismatched, plan = [], [], []
+    for layer in model.layers:
+        variables = layer.weights
+        if not variables:
+            continue
+        if layer.name not in arrays:
+            missing.append(layer.name)
+            continue
+        got = arrays[layer.name]
+        want = [tuple(v.shape) for v in variables]
+        if [tuple(a.shape) for a in got] != want:
+            mismatched.append(f"{layer.name}: model {want}, file {[tuple(a.shape) for a in got]}")
+            continue
+        plan.append((layer, got))
+    if missing or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"layers missing from the file: {missing}")
+        if mismatched:
+            parts.append("shape mismatches: " + "; ".join(mismatched))
+        hint = ""
+        if mismatched:
+            hint = " (built with another num_classes, input_shape or layout than the file's?)"
+        raise WeightsMismatchError(f"{path}: weights do not fit {model.name}: " + " | ".join(parts) + hint)
+    for layer, got in plan:
+        layer.set_weights(got)

@@ -1,0 +1,39 @@
+"""The `kseg` command and the generated README table."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import kseg
+from kseg.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_models_lists_every_registered_model(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in kseg.list_models():
+        assert name in out
+    assert "138,357,544" in out
+
+
+def test_demo_runs_and_checks_counts(capsys):
+    assert main(["demo", "lenet5", "alexnet"]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 2 models match" in out
+    assert "(1, 10)" in out and "(1, 1000)" in out
+
+
+def test_unknown_model_is_a_clear_cli_error(capsys):
+    assert main(["demo", "vgg61"]) == 2
+    assert "unknown model 'vgg61'" in capsys.readouterr().err
+
+
+def test_readme_model_table_is_generated_from_registry():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_model_table.py"), "--check"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "| `resnet50` | classification | 25,636,712 |" in (ROOT / "README.md").read_text()

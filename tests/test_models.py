@@ -1,0 +1,76 @@
+"""One generic test over every registered model: build, run, count, snapshot, round-trip."""
+
+import json
+import os
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import kseg
+
+SNAPSHOTS = Path(__file__).parent / "snapshots" / "models"
+UPDATE = os.environ.get("KSEG_UPDATE_SNAPSHOTS") == "1"
+
+# Per-model input for the smoke run; default: the registry's input size, batch 2.
+SMOKE_INPUT = {}
+
+
+def _input_for(spec, rng):
+    h, w, c = SMOKE_INPUT.get(spec.name, spec.input_shape)
+    return rng.uniform(0, 1, size=(2, h or 97, w or 97, c)).astype("float32")
+
+
+@pytest.fixture(scope="module", params=kseg.list_models())
+def built(request):
+    spec = kseg.get_spec(request.param)
+    model = kseg.build_model(spec.name)
+    x = _input_for(spec, np.random.default_rng(0))
+    y = model.predict(x, verbose=0)
+    yield spec, model, x, y
+    keras.backend.clear_session()
+
+
+def test_output_shape_and_finite(built):
+    spec, model, x, y = built
+    outputs = y if isinstance(y, list) else [y]
+    for out in outputs:
+        assert np.all(np.isfinite(out)), f"{spec.name}: non-finite outputs"
+        assert out.shape[0] == x.shape[0]
+    if spec.task == "classification":
+        assert y.shape == (x.shape[0], spec.num_classes)
+    else:
+        assert y.shape[1:3] == x.shape[1:3], "dense prediction must come back at input size"
+    # Different inputs must give different outputs (a constant network would pass the shape checks).
+    assert not np.allclose(outputs[0][0], outputs[0][1])
+
+
+def test_parameter_count_matches_reference(built):
+    spec, model, _, _ = built
+    assert model.count_params() == spec.params
+
+
+def test_weight_names_and_shapes_snapshot(built):
+    spec, model, _, _ = built
+    current = [[v.path, list(v.shape)] for v in model.weights]
+    path = SNAPSHOTS / f"{spec.name}.json"
+    if UPDATE or not path.exists():
+        if not UPDATE and os.environ.get("CI"):
+            pytest.fail(f"{path} is missing; run with KSEG_UPDATE_SNAPSHOTS=1 and commit it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(current, indent=0) + "\n")
+    assert json.loads(path.read_text()) == current, (
+        f"weight names/shapes of {spec.name} changed; if intended, regenerate with KSEG_UPDATE_SNAPSHOTS=1"
+    )
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_save_and_reload(built, suffix, tmp_path):
+    spec, model, x, y = built
+    path = tmp_path / f"{spec.name}{suffix}"
+    model.save(path)
+    # No custom_objects: kseg's layers are registered serializable.
+    reloaded = keras.saving.load_model(path, compile=False)
+    np.testing.assert_array_equal(reloaded.predict(x, verbose=0), y)
+    assert [v.path for v in reloaded.weights] == [v.path for v in model.weights]
