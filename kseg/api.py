@@ -8,7 +8,7 @@ import os
 from kseg.registry import get_spec
 
 
-def build_model(name, *, num_classes=None, input_shape=None, weights=None, **kwargs):
+def build_model(name, *, num_classes=None, input_shape=None, weights=None, backbone_weights=None, **kwargs):
     """Build the registered model `name`.
 
     Args:
@@ -19,6 +19,9 @@ def build_model(name, *, num_classes=None, input_shape=None, weights=None, **kwa
             by layer name) or a torchvision-layout state_dict (.pth, .pt, .safetensors, .npz).
             For architectures with two published layouts (ResNet), a state_dict selects the
             torchvision layout unless `layout` is given.
+        backbone_weights: for dense-prediction models, ImageNet weights of the backbone
+            classifier (a keras.applications file or a torchvision state_dict) to initialise
+            from, as the papers did; the head keeps its own initialisation.
         **kwargs: architecture options (see the builder's signature).
     """
     spec = get_spec(name)
@@ -30,6 +33,10 @@ def build_model(name, *, num_classes=None, input_shape=None, weights=None, **kwa
             for key, value in spec.layouts.get("torchvision", {}).items():
                 kwargs.setdefault(key, value)
     build_kwargs = dict(kwargs)
+    if num_classes is not None and spec.task != "edges" and num_classes < 2:
+        raise ValueError(
+            f"build_model({name!r}): num_classes must be >= 2 (background counts as a class), got {num_classes}"
+        )
     if num_classes is not None:
         build_kwargs["num_classes"] = num_classes
     if input_shape is not None:
@@ -42,6 +49,10 @@ def build_model(name, *, num_classes=None, input_shape=None, weights=None, **kwa
             f"{name} accepts {sorted(options)}"
         )
     model = spec.builder(**build_kwargs)
+    if backbone_weights is not None:
+        from kseg import weights as weights_mod
+
+        weights_mod.load_backbone(model, backbone_weights, spec)
     if weights is not None:
         weights_mod.load_weights(model, os.fspath(weights), spec=spec)
     return model

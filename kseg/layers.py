@@ -20,6 +20,7 @@ __all__ = [
     "Scale",
     "ConnectionTableConv2D",
     "RBFOutput",
+    "BilinearUpsampling",
 ]
 
 
@@ -410,3 +411,33 @@ class RBFOutput(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "units": self.units}
+
+
+@keras.saving.register_keras_serializable(package="kseg")
+class BilinearUpsampling(keras.initializers.Initializer):
+    """Kernel initialiser that makes a Conv2DTranspose an exact bilinear upsampler.
+
+    FCN and HED initialise (and in the reference nets freeze) their deconvolutions this way.
+    Each channel is upsampled independently: kernel[:, :, c, c] is the bilinear filter,
+    every cross-channel entry is zero. Keras' Conv2DTranspose kernel is (kh, kw, out, in).
+    """
+
+    def __call__(self, shape, dtype=None):
+        kh, kw, out_channels, in_channels = shape
+        if out_channels != in_channels:
+            raise ValueError(f"bilinear upsampling maps channels one to one; got kernel shape {shape}")
+        weights = np.zeros(shape, dtype="float32")
+        filt = np.outer(_bilinear_1d(kh), _bilinear_1d(kw))
+        for c in range(in_channels):
+            weights[:, :, c, c] = filt
+        return keras.ops.convert_to_tensor(weights, dtype=dtype or "float32")
+
+    def get_config(self):
+        return {}
+
+
+def _bilinear_1d(size):
+    # The same filter as the FCN reference code's upsample_filt.
+    factor = (size + 1) // 2
+    center = factor - 1 if size % 2 == 1 else factor - 0.5
+    return 1 - np.abs(np.arange(size) - center) / factor

@@ -89,6 +89,10 @@ class ModelSpec:
     layout_preprocessing: dict[str, Preprocessing] = dataclasses.field(default_factory=dict)
     # torchvision state_dict layout as a table of TorchMapping; None if torchvision has no such net
     torch_map: Callable[[], list["TorchMapping"]] | None = None
+    # ImageNet classifier whose weights initialise this model (build_model(backbone_weights=...)),
+    # and adapt(arrays_by_backbone_layer, model, path) -> arrays_by_model_layer
+    backbone: str | None = None
+    backbone_adapt: Callable[[dict, Any, str], dict] | None = None
     description: str = ""
 
     def preprocessing_for(self, layout: str | None = None) -> Preprocessing:
@@ -125,6 +129,8 @@ def register_model(
     layouts: dict[str, dict] | None = None,
     layout_preprocessing: dict[str, str | Preprocessing] | None = None,
     torch_map: Callable | None = None,
+    backbone: str | None = None,
+    backbone_adapt: Callable | None = None,
 ):
     """Register a builder under `name`. A second registration of a name raises."""
     if task not in TASKS:
@@ -160,6 +166,8 @@ def register_model(
             layouts=dict(layouts or {}),
             layout_preprocessing={k: resolve(v) for k, v in (layout_preprocessing or {}).items()},
             torch_map=torch_map,
+            backbone=backbone,
+            backbone_adapt=backbone_adapt,
             description=doc.splitlines()[0] if doc else "",
         )
         return builder

@@ -12,7 +12,7 @@ import zipfile
 
 import numpy as np
 
-from kseg.registry import ModelSpec, TorchMapping
+from kseg.registry import ModelSpec, TorchMapping, get_spec
 from kseg.statedict import WeightsFileError, load_state_dict
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
@@ -130,24 +130,24 @@ def _read_keras3_layers(f, path):
 def torch_to_keras(state: dict, table: list[TorchMapping], model, path) -> dict[str, list[np.ndarray]]:
     """Convert a torchvision-layout state_dict to Keras arrays per layer name.
 
-    Keys of layers the model does not have (e.g. `fc` with include_top=False) are skipped;
-    any other key not consumed, or a needed key that is absent, raises with the names.
+    With a model, keys of layers it does not have (e.g. `fc` with include_top=False) are
+    skipped and biases follow the layer's use_bias; without one (reading a backbone file),
+    every table entry is converted and a bias is taken when present. Any key not consumed,
+    or a needed key that is absent, raises with the names.
     """
-    have = {layer.name for layer in model.layers}
+    layers = {layer.name: layer for layer in model.layers} if model is not None else None
     used, missing, out = set(), [], {}
     for entry in table:
-        suffixes = _TORCH_SUFFIXES[entry.kind]
-        keys = [f"{entry.prefix}.{s}" for s in suffixes]
-        if entry.layer not in have:
-            used.update(k for k in keys if k in state)
-            used.add(f"{entry.prefix}.num_batches_tracked")
-            continue
-        layer = model.get_layer(entry.layer)
-        if entry.kind in ("conv", "dense", "dense_nchw") and not getattr(layer, "use_bias", True):
-            keys = keys[:1]
-        absent = [k for k in keys if k not in state]
-        used.update(k for k in keys if k in state)
+        keys = [f"{entry.prefix}.{s}" for s in _TORCH_SUFFIXES[entry.kind]]
         used.add(f"{entry.prefix}.num_batches_tracked")
+        if layers is not None and entry.layer not in layers:
+            used.update(k for k in keys if k in state)
+            continue
+        if entry.kind != "bn":
+            has_bias = getattr(layers[entry.layer], "use_bias", True) if layers else f"{keys[1]}" in state
+            keys = keys if has_bias else keys[:1]
+        used.update(k for k in keys if k in state)
+        absent = [k for k in keys if k not in state]
         if absent:
             missing.extend(absent)
             continue
@@ -156,13 +156,16 @@ def torch_to_keras(state: dict, table: list[TorchMapping], model, path) -> dict[
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing keys {missing[:20]}" + (f" (+{len(missing) - 20} more)" if len(missing) > 20 else ""))
+            parts.append(f"missing keys {_some(missing)}")
         if unexpected:
-            parts.append(
-                f"unexpected keys {unexpected[:20]}" + (f" (+{len(unexpected) - 20} more)" if len(unexpected) > 20 else "")
-            )
-        raise WeightsMismatchError(f"{path}: state_dict does not fit {model.name}: " + "; ".join(parts))
+            parts.append(f"unexpected keys {_some(unexpected)}")
+        target = model.name if model is not None else "the expected torchvision layout"
+        raise WeightsMismatchError(f"{path}: state_dict does not fit {target}: " + "; ".join(parts))
     return out
+
+
+def _some(names, n=20):
+    return f"{names[:n]}" + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
 
 _TORCH_SUFFIXES = {
@@ -213,16 +216,21 @@ def keras_to_torch(model, table: list[TorchMapping]) -> dict[str, np.ndarray]:
 # --- assignment --------------------------------------------------------------------
 
 
-def assign_weights(model, arrays: dict[str, list[np.ndarray]], path) -> None:
+def assign_weights(model, arrays: dict[str, list[np.ndarray]], path, *, partial=False) -> None:
     """Set each layer's weights from `arrays` after checking every layer first.
 
     Every model layer with weights must be present with matching shapes; file layers the
     model lacks are ignored (a full ImageNet file loads into an include_top=False trunk).
+    With partial=True only the layers named in `arrays` are set, and each must exist.
     """
     missing, mismatched, plan = [], [], []
+    if partial:
+        absent = sorted(set(arrays) - {layer.name for layer in model.layers})
+        if absent:
+            raise WeightsMismatchError(f"{path}: {model.name} has no layers {absent}")
     for layer in model.layers:
         variables = layer.weights
-        if not variables:
+        if not variables or (partial and layer.name not in arrays):
             continue
         if layer.name not in arrays:
             missing.append(layer.name)
@@ -245,3 +253,46 @@ def assign_weights(model, arrays: dict[str, list[np.ndarray]], path) -> None:
         raise WeightsMismatchError(f"{path}: weights do not fit {model.name}: " + " | ".join(parts) + hint)
     for layer, got in plan:
         layer.set_weights(got)
+
+
+# --- ImageNet backbones for dense-prediction models -----------------------------------
+
+
+def read_backbone(path, backbone: str) -> dict[str, list[np.ndarray]]:
+    """ImageNet weights of the registered classifier `backbone`, keyed by its Keras layer names.
+
+    Reads keras.applications files (by name) and torchvision state_dicts (through the
+    backbone's torch map), so dense-prediction models initialise from either ecosystem.
+    """
+    path = os.fspath(path)
+    if detect_format(path) == "keras":
+        return read_keras_weights(path)
+    spec = get_spec(backbone)
+    if spec.torch_map is None:
+        raise ValueError(f"{path}: {backbone} has no torchvision layout, so a state_dict cannot be read as it")
+    return torch_to_keras(load_state_dict(path), spec.torch_map(), None, path)
+
+
+def copy_by_name(arrays, names, path, backbone) -> dict[str, list[np.ndarray]]:
+    """The arrays of `names`; raises naming the absent ones (a file of another architecture)."""
+    absent = [n for n in names if n not in arrays]
+    if absent:
+        raise WeightsMismatchError(
+            f"{path}: not {backbone} ImageNet weights: layers {_some(absent)} are missing "
+            f"(the file has {_some(sorted(arrays), 8)})"
+        )
+    return {n: arrays[n] for n in names}
+
+
+def load_backbone(model, path, spec: ModelSpec) -> list[str]:
+    """Initialise `model`'s backbone from ImageNet weights; returns the layers that were set.
+
+    `spec.backbone_adapt(arrays, model, path)` maps the backbone's arrays onto the model's
+    layers (by name, and e.g. reshaping fc1/fc2 into FCN's fc6/fc7 convolutions).
+    """
+    path = os.fspath(path)
+    if spec.backbone is None or spec.backbone_adapt is None:
+        raise ValueError(f"{spec.name} has no ImageNet backbone to initialise from {path}")
+    targets = spec.backbone_adapt(read_backbone(path, spec.backbone), model, path)
+    assign_weights(model, targets, path, partial=True)
+    return sorted(targets)
