@@ -25,11 +25,12 @@ def build_model(name, *, num_classes=None, input_shape=None, weights=None, backb
         **kwargs: architecture options (see the builder's signature).
     """
     spec = get_spec(name)
-    if weights is not None:
-        from kseg import weights as weights_mod
+    from kseg import weights as weights_mod
 
-        fmt = weights_mod.detect_format(weights)
-        if fmt == "state_dict":
+    # A torchvision state_dict (full or backbone) implies the torchvision layout where a
+    # model has two, unless the caller chose one.
+    for path in (weights, backbone_weights):
+        if path is not None and weights_mod.detect_format(path) == "state_dict":
             for key, value in spec.layouts.get("torchvision", {}).items():
                 kwargs.setdefault(key, value)
     build_kwargs = dict(kwargs)
@@ -50,8 +51,6 @@ def build_model(name, *, num_classes=None, input_shape=None, weights=None, backb
         )
     model = spec.builder(**build_kwargs)
     if backbone_weights is not None:
-        from kseg import weights as weights_mod
-
         weights_mod.load_backbone(model, backbone_weights, spec)
     if weights is not None:
         weights_mod.load_weights(model, os.fspath(weights), spec=spec)

@@ -7,13 +7,21 @@ import sys
 import time
 
 
+def _console():
+    from rich.console import Console
+
+    # Piped output (files, grep, CI logs) gets a wide table instead of rich's 80 columns.
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
 def _models_table(rows, title):
     from rich.table import Table
 
     table = Table(title=title)
-    for column, justify in [("name", "left"), ("task", "left"), ("params", "right"),
-                            ("default input", "left"), ("reference", "left")]:
-        table.add_column(column, justify=justify, overflow="fold")
+    # Names and counts never wrap, so `kseg models | grep` finds them whatever the width.
+    for column, justify, wrap in [("name", "left", False), ("task", "left", False), ("params", "right", False),
+                                  ("default input", "left", False), ("reference", "left", True)]:
+        table.add_column(column, justify=justify, no_wrap=not wrap, overflow="fold")
     for row in rows:
         table.add_row(*row)
     return table
@@ -32,21 +40,18 @@ def model_rows(task=None):
 
 
 def cmd_models(args):
-    from rich.console import Console
-
-    Console().print(_models_table(model_rows(args.task), "kseg models"))
+    _console().print(_models_table(model_rows(args.task), "kseg models"))
     return 0
 
 
 def cmd_demo(args):
     """Build every registered model, run it on one input, check it against the registry."""
     import numpy as np
-    from rich.console import Console
     from rich.progress import Progress
 
     import kseg
 
-    console = Console()
+    console = _console()
     names = args.models or kseg.list_models()
     rng = np.random.default_rng(0)
     results, failed = [], 0
@@ -60,19 +65,20 @@ def cmd_demo(args):
             h, w, c = (d or 224 for d in spec.input_shape)
             image = rng.uniform(0, 255, size=(1, h, w, c)).astype("float32")
             out = model.predict(spec.preprocessing.apply(image), verbose=0)
+            outputs = out if isinstance(out, list) else [out]
             seconds = time.perf_counter() - start
             params = model.count_params()
-            ok = params == spec.params and bool(np.all(np.isfinite(out)))
+            ok = params == spec.params and all(np.all(np.isfinite(o)) for o in outputs)
             failed += not ok
             results.append((name, spec.task, f"{params:,}", "yes" if params == spec.params else f"NO ({spec.params:,})",
-                            str(tuple(out.shape)), f"{seconds:.1f}"))
+                            " ".join("x".join(map(str, o.shape)) for o in outputs), f"{seconds:.1f}"))
             progress.advance(task)
             del model
     from rich.table import Table
 
     table = Table(title="kseg: every registered model built and run on one input")
     for column in ("name", "task", "params", "matches reference", "output", "build+run s"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column != "output")
     for row in results:
         table.add_row(*row)
     console.print(table)

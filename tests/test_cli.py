@@ -21,10 +21,11 @@ def test_models_lists_every_registered_model(capsys):
 
 
 def test_demo_runs_and_checks_counts(capsys):
-    assert main(["demo", "lenet5", "alexnet"]) == 0
+    assert main(["demo", "lenet5", "segnet_basic", "hed"]) == 0
     out = capsys.readouterr().out
-    assert "2 of 2 models match" in out
-    assert "(1, 10)" in out and "(1, 1000)" in out
+    assert "3 of 3 models match" in out
+    assert "1x10" in out and "1x360x480x11" in out
+    assert out.count("1x321x481x1") == 6  # HED: five side outputs and the fuse
 
 
 def test_unknown_model_is_a_clear_cli_error(capsys):

@@ -1,0 +1,176 @@
+"""SegNet (Badrinarayanan, Kendall & Cipolla, TPAMI 2017): a VGG16 encoder and a mirrored
+decoder that upsamples with the encoder's max-pooling indices.
+
+Layer names: the encoder keeps keras.applications' VGG16 names (`block1_conv1` ...
+`block5_conv3`, plus `_bn` / `_relu`, pools `block{i}_pool`), so ImageNet VGG16 weights load by
+name; decoder stage i (5 ... 1) is `decoder{i}_unpool` then `decoder{i}_conv{j}` (+ `_bn`,
+`_relu`), and `classifier` is the last conv. The reference Caffe models
+(alexgkendall/SegNet-Tutorial) name them `conv5_3_D` ... `conv1_1_D` and `conv_classifier`.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from kseg.layers import MaxPoolingWithArgmax2D, MaxUnpooling2D
+from kseg.models._common import model_input
+from kseg.models.vgg import CFGS as VGG_CFGS
+from kseg.models.vgg import VGG16_CONV_NAMES
+from kseg.registry import register_model
+from kseg.weights import copy_by_name
+
+PAPER = (
+    "Badrinarayanan, Kendall & Cipolla, SegNet: A Deep Convolutional Encoder-Decoder "
+    "Architecture for Image Segmentation, TPAMI 2017"
+)
+
+# encoder: filters per conv in each stage (a 2x2/2 argmax pool ends every stage);
+# decoder: filters per conv of decoder stage i, listed from the deepest stage to the first.
+CFGS = {
+    "vgg16": dict(
+        encoder=VGG_CFGS["D"],
+        decoder=[[512, 512, 512], [512, 512, 256], [256, 256, 128], [128, 64], [64]],
+        kernel_size=3,
+        # The paper's SegNet and its Caffe model end in a 3x3 conv (conv1_1_D) into the softmax.
+        classifier_kernel_size=3,
+        decoder_relu=True,
+        # Biases kept as in the Caffe model (and needed to take VGG16's by name).
+        use_bias=True,
+    ),
+    # Section 4.1: "No biases are used after convolutions and no ReLU non-linearity is present
+    # in the decoder network"; 7x7 kernels everywhere "to provide a wide context".
+    "basic": dict(
+        encoder=[[64]] * 4,
+        decoder=[[64]] * 4,
+        kernel_size=7,
+        classifier_kernel_size=1,
+        decoder_relu=False,
+        use_bias=False,
+    ),
+}
+
+
+def _conv_bn(x, filters, kernel_size, name, *, relu, use_bias):
+    # The paper initialises encoder and decoder with He et al.'s method (Caffe's "msra").
+    x = layers.Conv2D(
+        filters, kernel_size, padding="same", use_bias=use_bias, kernel_initializer="he_normal", name=name
+    )(x)
+    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    if relu:
+        x = layers.ReLU(name=f"{name}_relu")(x)
+    return x
+
+
+def _segnet(cfg, *, num_classes, input_shape, input_bn, name):
+    cfg = CFGS[cfg]
+    inputs = model_input(input_shape, (None, None, 3))
+    if input_bn not in (True, False):
+        raise ValueError(f"input_bn must be True or False, got {input_bn!r}")
+    x = layers.BatchNormalization(name="input_bn")(inputs) if input_bn else inputs
+
+    # === Encoder ===
+    stages = []  # (pre-pool tensor, argmax) per stage, for the decoder
+    for b, convs in enumerate(cfg["encoder"], start=1):
+        for c, filters in enumerate(convs, start=1):
+            x = _conv_bn(
+                x, filters, cfg["kernel_size"], f"block{b}_conv{c}", relu=True, use_bias=cfg["use_bias"]
+            )
+        # "same" padding pools odd sizes in ceil mode (the Caffe model's upsample_h/w);
+        # the unpool takes its output size from the pre-pool tensor, so every input size,
+        # odd ones included, comes back exactly.
+        pooled, argmax = MaxPoolingWithArgmax2D(2, strides=2, padding="same", name=f"block{b}_pool")(x)
+        stages.append((x, argmax))
+        x = pooled
+
+    # === Decoder ===
+    for i, convs in zip(range(len(stages), 0, -1), cfg["decoder"]):
+        reference, argmax = stages[i - 1]
+        x = MaxUnpooling2D(name=f"decoder{i}_unpool")([x, argmax, reference])
+        for j, filters in enumerate(convs, start=1):
+            x = _conv_bn(
+                x,
+                filters,
+                cfg["kernel_size"],
+                f"decoder{i}_conv{j}",
+                relu=cfg["decoder_relu"],
+                use_bias=cfg["use_bias"],
+            )
+    # Logits: the paper's "trainable soft-max classifier" is this conv plus the loss's softmax.
+    outputs = layers.Conv2D(
+        num_classes,
+        cfg["classifier_kernel_size"],
+        padding="same",
+        kernel_initializer="he_normal",
+        name="classifier",
+    )(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def backbone_adapt(arrays, model, path):
+    """VGG16's 13 conv kernels and biases by name; the BatchNorm layers keep their init."""
+    return copy_by_name(arrays, VGG16_CONV_NAMES, path, "vgg16")
+
+
+# The Oxford-IIIT Pet recipe (input_bn=True) feeds raw 0..255 pixels to a first BatchNorm;
+# spec.preprocessing_for("input_bn") gives that pipeline ("batchnorm"), build_model(name,
+# **spec.layouts["input_bn"]) the matching model.
+_LAYOUTS = {"paper": {}, "input_bn": {"input_bn": True}}
+_LAYOUT_PREPROCESSING = {"input_bn": "batchnorm"}
+
+
+@register_model(
+    "segnet",
+    task="segmentation",
+    paper=PAPER,
+    input_shape=(360, 480, 3),
+    num_classes=11,
+    preprocessing="caffe",
+    # Encoder 14,731,584 = VGG16's conv trunk 14,714,688 + 16,896 BatchNorm values (8,448 of
+    # them trainable); decoder 14,733,643 with 11 classes. Paper: 29.5M.
+    params=29_465_227,
+    layouts=_LAYOUTS,
+    layout_preprocessing=_LAYOUT_PREPROCESSING,
+    backbone="vgg16",
+    backbone_adapt=backbone_adapt,
+)
+def segnet(*, num_classes=11, input_shape=None, input_bn=False):
+    """SegNet: a VGG16 encoder (conv+BN+ReLU) and a mirrored decoder unpooling with its pool indices.
+
+    num_classes defaults to CamVid's 11 (the paper's road-scene benchmark, 360x480 inputs; SUN
+    RGB-D has 37). Inputs are Caffe-preprocessed (BGR, ImageNet mean subtracted) for the
+    VGG16 ImageNet initialisation (`backbone_weights=`). `input_bn=True` adds a BatchNorm layer
+    `input_bn` on the raw input instead (the Oxford-IIIT Pet recipe: 128x128, 3 classes); feed
+    it raw 0..255 RGB (`spec.preprocessing_for("input_bn")`, kind "batchnorm"). Any input size
+    works (no minimum): odd sizes are pooled in ceil mode and unpooled back to their exact size.
+    """
+    return _segnet(
+        "vgg16", num_classes=num_classes, input_shape=input_shape, input_bn=input_bn, name="segnet"
+    )
+
+
+@register_model(
+    "segnet_basic",
+    task="segmentation",
+    paper=PAPER,
+    input_shape=(360, 480, 3),
+    num_classes=11,
+    preprocessing="unit",
+    # Encoder 611,520 + decoder 802,816 conv weights (no biases), 8 BatchNorms x 256 values,
+    # classifier 715 for 11 classes.
+    params=1_417_099,
+    layouts=_LAYOUTS,
+    layout_preprocessing=_LAYOUT_PREPROCESSING,
+)
+def segnet_basic(*, num_classes=11, input_shape=None, input_bn=False):
+    """SegNet-Basic: 4 encoders and 4 decoders of 64 7x7 filters, no decoder ReLU, 1x1 classifier.
+
+    The paper's small variant (section 4.1), trained from scratch: convs have no biases, the
+    decoder convs are followed by BatchNorm only. The reference Caffe model normalises its
+    input with an LRN layer; kseg models are raw-input, so inputs are scaled to [0, 1]
+    ("unit") instead, or `input_bn=True` learns the normalisation from raw 0..255 pixels
+    ("batchnorm"). Any input size works (no minimum).
+    """
+    return _segnet(
+        "basic", num_classes=num_classes, input_shape=input_shape, input_bn=input_bn, name="segnet_basic"
+    )
