@@ -50,8 +50,20 @@ def build_model(name, *, num_classes=None, input_shape=None, weights=None, backb
             f"{name} accepts {sorted(options)}"
         )
     model = spec.builder(**build_kwargs)
+    # What rebuilds this model: conversion metadata and serving read it (see model_info).
+    model._kseg_info = {"name": name, "kwargs": _jsonable(build_kwargs)}
     if backbone_weights is not None:
         weights_mod.load_backbone(model, backbone_weights, spec)
     if weights is not None:
         weights_mod.load_weights(model, os.fspath(weights), spec=spec)
     return model
+
+
+def model_info(model) -> dict | None:
+    """{"name": registry name, "kwargs": build kwargs} of a model made by build_model, else None."""
+    info = getattr(model, "_kseg_info", None)
+    return dict(info) if info is not None else None
+
+
+def _jsonable(kwargs):
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
