@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 
@@ -98,7 +99,14 @@ def build_parser():
     p = sub.add_parser("demo", help="build every model, run it on one input, print the table")
     p.add_argument("models", nargs="*", help="only these models (default: all)")
     p.set_defaults(func=cmd_demo)
+
+    # Each feature package owns its subcommands.
+    for module in SUBCOMMAND_MODULES:
+        importlib.import_module(module).add_parser(sub)
     return parser
+
+
+SUBCOMMAND_MODULES = ("kseg.data.cli", "convert.cli")
 
 
 def _version():

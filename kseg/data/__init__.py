@@ -1,0 +1,86 @@
+"""kseg.data: tf.data pipelines for real dataset layouts, a dataset checker, a synthetic dataset.
+
+    ds = kseg.data.voc("VOCdevkit/VOC2012", "train", augment=True, batch_size=8,
+                       preprocessing="vgg16")   # or "caffe", or None
+    model.fit(ds, ...)   # labels int32 [B, H, W, 1], 255 = ignore
+
+A dataset knows no network: this package imports kseg.registry (for preprocessing specs)
+but never kseg.models, kseg.train or kseg.cli.
+
+Names that need TensorFlow (readers, augmentation, the pipeline) load on first use (PEP
+562), so `kseg data synth` / `kseg data check` and palette I/O start without importing it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from kseg.data.check import CheckReport, check_dataset
+from kseg.data.layouts import LAYOUTS, PETS_CLASSES, list_source
+from kseg.data.palette import (
+    IGNORE_LABEL,
+    VOC_CLASSES,
+    colorize,
+    overlay,
+    read_label,
+    rgb_to_index,
+    voc_palette,
+    write_label,
+)
+from kseg.data.synth import SYNTH_CLASSES, make_synthetic
+
+_LAZY = {
+    "ClassificationAugment": "augment",
+    "SegmentationAugment": "augment",
+    "SkipLog": "pipeline",
+    "resolve_preprocessing": "pipeline",
+    "classification_folder": "readers",
+    "edges": "readers",
+    "folder": "readers",
+    "pets": "readers",
+    "sbd": "readers",
+    "synthetic": "readers",
+    "tfrecord": "readers",
+    "voc": "readers",
+    "write_tfrecord": "readers",
+}
+_SUBMODULES = {"augment", "check", "cli", "decode", "layouts", "palette", "pipeline", "readers", "spec", "synth"}
+
+if TYPE_CHECKING:  # for static tools; at run time these load lazily
+    from kseg.data.augment import ClassificationAugment, SegmentationAugment  # noqa: F401
+    from kseg.data.pipeline import SkipLog, resolve_preprocessing  # noqa: F401
+    from kseg.data.readers import (  # noqa: F401
+        classification_folder,
+        edges,
+        folder,
+        pets,
+        sbd,
+        synthetic,
+        tfrecord,
+        voc,
+        write_tfrecord,
+    )
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"kseg.data.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"kseg.data.{name}")
+    raise AttributeError(f"module 'kseg.data' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)
+
+
+__all__ = [
+    "IGNORE_LABEL", "LAYOUTS", "PETS_CLASSES", "SYNTH_CLASSES", "VOC_CLASSES",
+    "CheckReport", "ClassificationAugment", "SegmentationAugment", "SkipLog",
+    "check_dataset", "classification_folder", "colorize", "edges", "folder", "list_source",
+    "make_synthetic", "overlay", "pets", "read_label", "resolve_preprocessing", "rgb_to_index",
+    "sbd", "synthetic", "tfrecord", "voc", "voc_palette", "write_label", "write_tfrecord",
+]

@@ -1,0 +1,244 @@
+"""Where each published dataset layout keeps its files: listing only, no TensorFlow.
+
+The readers (kseg.data.readers) and the checker (kseg.data.check) both list a dataset
+here, so `kseg data check` looks at exactly the files a reader would read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from kseg.data.palette import IGNORE_LABEL, VOC_CLASSES, palette_table
+from kseg.data.spec import LabelSpec, index_spec
+
+
+@dataclasses.dataclass
+class Source:
+    """What a layout lists: file pairs (or TFRecord shards), the label spec and class names.
+
+    `problems` are (path, reason) pairs found while listing (a missing image or label): a
+    reader raises on them unless skip_bad, the checker reports them.
+    """
+
+    images: list[str]
+    labels: list  # label file paths, or int class ids for classification
+    spec: LabelSpec
+    class_names: tuple[str, ...]
+    problems: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    records: list[str] | None = None
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+PETS_CLASSES = {
+    # trimap values: 1 = pet, 2 = background, 3 = border / undetermined
+    "own": (("background", "pet", "border"), {1: 1, 2: 0, 3: 2}),
+    "ignore": (("background", "pet"), {1: 1, 2: 0, 3: IGNORE_LABEL}),
+    "foreground": (("background", "pet"), {1: 1, 2: 0, 3: 1}),
+}
+
+
+# === listing ===
+
+def _read_list(path) -> list[tuple[int, list[str]]]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: list file not found")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if line and not line.startswith("#"):
+                rows.append((number, line.split()))
+    if not rows:
+        raise ValueError(f"{path}: list file has no entries")
+    return rows
+
+
+def _classes_txt(root) -> tuple[str, ...] | None:
+    path = os.path.join(root, "classes.txt")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        names = tuple(line.strip() for line in f if line.strip())
+    if not names:
+        raise ValueError(f"{path}: no class names")
+    return names
+
+
+def _class_names(root, num_classes, default):
+    names = _classes_txt(root)
+    if num_classes is None:
+        return names or default
+    if names and len(names) == num_classes:
+        return names
+    if default and len(default) == num_classes:
+        return default
+    return tuple(f"class_{i}" for i in range(num_classes))
+
+
+def _missing(images, labels):
+    problems = []
+    keep_i, keep_l = [], []
+    for image, label in zip(images, labels):
+        gone = [(p, "listed but missing") for p in (image, label) if not os.path.isfile(p)]
+        if gone:
+            problems.extend(gone)
+        else:
+            keep_i.append(image)
+            keep_l.append(label)
+    return keep_i, keep_l, problems
+
+
+def _voc_root(root) -> str:
+    root = os.fspath(root)
+    for candidate in (root, os.path.join(root, "VOC2012")):
+        if os.path.isdir(os.path.join(candidate, "JPEGImages")):
+            return candidate
+    raise FileNotFoundError(f"{root}: no JPEGImages/ here or in VOC2012/; expected the "
+                            f"VOCdevkit/VOC2012 layout (JPEGImages, SegmentationClass, ImageSets)")
+
+
+def _find_list(root, split, folders) -> str:
+    if os.path.isfile(split):
+        return split
+    tried = [os.path.join(root, *f, f"{split}.txt") for f in folders]
+    for path in tried:
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"split {split!r}: none of {tried} exists (or pass a list file's path)")
+
+
+def list_voc(root, split="train", *, labels="SegmentationClass", num_classes=None) -> Source:
+    """VOC 2012 (labels="SegmentationClass") or SBD-augmented ("SegmentationClassAug")."""
+    root = _voc_root(root)
+    list_path = _find_list(root, split, [("ImageSets", "Segmentation"), ("ImageSets", "SegmentationAug"), ()])
+    images, label_paths = [], []
+    for number, tokens in _read_list(list_path):
+        if len(tokens) == 1:
+            images.append(os.path.join(root, "JPEGImages", tokens[0] + ".jpg"))
+            label_paths.append(os.path.join(root, labels, tokens[0] + ".png"))
+        elif len(tokens) == 2:
+            # DeepLab-style lists: "/JPEGImages/x.jpg /SegmentationClassAug/x.png", relative to root.
+            images.append(os.path.join(root, tokens[0].lstrip("/")))
+            label_paths.append(os.path.join(root, tokens[1].lstrip("/")))
+        else:
+            raise ValueError(f"{list_path}:{number}: expected 'name' or 'image_path label_path', got {tokens}")
+    names = _class_names(root, num_classes, VOC_CLASSES)
+    images, label_paths, problems = _missing(images, label_paths)
+    return Source(images, label_paths, index_spec(len(names)), names, problems)
+
+
+def list_pets(root, split="trainval", *, border="own") -> Source:
+    """Oxford-IIIT Pet: images/*.jpg + annotations/trimaps/*.png, listed by annotations/<split>.txt."""
+    if border not in PETS_CLASSES:
+        raise ValueError(f"border must be one of {sorted(PETS_CLASSES)}, got {border!r}")
+    root = os.fspath(root)
+    if not os.path.isdir(os.path.join(root, "images")):
+        raise FileNotFoundError(f"{root}: no images/ folder; expected the Oxford-IIIT Pet layout "
+                                f"(images/, annotations/trimaps/, annotations/trainval.txt)")
+    list_path = _find_list(root, split, [("annotations",)])
+    images, labels = [], []
+    for _, tokens in _read_list(list_path):
+        images.append(os.path.join(root, "images", tokens[0] + ".jpg"))
+        labels.append(os.path.join(root, "annotations", "trimaps", tokens[0] + ".png"))
+    names, mapping = PETS_CLASSES[border]
+    # Trimaps hold only 1, 2, 3: 0 and 255 in a trimap are errors, not classes.
+    lut = [-1] * 256
+    for raw, cls in mapping.items():
+        lut[raw] = cls
+    spec = LabelSpec("index", len(names), tuple(lut), "1, 2, 3 (pet, background, border)", None, False)
+    images, labels, problems = _missing(images, labels)
+    return Source(images, labels, spec, names, problems)
+
+
+def list_edges(list_file, root=None) -> Source:
+    """BSDS500 / HED list of 'image_path edge_map_path' pairs (relative to root or the list's folder)."""
+    list_file = os.fspath(list_file)
+    root = os.path.dirname(os.path.abspath(list_file)) if root is None else os.fspath(root)
+    images, labels = [], []
+    for number, tokens in _read_list(list_file):
+        if len(tokens) != 2:
+            raise ValueError(f"{list_file}:{number}: expected 'image_path edge_map_path', got {tokens}")
+        images.append(os.path.join(root, tokens[0]))
+        labels.append(os.path.join(root, tokens[1]))
+    images, labels, problems = _missing(images, labels)
+    return Source(images, labels, LabelSpec("edge", 1, expected="0..255 edge strength"),
+                  ("edge",), problems)
+
+
+def _by_stem(folder, extensions) -> dict[str, str]:
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: folder not found")
+    found: dict[str, str] = {}
+    for name in sorted(os.listdir(folder)):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() not in extensions or name.startswith("."):
+            continue
+        if stem in found:
+            raise ValueError(f"{folder}: two files share the stem {stem!r} "
+                             f"({os.path.basename(found[stem])}, {name}); pairs are matched by stem")
+        found[stem] = os.path.join(folder, name)
+    return found
+
+
+def list_folder(root, *, images="images", masks="masks", num_classes=None, palette=None,
+                label_map=None, class_names=None) -> Source:
+    """Generic images/ + masks/ matched by file stem; masks are index PNGs (or colour PNGs with palette=)."""
+    root = os.fspath(root)
+    image_files = _by_stem(os.path.join(root, images), IMAGE_EXTENSIONS)
+    mask_files = _by_stem(os.path.join(root, masks), IMAGE_EXTENSIONS)
+    if num_classes is None:
+        names = class_names or _classes_txt(root)
+        if names is None:
+            raise ValueError(f"{root}: pass num_classes= (or class_names=, or put a classes.txt in the folder)")
+        num_classes = len(names)
+    names = tuple(class_names) if class_names else _class_names(root, num_classes, ())
+    if len(names) != num_classes:
+        raise ValueError(f"class_names has {len(names)} names but num_classes={num_classes}")
+    problems = [(p, "image has no mask with the same stem") for s, p in image_files.items() if s not in mask_files]
+    problems += [(p, "mask has no image with the same stem") for s, p in mask_files.items() if s not in image_files]
+    stems = [s for s in image_files if s in mask_files]
+    colours = palette_table(palette, num_classes) if palette is not None else None
+    spec = index_spec(num_classes, label_map=label_map, colours=colours)
+    return Source([image_files[s] for s in stems], [mask_files[s] for s in stems], spec, names, problems)
+
+
+def list_classification(root, *, class_names=None) -> Source:
+    """One folder per class (ImageNet layout), images found recursively, classes sorted by name."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root}: folder not found")
+    names = list(class_names) if class_names else sorted(
+        d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    if not names:
+        raise ValueError(f"{root}: no class folders; expected one folder per class (ImageNet layout)")
+    images, labels = [], []
+    for index, name in enumerate(names):
+        folder = os.path.join(root, name)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{folder}: class folder not found")
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs
+                       if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS and not f.startswith("."))
+        if not files:
+            raise ValueError(f"{folder}: class {name!r} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        images += files
+        labels += [index] * len(files)
+    return Source(images, labels, LabelSpec("class", len(names)), tuple(names))
+
+
+LAYOUTS = {
+    "voc": list_voc,
+    "sbd": lambda root, split="train_aug", **kw: list_voc(root, split, labels="SegmentationClassAug", **kw),
+    "pets": list_pets,
+    "edges": list_edges,
+    "folder": list_folder,
+    "classification": list_classification,
+}
+
+
+def list_source(layout: str, root, **kwargs) -> Source:
+    """The files and label spec of a dataset in one of LAYOUTS (used by the checker and TFRecord export)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    return LAYOUTS[layout](root, **kwargs)
