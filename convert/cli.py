@@ -1,0 +1,155 @@
+"""`kseg convert`, `kseg verify`, `kseg inspect`: argument parsing and printing only.
+
+kseg/cli.py calls add_parser(subparsers); each handler returns the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
+def _size(text):
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW such as 321x321, got {text!r}") from None
+    return h, w
+
+
+def add_parser(subparsers):
+    from convert.formats import FORMATS
+
+    writable = sorted(n for n, f in FORMATS.items() if f.save)
+    p = subparsers.add_parser("convert", help="convert a model between formats and verify the result")
+    p.add_argument("src", help="model file, SavedModel directory or checkpoint prefix")
+    p.add_argument("--to", choices=writable, help="output format (default: from the output's suffix)")
+    p.add_argument("-o", "--output", help="output path (default: SRC's name with the format's suffix)")
+    p.add_argument("--model", help="kseg architecture for weights-only sources without kseg metadata")
+    p.add_argument("--num-classes", type=int, help="build option of --model")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (tf2onnx supports up to 18)")
+    p.add_argument("--static", action="store_true", help="fixed input size --input-size (SavedModel, .pb, ONNX: static shapes, e.g. single-Conv dilations)")
+    p.add_argument("--nchw", action="store_true", help="ONNX: NCHW input")
+    p.add_argument("--quantize", choices=["dynamic"], help="TFLite: dynamic-range int8")
+    p.add_argument("--input-size", type=_size, help="HxW: the verification size; with --static also the fixed export size")
+    p.add_argument("--version", type=int, help="tf_serving: version directory (default: next free)")
+    p.add_argument("--images", nargs="+", help="verify on these images instead of seeded random ones")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--unsafe", action="store_true", help="allow Lambda layers (runs code stored in the file)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_convert)
+
+    p = subparsers.add_parser("verify", help="run two artifacts on the same inputs and compare outputs")
+    p.add_argument("a", help="reference artifact")
+    p.add_argument("b", help="artifact to check")
+    p.add_argument("--model", help="kseg architecture for weights-only files")
+    p.add_argument("--images", nargs="+", help="image files (default: seeded random images)")
+    p.add_argument("--input-size", type=_size, help="HxW to run at (default: the model's)")
+    p.add_argument("--tolerance", choices=["tf", "runtime", "torch", "int8"], help="override the pair's tolerance")
+    p.add_argument("--unsafe", action="store_true", help="allow Lambda layers")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_verify)
+
+    p = subparsers.add_parser("inspect", help="format, metadata, inputs/outputs and parameters of a model file")
+    p.add_argument("file")
+    p.add_argument("--model", help="kseg architecture for weights-only files")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+
+def _report_table(report, title):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("output", "shape", "max abs", "mean abs", "max rel", "allowed", "argmax agree", "ok"):
+        table.add_column(column, no_wrap=True)
+    for o in report.outputs:
+        agree = "-" if o.argmax_agreement is None else f"{o.argmax_agreement:.4%}"
+        table.add_row(o.name, "x".join(map(str, o.shape)), f"{o.max_abs:.3g}", f"{o.mean_abs:.3g}",
+                      f"{o.max_rel:.3g}", f"{o.allowed_max_abs:.3g}", agree, "yes" if o.passed else "NO")
+    return table
+
+
+def cmd_convert(args):
+    from convert.api import VerificationError, convert
+
+    options = {"opset": args.opset, "dynamic": not args.static, "nchw": args.nchw}
+    if args.quantize:
+        options["quantize"] = args.quantize
+    build_kwargs = {"num_classes": args.num_classes} if args.num_classes else None
+    console = _console()
+    try:
+        result = convert(args.src, args.output, to=args.to, model=args.model, force=args.force, unsafe=args.unsafe,
+                         build_kwargs=build_kwargs, input_size=args.input_size, images=args.images,
+                         export_size=args.input_size if args.static else None,
+                         version=args.version, **options)
+    except VerificationError as e:
+        console.print(_report_table(e.report, "verification FAILED"))
+        print(f"kseg: error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    from convert.verify import Report
+
+    report = Report(**{**result["verification"], "outputs": [
+        _output(o) for o in result["verification"]["outputs"]]})
+    console.print(_report_table(report, f"{result['source']['format']} -> {result['target']['format']}"))
+    console.print(f"wrote {result['target']['path']} ({result['target']['format']}); verified: {result['summary']}")
+    return 0
+
+
+def _output(d):
+    from convert.verify import OutputReport
+
+    return OutputReport(**d)
+
+
+def cmd_verify(args):
+    from convert.api import verify_files
+
+    report = verify_files(args.a, args.b, model=args.model, unsafe=args.unsafe, images=args.images,
+                          input_size=args.input_size, tolerance=args.tolerance)
+    if args.json:
+        print(report.to_json())
+    else:
+        console = _console()
+        console.print(_report_table(report, f"{args.a} vs {args.b} ({report.kind} tolerance)"))
+        console.print(report.summary())
+    return 0 if report.passed else 1
+
+
+def cmd_inspect(args):
+    from convert.api import inspect
+
+    info = inspect(args.file, model=args.model)
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+        return 0
+    from rich.table import Table
+
+    table = Table(title=args.file, show_header=False)
+    table.add_column("field", no_wrap=True)
+    table.add_column("value")
+    meta = info["metadata"] or {}
+    params = info["parameters"]
+    rows = [("format", f"{info['format']}: {info['description']}"),
+            ("architecture", str(meta.get("architecture"))),
+            ("build kwargs", json.dumps(meta.get("build_kwargs"))),
+            ("num classes", str(meta.get("num_classes"))),
+            ("preprocessing", json.dumps(meta.get("preprocessing"))),
+            ("inputs", json.dumps(info["inputs"])),
+            ("outputs", ", ".join(info["outputs"] or [])),
+            ("parameters", f"{params:,}" if params is not None else "unknown"),
+            ("kseg version", str(meta.get("kseg_version")))]
+    for row in rows:
+        table.add_row(*row)
+    _console().print(table)
+    return 0

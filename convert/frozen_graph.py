@@ -1,0 +1,119 @@
+"""Frozen GraphDef `.pb`: variables folded into constants, input "image", outputs by name.
+
+Written with TF's convert_variables_to_constants_v2 over the serving function; the
+`<file>.kseg.json` sidecar holds the metadata, the input/output tensor names and, for each
+Keras weight path, the constant node that holds it (so kseg rebuilds the Keras model by name).
+"""
+
+from __future__ import annotations
+
+import os
+
+from convert import metadata as md
+from convert.verify import Runner
+
+
+def save(model, path, *, metadata=None, input_size=None, **_):
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    from convert.saved_model import serving_function
+
+    concrete = serving_function(model, input_size).get_concrete_function()
+    # Which placeholder carries which variable: after freezing, each becomes a Const node of
+    # the same name.
+    path_of = {id(v.value.handle): v.path for v in model.weights}
+    constants = {}
+    for external, internal in zip(concrete.captured_inputs, concrete.graph.internal_captures):
+        if id(external) in path_of:
+            constants[path_of[id(external)]] = internal.op.name
+    frozen = convert_variables_to_constants_v2(concrete)
+    graph_def = frozen.graph.as_graph_def()
+    with open(path, "wb") as f:
+        f.write(graph_def.SerializeToString())
+    side = dict(metadata or {})
+    side["graph"] = {
+        "inputs": ["image:0"],
+        "outputs": [f"{n}:0" for n in model.output_names],
+        "constants": constants,
+    }
+    md.write_sidecar(path, side)
+
+
+def read_graph_def(path):
+    import tensorflow as tf
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    graph_def = tf.compat.v1.GraphDef()
+    try:
+        with open(path, "rb") as f:
+            graph_def.ParseFromString(f.read())
+    except Exception as e:
+        raise ValueError(f"{path}: not a GraphDef protobuf ({e})") from None
+    if not graph_def.node:
+        raise ValueError(f"{path}: an empty GraphDef (not a frozen graph?)")
+    return graph_def
+
+
+def _io_names(graph_def, side, path):
+    graph = (side or {}).get("graph")
+    if graph:
+        return graph["inputs"], graph["outputs"]
+    # No sidecar: the placeholders are the inputs, the nodes nothing consumes the outputs.
+    inputs = [f"{n.name}:0" for n in graph_def.node if n.op == "Placeholder"]
+    consumed = {i.split(":")[0].lstrip("^") for n in graph_def.node for i in n.input}
+    outputs = [f"{n.name}:0" for n in graph_def.node if n.name not in consumed and n.op not in ("Placeholder", "Const", "NoOp")]
+    if len(inputs) != 1:
+        raise ValueError(f"{path}: {len(inputs)} placeholders {inputs}; kseg runs single-input graphs")
+    return inputs, outputs
+
+
+def load(path, **_):
+    """A runner over the frozen graph, imported with tf.compat.v1 and pruned to its inputs/outputs."""
+    import numpy as np
+    import tensorflow as tf
+
+    graph_def = read_graph_def(path)
+    side = md.read_sidecar(path)
+    inputs, outputs = _io_names(graph_def, side, path)
+
+    def imports():
+        tf.compat.v1.import_graph_def(graph_def, name="")
+
+    wrapped = tf.compat.v1.wrap_function(imports, [])
+    fn = wrapped.prune(feeds=inputs, fetches=outputs)
+    node = next(n for n in graph_def.node if n.name == inputs[0].split(":")[0])
+    dims = [d.size if d.size >= 0 else None for d in node.attr["shape"].shape.dim]
+
+    def run(x):
+        return [np.asarray(o) for o in fn(tf.constant(x))]
+
+    meta = {k: v for k, v in side.items() if k != "graph"} if side else None
+    names = [o.split(":")[0] for o in outputs]
+    return Runner(run, tuple(dims[1:]) if dims else (None, None, None), meta, "tf", names)
+
+
+def to_keras(path, *, model=None, build_kwargs=None, **_):
+    """Rebuild a kseg-written frozen graph as Keras: weights from the constants the sidecar names."""
+    import tensorflow as tf
+
+    from kseg.weights import WeightsMismatchError
+
+    side = md.read_sidecar(path)
+    constants = ((side or {}).get("graph") or {}).get("constants")
+    if not constants:
+        raise ValueError(f"{path}: no {md.sidecar_path(path)} naming its weight constants; only frozen graphs "
+                         "written by kseg convert back to Keras")
+    nodes = {n.name: n for n in read_graph_def(path).node}
+    meta = {k: v for k, v in side.items() if k != "graph"}
+    keras_model = md.rebuild(meta, path, model=model, build_kwargs=build_kwargs)
+    missing = [v.path for v in keras_model.weights if constants.get(v.path) not in nodes]
+    if missing:
+        raise WeightsMismatchError(f"{path}: no constants for {missing[:20]}")
+    for v in keras_model.weights:
+        value = tf.make_ndarray(nodes[constants[v.path]].attr["value"].tensor)
+        if tuple(value.shape) != tuple(v.shape):
+            raise WeightsMismatchError(f"{path}: {v.path}: model {tuple(v.shape)}, graph {value.shape}")
+        v.assign(value)
+    return md.attach(keras_model, meta)

@@ -1,0 +1,301 @@
+"""ONNX through tf2onnx, run with ONNX Runtime.
+
+tf2onnx converts a *structure-only* graph: the model is traced with `stateless_call`, every
+Keras variable a graph input, so the converter's optimizer passes (which deep-copy the graph,
+constants included, on every pass) never see the weights. The real weights are then added as
+ONNX initializers named by Keras variable path (`block1_conv1/kernel`), in Keras layout; the
+layout changes tf2onnx needs (HWIO -> OIHW kernels, BatchNorm folding) are graph nodes on those
+initializers that ONNX Runtime constant-folds when it opens the file. This keeps full-size
+FCN-8s (134M parameters) under 2 GB peak RSS (a frozen-graph conversion needs over 12 GB), and
+lets `onnx_to_keras` recover every weight by name with no layout guessing.
+
+Dynamic H/W: tf2onnx rewrites a dilated convolution (SpaceToBatchND -> Conv2D -> BatchToSpaceND
+in TF) into one ONNX Conv with `dilations` only when H and W are static; with dynamic H/W it
+emits a SpaceToDepth/DepthToSpace chain, numerically the same but slower. `input_size=(H, W)`
+gives the fixed-size export (dynamic batch kept).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from convert import metadata as md
+from convert.io import atomic_output
+from convert.verify import Runner
+
+MIN_OPSET, MAX_OPSET = 13, 18  # tf2onnx 1.17 writes opsets up to 18; kseg's ops need >= 13
+METADATA_KEY = "kseg"
+INPUT_NAME = "image"
+# A protobuf cannot exceed 2 GiB; bigger models keep their initializers in `<file>.data`.
+EXTERNAL_DATA_THRESHOLD = 1_900_000_000
+_ONNX_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
+
+
+class OnnxConversionError(RuntimeError):
+    """tf2onnx left TF ops it cannot convert in the graph; ONNX Runtime would refuse the file."""
+
+
+class OnnxFileError(ValueError):
+    """A file that ONNX Runtime cannot open (truncated, corrupt, not ONNX)."""
+
+
+def export_onnx(model, path, *, opset=17, dynamic=True, nchw=False, input_size=None, metadata=None,
+                external_data=None, force=False):
+    """Write `model` to `path` as ONNX and return the path.
+
+    opset: 13..18. dynamic: batch, H and W dynamic (where the Keras model allows); False fixes
+    the batch to 1 and H/W to `input_size` or the model's input size. input_size=(H, W): fixed
+    spatial size, batch still dynamic unless dynamic=False. nchw: the ONNX input is NCHW
+    (torch-style clients); outputs keep the model's layout. metadata: the kseg metadata dict
+    (default: build_metadata(model)), stored as JSON in metadata_props["kseg"]. external_data:
+    keep initializers in `<path>.data`; None decides by size (> 1.9 GB).
+    Raises OnnxConversionError naming the ops tf2onnx could not convert.
+    """
+    import onnx
+
+    _check_opset(opset)
+    if metadata is None:
+        metadata = md.build_metadata(model)
+    proto, values = _convert_structure(model, opset=opset, dynamic=dynamic, nchw=nchw, input_size=input_size)
+    _check_loadable(proto, model)
+    meta = dict(metadata, onnx={"opset": int(opset), "input_layout": "NCHW" if nchw else "NHWC"})
+    _set_metadata(proto, meta)
+    for name, variable in values:
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(variable.numpy()), name))
+    size = sum(len(t.raw_data) for t in proto.graph.initializer)
+    external = size > EXTERNAL_DATA_THRESHOLD if external_data is None else bool(external_data)
+    path = os.fspath(path)
+    with atomic_output(path, force=force) as tmp:
+        if external:
+            # `location` is relative to the .onnx file, so it names the final file, and its temporary
+            # copy (`tmp.data`) is renamed along with the model by atomic_output.
+            data_name = os.path.basename(tmp) + ".data"
+            onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+            _relocate_external(tmp, data_name, os.path.basename(path) + ".data")
+        else:
+            onnx.save_model(proto, tmp)
+    return path
+
+
+def _check_opset(opset):
+    if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(
+            f"ONNX opset {opset!r} is not supported: tf2onnx 1.17 writes opsets {MIN_OPSET}..{MAX_OPSET} "
+            f"(kseg's default is 17)"
+        )
+
+
+def _input_shape(model, dynamic, input_size):
+    shape = list(model.input_shape)
+    if len(shape) != 4:
+        raise ValueError(f"{model.name}: ONNX export needs one NHWC image input, got input shape {shape}")
+    if input_size is not None:
+        h, w = (int(v) for v in input_size)
+        for axis, (want, have) in enumerate(((h, shape[1]), (w, shape[2])), start=1):
+            if have is not None and have != want:
+                raise ValueError(f"{model.name}: input_size {tuple(input_size)} does not fit the model's "
+                                 f"fixed input {tuple(shape[1:3])}")
+        shape[1], shape[2] = h, w
+    if not dynamic:
+        if shape[1] is None or shape[2] is None:
+            raise ValueError(f"{model.name}: dynamic=False needs input_size=(H, W); the model accepts any size")
+        shape[0] = 1
+    else:
+        shape[0] = None
+    return shape
+
+
+def _convert_structure(model, *, opset, dynamic, nchw, input_size):
+    """tf2onnx on the model with its variables as graph inputs; returns (proto, [(name, variable)])."""
+    import tensorflow as tf
+    import tf2onnx
+
+    trainable, frozen = list(model.trainable_variables), list(model.non_trainable_variables)
+    variables = trainable + frozen
+    names = [v.path for v in variables]
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"{model.name}: variable paths are not unique ({dupes[:5]}); cannot name initializers")
+    placeholder = [f"kseg_weight_{i}" for i in range(len(variables))]
+    signature = [tf.TensorSpec(_input_shape(model, dynamic, input_size), tf.float32, name=INPUT_NAME)]
+    signature += [tf.TensorSpec(v.shape, v.dtype, name=p) for v, p in zip(variables, placeholder)]
+    count = len(trainable)
+
+    @tf.function(input_signature=signature)
+    def structure(image, *weights):
+        out, _ = model.stateless_call(list(weights[:count]), list(weights[count:]), image, training=False)
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
+    proto, _ = tf2onnx.convert.from_function(
+        structure, input_signature=signature, opset=opset, inputs_as_nchw=[INPUT_NAME] if nchw else None
+    )
+    graph = proto.graph
+    renames = dict(zip(placeholder, names))
+    renames.update(zip([o.name for o in graph.output], model.output_names))
+    _rename(graph, renames)
+    _name_dims(graph, nchw)
+    return proto, list(zip(names, variables))
+
+
+def _rename(graph, renames):
+    for value in list(graph.input) + list(graph.output):
+        value.name = renames.get(value.name, value.name)
+    for node in graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
+
+
+def _name_dims(graph, nchw):
+    # tf2onnx names dynamic dims `unk__28`; readable names help whoever inspects the file.
+    axes = ("batch", "channels", "height", "width") if nchw else ("batch", "height", "width", "channels")
+    for dim, axis in zip(graph.input[0].type.tensor_type.shape.dim, axes):
+        if dim.dim_param:
+            dim.dim_param = axis
+
+
+def _check_loadable(proto, model):
+    """Refuse a graph with TF ops left in it; then let ONNX Runtime open the structure."""
+    import onnx
+    import onnxruntime as ort
+
+    left = [n for n in proto.graph.node if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type, n.domain)]
+    left += [n for n in proto.graph.node if n.domain not in _ONNX_DOMAINS]
+    if left:
+        ops = sorted({n.op_type for n in left})
+        nodes = sorted({n.name for n in left})
+        raise OnnxConversionError(
+            f"{model.name}: tf2onnx cannot convert TF op(s) {ops} (nodes {nodes[:10]}); ONNX Runtime would refuse "
+            "the file, so nothing was written"
+        )
+    # Still weights-as-inputs: cheap to open, and ONNX Runtime checks every node's schema and types.
+    # Then the weights stop being inputs: they become initializers.
+    try:
+        ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types, all bare Exception subclasses
+        raise OnnxConversionError(f"{model.name}: the converted graph does not load in ONNX Runtime: {e}") from None
+    graph = proto.graph
+    keep = [i for i in graph.input if i.name == INPUT_NAME]
+    del graph.input[:]
+    graph.input.extend(keep)
+
+
+def _set_metadata(proto, meta):
+    import kseg
+
+    proto.producer_name = "kseg"
+    proto.producer_version = kseg.__version__
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(meta)
+
+
+def _relocate_external(tmp, data_name, final_name):
+    """Point the initializers of the saved `tmp` at `final_name` (the data file's name after the rename)."""
+    import onnx
+
+    proto = onnx.load(tmp, load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == data_name:
+                entry.value = final_name
+    onnx.save_model(proto, tmp)
+
+
+# --- reading ---------------------------------------------------------------------------
+
+
+def _session(path):
+    import onnxruntime as ort
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such ONNX file")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the warnings about folded initializers are expected
+    try:
+        return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise OnnxFileError(f"{path}: ONNX Runtime cannot open it (truncated, corrupt or not ONNX): {e}") from None
+
+
+def read_metadata(path) -> dict | None:
+    """The kseg metadata of an ONNX file, or None if kseg did not write it."""
+    import onnx
+
+    path = os.fspath(path)
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception as e:
+        raise OnnxFileError(f"{path}: not a readable ONNX file (truncated or corrupt?): {e}") from None
+    return _metadata_from({p.key: p.value for p in proto.metadata_props}, path)
+
+
+def _metadata_from(props, path):
+    if METADATA_KEY not in props:
+        return None
+    try:
+        meta = json.loads(props[METADATA_KEY])
+    except ValueError as e:
+        raise OnnxFileError(f"{path}: metadata_props[{METADATA_KEY!r}] is not valid JSON ({e})") from None
+    return meta if isinstance(meta, dict) else None
+
+
+def load_onnx(path, **_) -> Runner:
+    """A runner over an ONNX file in ONNX Runtime (CPU): NHWC float32 in, outputs in the model's order.
+
+    NCHW files (nchw=True exports) are fed transposed, so callers always pass NHWC.
+    """
+    session = _session(path)
+    meta = _metadata_from(session.get_modelmeta().custom_metadata_map, os.fspath(path))
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise ValueError(f"{path}: takes inputs {[i.name for i in inputs]}; kseg runs single-image-input models")
+    nchw = ((meta or {}).get("onnx") or {}).get("input_layout") == "NCHW"
+    dims = [d if isinstance(d, int) else None for d in inputs[0].shape]
+    shape = (dims[2], dims[3], dims[1]) if nchw else tuple(dims[1:])
+    input_name = inputs[0].name
+    names = [o.name for o in session.get_outputs()]
+
+    def run(x):
+        if nchw:
+            x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        return session.run(None, {input_name: x})
+
+    runner = Runner(run, shape, meta, "onnxruntime", names)
+    runner.session = session
+    return runner
+
+
+def onnx_to_keras(path, *, model=None, build_kwargs=None, **_):
+    """Rebuild a kseg-written ONNX file as a Keras model: architecture from its metadata, weights by name."""
+    import onnx
+    from onnx import numpy_helper
+
+    from kseg.weights import WeightsMismatchError
+
+    path = os.fspath(path)
+    try:
+        proto = onnx.load(path)
+    except Exception as e:
+        raise OnnxFileError(f"{path}: not a readable ONNX file (truncated or corrupt?): {e}") from None
+    meta = _metadata_from({p.key: p.value for p in proto.metadata_props}, path)
+    if meta is None and model is None:
+        raise ValueError(f"{path}: not written by kseg (no metadata_props[{METADATA_KEY!r}]); only kseg ONNX files "
+                         "convert back to Keras")
+    keras_model = md.rebuild(meta, path, model=model, build_kwargs=build_kwargs)
+    arrays = {t.name: t for t in proto.graph.initializer}
+    expected = {v.path for v in keras_model.weights}
+    missing = sorted(expected - set(arrays))
+    mismatched = [f"{v.path}: model {tuple(v.shape)}, file {tuple(arrays[v.path].dims)}"
+                  for v in keras_model.weights if v.path in arrays and tuple(v.shape) != tuple(arrays[v.path].dims)]
+    if missing or mismatched:
+        raise WeightsMismatchError(f"{path}: initializers do not fit {keras_model.name}: missing {missing[:20]}, "
+                                   f"mismatched {mismatched[:20]}")
+    # Initializers that are not Keras variables are graph constants tf2onnx made (shapes, axes).
+    for v in keras_model.weights:
+        v.assign(numpy_helper.to_array(arrays[v.path]))
+    return md.attach(keras_model, meta)

@@ -1,0 +1,210 @@
+"""Numerical verification: run two artifacts on the same inputs and compare every output.
+
+A *runner* is what loading any format returns: `runner(x)` maps a float32 NHWC batch to the
+list of outputs in the model's order; `.input_shape` (NHWC, None where dynamic) and
+`.metadata` describe it; `.runtime` ("tf", "onnxruntime", "tflite", "torch") and
+`.quantized` choose the tolerance of a pair.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Callable
+
+import numpy as np
+
+# Per pair kind: |a - b| <= atol * max(1, max|ref|) + rtol * |ref|, element-wise, and the
+# per-pixel argmax must agree on at least `argmax` of the pixels, disagreeing only at near-ties
+# (where the reference's top two scores are closer than the allowed error).
+TOLERANCES = {
+    "tf": {"atol": 1e-6, "rtol": 0.0, "argmax": 0.999},  # TF runtime vs TF runtime
+    "runtime": {"atol": 1e-5, "rtol": 1e-3, "argmax": 0.999},  # TF vs ONNX Runtime / TFLite
+    "torch": {"atol": 1e-4, "rtol": 0.0, "argmax": 0.999},  # PyTorch imports
+    # Dynamic-range int8 TFLite: weights quantised to 8 bits; stated, looser bounds.
+    "int8": {"atol": 5e-2, "rtol": 5e-2, "argmax": 0.95},
+}
+
+
+@dataclasses.dataclass
+class Runner:
+    """A loaded artifact that runs NHWC float32 batches; see the module docstring."""
+
+    fn: Callable[[np.ndarray], list]
+    input_shape: tuple
+    metadata: dict | None = None
+    runtime: str = "tf"
+    output_names: list | None = None
+    quantized: bool = False
+
+    def __call__(self, x):
+        outputs = self.fn(np.ascontiguousarray(x, dtype=np.float32))
+        if not isinstance(outputs, (list, tuple)):
+            outputs = [outputs]
+        return [np.asarray(o) for o in outputs]
+
+
+def keras_runner(model, metadata=None, batch_size=8) -> Runner:
+    """A runner for an in-memory Keras model (inference mode, batches of `batch_size`)."""
+
+    def run(x):
+        parts = []
+        for i in range(0, len(x), batch_size):
+            out = model(x[i : i + batch_size], training=False)
+            parts.append([np.asarray(o) for o in (out if isinstance(out, (list, tuple)) else [out])])
+        return [np.concatenate(col) for col in zip(*parts)]
+
+    runner = Runner(run, tuple(model.input_shape[1:]), metadata, "tf", list(model.output_names))
+    runner.keras_model = model
+    return runner
+
+
+def pair_kind(a, b) -> str:
+    if getattr(a, "quantized", False) or getattr(b, "quantized", False):
+        return "int8"
+    runtimes = {getattr(a, "runtime", "tf"), getattr(b, "runtime", "tf")}
+    if "torch" in runtimes:
+        return "torch"
+    return "tf" if runtimes == {"tf"} else "runtime"
+
+
+@dataclasses.dataclass
+class OutputReport:
+    name: str
+    shape: tuple
+    max_abs: float
+    mean_abs: float
+    max_rel: float
+    allowed_max_abs: float
+    within_tolerance: bool
+    argmax_agreement: float | None  # None for single-channel outputs
+    argmax_disagreements_not_near_tie: int
+    passed: bool
+
+
+@dataclasses.dataclass
+class Report:
+    kind: str
+    tolerance: dict
+    input_shape: tuple
+    outputs: list
+    passed: bool
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    def summary(self) -> str:
+        if self.error:
+            return f"FAIL ({self.error})"
+        worst = max((o.max_abs for o in self.outputs), default=0.0)
+        agree = [o.argmax_agreement for o in self.outputs if o.argmax_agreement is not None]
+        tail = f", argmax agreement {min(agree):.4%}" if agree else ""
+        return f"{'PASS' if self.passed else 'FAIL'} ({self.kind}: max-abs {worst:.3g}{tail})"
+
+
+def make_inputs(input_shape, metadata=None, *, input_size=None, batch=2, seed=0, images=None) -> np.ndarray:
+    """Seeded random RGB 0..255 images (or `images` files) through the model's preprocessing."""
+    shape = list(input_shape)
+    meta = metadata or {}
+    if input_size is not None:
+        shape[0], shape[1] = input_size
+    for axis in (0, 1):
+        if shape[axis] is None:
+            shape[axis] = _default_size(meta, axis)
+    h, w, c = shape
+    if images:
+        raw = np.stack([_read_image(p, h, w, c) for p in images])
+    else:
+        raw = np.random.default_rng(seed).uniform(0, 255, size=(batch, h, w, c)).astype(np.float32)
+    return preprocess(raw, meta)
+
+
+def preprocess(raw, metadata):
+    spec = (metadata or {}).get("preprocessing")
+    if not spec:
+        return (raw / 255.0).astype(np.float32)
+    from kseg.registry import Preprocessing
+
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
+    return np.asarray(Preprocessing(**fields).apply(raw), dtype=np.float32)
+
+
+def _default_size(meta, axis):
+    fixed = (meta.get("input_shape") or [None, None])[axis]
+    if fixed:
+        return fixed
+    if meta.get("architecture"):
+        from kseg.registry import get_spec
+
+        size = get_spec(meta["architecture"]).input_shape[axis]
+        if size:
+            return size
+    return 224
+
+
+def _read_image(path, h, w, c):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB" if c == 3 else "L").resize((w, h), Image.BILINEAR)
+        a = np.asarray(im, dtype=np.float32)
+    return a if a.ndim == 3 else a[..., None]
+
+
+def compare(ref, out, name, tol) -> OutputReport:
+    ref = np.asarray(ref, dtype=np.float64)
+    out = np.asarray(out, dtype=np.float64)
+    if ref.shape != out.shape:
+        return OutputReport(name, tuple(out.shape), float("inf"), float("inf"), float("inf"), 0.0, False, None, 0, False)
+    diff = np.abs(ref - out)
+    scale = max(1.0, float(np.abs(ref).max(initial=0.0)))
+    allowed = tol["atol"] * scale + tol["rtol"] * np.abs(ref)
+    within = bool(np.all(diff <= allowed)) and bool(np.all(np.isfinite(out)) == bool(np.all(np.isfinite(ref))))
+    rel = diff / np.maximum(np.abs(ref), 1e-12)
+    agreement, bad_ties = None, 0
+    if ref.ndim >= 2 and ref.shape[-1] > 1:
+        a_ref, a_out = ref.argmax(-1), out.argmax(-1)
+        agree = a_ref == a_out
+        agreement = float(agree.mean())
+        if not agree.all():
+            # A disagreement is acceptable only where the reference's scores of the two chosen
+            # classes are within twice the allowed error of each other (a near-tie).
+            top = np.take_along_axis(ref, a_ref[..., None], -1)[..., 0]
+            other = np.take_along_axis(ref, a_out[..., None], -1)[..., 0]
+            slack = 2 * (tol["atol"] * scale + tol["rtol"] * np.abs(top))
+            bad_ties = int(np.sum(~agree & (top - other > slack)))
+    passed = within and (agreement is None or (agreement >= tol["argmax"] and bad_ties == 0))
+    return OutputReport(
+        name, tuple(out.shape), float(diff.max(initial=0.0)), float(diff.mean()) if diff.size else 0.0,
+        float(rel.max(initial=0.0)), float(np.max(allowed, initial=0.0)), within, agreement, bad_ties, bool(passed),
+    )
+
+
+def verify(a, b, *, inputs=None, images=None, input_size=None, batch=2, seed=0, tolerance=None) -> Report:
+    """Run runners `a` (the reference) and `b` on the same inputs and compare every output.
+
+    inputs: an explicit NHWC float32 batch (already preprocessed); else `images` (file paths)
+    or seeded random images, at `input_size` or the model's input size, through the model's
+    preprocessing from the metadata. tolerance: a pair kind of TOLERANCES or a dict.
+    """
+    kind = tolerance if isinstance(tolerance, str) else pair_kind(a, b)
+    tol = dict(TOLERANCES[kind]) if not isinstance(tolerance, dict) else {**TOLERANCES[pair_kind(a, b)], **tolerance}
+    if isinstance(tolerance, dict):
+        kind = "custom"
+    if inputs is None:
+        # Fixed dims of either side win over dynamic ones (a fixed-size export of a dynamic model).
+        shape = [x if x is not None else y for x, y in zip(a.input_shape, b.input_shape)]
+        inputs = make_inputs(shape, a.metadata or b.metadata, input_size=input_size, batch=batch,
+                             seed=seed, images=images)
+    inputs = np.asarray(inputs, dtype=np.float32)
+    ref_outputs, outputs = a(inputs), b(inputs)
+    names = a.output_names or b.output_names or [f"output_{i}" for i in range(len(ref_outputs))]
+    if len(ref_outputs) != len(outputs):
+        return Report(kind, tol, tuple(inputs.shape), [], False,
+                      f"{len(ref_outputs)} outputs against {len(outputs)}")
+    reports = [compare(r, o, n, tol) for r, o, n in zip(ref_outputs, outputs, names)]
+    return Report(kind, tol, tuple(inputs.shape), reports, all(r.passed for r in reports))
