@@ -106,7 +106,7 @@ def build_parser():
     return parser
 
 
-SUBCOMMAND_MODULES = ("kseg.data.cli", "convert.cli")
+SUBCOMMAND_MODULES = ("kseg.data.cli", "kseg.train.cli", "convert.cli")
 
 
 def _version():

@@ -38,3 +38,18 @@ def test_readme_model_table_is_generated_from_registry():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "| `resnet50` | classification | 25,636,712 |" in (ROOT / "README.md").read_text()
+
+
+def test_fresh_cli_process_loads_files_with_kseg_layers(tmp_path):
+    # `import kseg` alone must register kseg's layers: a fresh `kseg` process converting a
+    # SegNet .h5 once failed with "Unknown layer: 'kseg>MaxPoolingWithArgmax2D'".
+    model = kseg.build_model("segnet_basic", num_classes=3, input_shape=(32, 32, 3))
+    path = tmp_path / "segnet.h5"
+    model.save(path)
+    result = subprocess.run(
+        [sys.executable, "-m", "kseg.cli", "convert", str(path), "--to", "saved_model", "-o", str(tmp_path / "sm")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "verified: PASS" in result.stdout
+    assert (tmp_path / "sm" / "saved_model.pb").exists()

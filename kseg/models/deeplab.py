@@ -112,13 +112,18 @@ def _caffe_pool(x, stride, name):
     return layers.MaxPooling2D(3, strides=2, padding="valid", name=name)(x)
 
 
-def _vgg_deeplab_trunk(inputs):
+def scaled(filters: int, width: float) -> int:
+    """A conv's filters under the channel multiplier `width`: rounded, at least 8 (1.0: unchanged)."""
+    return filters if width == 1.0 else max(8, int(round(filters * width)))
+
+
+def _vgg_deeplab_trunk(inputs, width=1.0):
     """VGG16 convs at output stride 8; returns pool5a and the pooled features by name."""
     x, features = inputs, {"image": inputs}
     for b, convs in enumerate(CFGS["D"], start=1):
         for c, filters in enumerate(convs, start=1):
             x = layers.Conv2D(
-                filters,
+                scaled(filters, width),
                 3,
                 padding="same",
                 dilation_rate=2 if b == 5 else 1,
@@ -152,8 +157,9 @@ def _msc_branches(features):
 # === Head ===
 
 
-def _head(x, inputs, *, num_classes, fc6, msc_features, align_corners, return_stride8, name):
+def _head(x, inputs, *, num_classes, fc6, msc_features, align_corners, return_stride8, name, width=1.0):
     kernel, channels, rate = parse_fc6(fc6)
+    channels = scaled(channels, width)
     x = layers.Conv2D(channels, kernel, padding="same", dilation_rate=rate, activation="relu", name="fc6")(x)
     x = layers.Dropout(DROPOUT, name="drop6")(x)
     x = layers.Conv2D(channels, 1, activation="relu", name="fc7")(x)
@@ -165,11 +171,13 @@ def _head(x, inputs, *, num_classes, fc6, msc_features, align_corners, return_st
     return keras.Model(inputs, [full, stride8] if return_stride8 else full, name=name)
 
 
-def _deeplab_vgg(*, num_classes, input_shape, fc6, msc, align_corners, return_stride8, name):
+def _deeplab_vgg(*, num_classes, input_shape, fc6, msc, align_corners, return_stride8, name, width=1.0):
     parse_fc6(fc6)
+    if not (isinstance(width, (int, float)) and 0 < width <= 1.0):
+        raise ValueError(f"{name}: width must be a channel multiplier in (0, 1], got {width!r}")
     inputs = model_input(input_shape, (None, None, 3))
     _check_input(inputs, name)
-    x, features = _vgg_deeplab_trunk(inputs)
+    x, features = _vgg_deeplab_trunk(inputs, width)
     return _head(
         x,
         inputs,
@@ -179,6 +187,7 @@ def _deeplab_vgg(*, num_classes, input_shape, fc6, msc, align_corners, return_st
         align_corners=align_corners,
         return_stride8=return_stride8,
         name=name,
+        width=width,
     )
 
 
@@ -294,10 +303,16 @@ def _resnet_spec(arch, params):
 
 @register_model("deeplab_largefov", params=20_505_429, **_VGG)
 def deeplab_largefov(*, num_classes=21, input_shape=None, fc6="3x3_1024_r12", align_corners=True,
-                     return_stride8=False):
-    """DeepLab-LargeFOV: dilated VGG16 at output stride 8, fc6 3x3/1024/rate 12; fc6= picks Table 2's variants."""
+                     return_stride8=False, width=1.0):
+    """DeepLab-LargeFOV: dilated VGG16 at output stride 8, fc6 3x3/1024/rate 12; fc6= picks Table 2's variants.
+
+    width scales every conv's filters (VGG16 convs, fc6, fc7; not fc8) by a multiplier in (0, 1],
+    rounded, at least 8, for small budgets such as CPU training; 1.0 is the paper's network.
+    Such a network no longer takes ImageNet backbone weights.
+    """
     return _deeplab_vgg(num_classes=num_classes, input_shape=input_shape, fc6=fc6, msc=False,
-                        align_corners=align_corners, return_stride8=return_stride8, name="deeplab_largefov")
+                        align_corners=align_corners, return_stride8=return_stride8, name="deeplab_largefov",
+                        width=width)
 
 
 @register_model("deeplab_msc_largefov", params=21_711_445, **_VGG)

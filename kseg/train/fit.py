@@ -1,0 +1,301 @@
+"""Plain-Keras helpers around model.compile / model.fit / evaluation; not a framework.
+
+    model = kseg.build_model("deeplab_largefov", num_classes=5, width=0.25)
+    model = kseg.train.compile_segmentation(model, recipe, steps_per_epoch=len_train)
+    model.fit(train_ds, validation_data=val_ds, epochs=..., callbacks=kseg.train.callbacks(recipe, out))
+
+`train(recipe, data_dir, out_dir)` strings these together for `kseg train`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kseg.train import losses as losses_mod
+from kseg.train.metrics import ConfusionMatrixMetric, iou_table, scores_from_confusion
+from kseg.train.recipes import Recipe, apply_overrides, load_recipe
+
+RUN_FILE = "kseg_run.json"
+
+
+class TrainingSetupError(ValueError):
+    """Bad input found before the first training step (data, model or output directory)."""
+
+
+# === compile ===
+
+
+def learning_rate(recipe: Recipe, steps_per_epoch: int | None = None, total_steps: int | None = None):
+    """The recipe's learning rate as a float or a keras.optimizers.schedules schedule (per iteration)."""
+    lr = float(recipe.optimizer["learning_rate"])
+    s = recipe.schedule
+    kind = s.get("kind", "constant")
+    per = 1
+    if s.get("step_unit") == "epochs":
+        if not steps_per_epoch:
+            raise ValueError(f"{recipe.source}: schedule in epochs needs steps_per_epoch")
+        per = steps_per_epoch
+    if kind == "constant":
+        return lr
+    if kind == "step":
+        return keras.optimizers.schedules.ExponentialDecay(lr, s["step_size"] * per, s.get("gamma", 0.1),
+                                                           staircase=True)
+    if kind == "piecewise":
+        return keras.optimizers.schedules.PiecewiseConstantDecay([b * per for b in s["boundaries"]],
+                                                                 [float(v) for v in s["values"]])
+    if kind == "poly":
+        if not total_steps:
+            raise ValueError(f"{recipe.source}: a poly schedule needs the total number of steps")
+        return keras.optimizers.schedules.PolynomialDecay(lr, total_steps, 0.0, power=s.get("power", 0.9))
+    raise ValueError(f"{recipe.source}: unknown schedule {kind!r}")
+
+
+def make_optimizer(recipe: Recipe, steps_per_epoch=None, total_steps=None):
+    o = recipe.optimizer
+    lr = learning_rate(recipe, steps_per_epoch, total_steps)
+    # Keras applies weight_decay to the weights directly (w -= lr * wd * w) rather than adding
+    # wd * w to the gradient as Caffe does; with momentum the two differ slightly.
+    wd = o.get("weight_decay") or None
+    if o["name"] == "sgd":
+        return keras.optimizers.SGD(lr, momentum=o.get("momentum", 0.0), weight_decay=wd)
+    if o["name"] == "adam":
+        return keras.optimizers.Adam(lr, weight_decay=wd)
+    return keras.optimizers.AdamW(lr, weight_decay=wd or 0.004)
+
+
+def make_loss(recipe: Recipe):
+    spec = recipe.loss
+    stride8 = spec.get("stride8", False)
+    if spec["name"] == "sparse_cross_entropy":
+        return losses_mod.SparseCrossEntropy(class_weights=spec.get("class_weights"), resize_labels=stride8)
+    if spec["name"] == "sparse_focal_loss":
+        return losses_mod.SparseFocalLoss(gamma=spec.get("gamma", 2.0), class_weights=spec.get("class_weights"),
+                                          resize_labels=stride8)
+    return losses_mod.hed_losses()
+
+
+def compile_segmentation(model, recipe, *, steps_per_epoch=None, total_steps=None, jit_compile=False):
+    """model.compile with the recipe's optimizer, schedule, loss and the confusion-matrix metric.
+
+    Returns the model to fit: `model` itself, or for `[loss] stride8 = true` a view of it
+    whose output is the stride-8 logits (same weights). Outputs that are not float32 (mixed
+    precision) are cast to float32 first.
+    """
+    from kseg.train.strategy import float32_outputs
+
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if recipe.loss.get("stride8"):
+        model = losses_mod.stride8_model(model)
+    model = float32_outputs(model)
+    num_classes = model.outputs[0].shape[-1]
+    loss = make_loss(recipe)
+    metrics = None
+    if not isinstance(loss, list):
+        metrics = [ConfusionMatrixMetric(num_classes, resize_labels=recipe.loss.get("stride8", False))]
+    model.compile(optimizer=make_optimizer(recipe, steps_per_epoch, total_steps), loss=loss, metrics=metrics,
+                  jit_compile=jit_compile)
+    return model
+
+
+def callbacks(recipe, out_dir, *, monitor="val_mean_iou", tensorboard="auto"):
+    """BackupAndRestore (out_dir/backup), best checkpoint (out_dir/best.keras), CSV log, TensorBoard.
+
+    Run the same command again after a crash or a SIGKILL: BackupAndRestore restores the
+    weights, optimizer and epoch of the last completed epoch and fit continues from the next;
+    it deletes the backup when fit finishes. The CSV log appends, so it covers the whole run.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    cbs = [
+        keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup")),
+        keras.callbacks.ModelCheckpoint(os.path.join(out_dir, "best.keras"), monitor=monitor, mode="max",
+                                        save_best_only=True),
+        keras.callbacks.CSVLogger(os.path.join(out_dir, "log.csv"), append=True),
+    ]
+    if tensorboard == "auto":
+        # Keras' TensorBoard callback needs the tensorboard package (tf.summary's writer).
+        import importlib.util
+
+        tensorboard = importlib.util.find_spec("tensorboard") is not None
+    if tensorboard:
+        cbs.append(keras.callbacks.TensorBoard(os.path.join(out_dir, "tensorboard"), write_graph=False))
+    return cbs
+
+
+# === data ===
+
+
+def datasets(recipe: Recipe, data_dir, *, batch_size=None, seed=0):
+    """(train, val) tf.data from the recipe's [data] section; val is unbatched-size (batch 1) unless resized."""
+    import kseg.data as kd
+
+    d = recipe.data
+    layout = d.get("layout", "voc")
+    readers = {"voc": kd.voc, "sbd": kd.sbd, "synthetic": kd.synthetic, "pets": kd.pets, "folder": kd.folder}
+    if layout not in readers:
+        raise TrainingSetupError(f"{recipe.source}: kseg train reads segmentation layouts {sorted(readers)}; "
+                                 f"{layout!r} datasets are built with kseg.data in Python for now")
+    reader = readers[layout]
+    prep = d.get("preprocessing", recipe.model)
+    crop = d.get("crop") or None
+    scale = d.get("scale") or None
+    jitter = 0.0 if not d.get("color_jitter") else None
+    aug_kwargs = dict(crop=crop, scale=scale, flip=d.get("flip", False))
+    if jitter is not None:
+        aug_kwargs.update(brightness=0, contrast=0, saturation=0, hue=0)
+    augment = kd.SegmentationAugment(**aug_kwargs)
+    batch = batch_size or recipe.training["batch_size"]
+    common = dict(preprocessing=prep, resize=d.get("resize") or None, pad_to=d.get("pad_to") or None)
+    split = (lambda s: s) if layout != "folder" else None
+    try:
+        if layout == "folder":
+            train = reader(os.path.join(data_dir, d.get("train_split", "train")), augment=augment, batch_size=batch,
+                           seed=seed, **common)
+            val = reader(os.path.join(data_dir, d.get("val_split", "val")), batch_size=1, **common)
+        else:
+            train = reader(data_dir, split(d.get("train_split", "train")), augment=augment, batch_size=batch,
+                           seed=seed, **common)
+            val = reader(data_dir, split(d.get("val_split", "val")), batch_size=1, **common)
+    except (FileNotFoundError, OSError) as e:
+        raise TrainingSetupError(f"cannot read {layout} data at {data_dir}: {e}") from None
+    return train, val
+
+
+def _count(ds, limit=None):
+    n = ds.cardinality().numpy()
+    if n >= 0:
+        return int(n)
+    return sum(1 for _ in ds.take(limit) if True) if limit else sum(1 for _ in ds)
+
+
+def check_setup(model, train, val, out_dir, run_info):
+    """Clear errors before any training step: class counts, empty data, a foreign resume directory."""
+    num_classes = model.outputs[0].shape[-1]
+    declared = getattr(train, "num_classes", None)
+    if declared is not None and num_classes is not None and declared > num_classes:
+        raise TrainingSetupError(
+            f"the dataset has {declared} classes ({', '.join(getattr(train, 'class_names', [])[:8])}...) but "
+            f"the model outputs {num_classes}; build it with num_classes={declared}"
+        )
+    for name, ds in (("training", train), ("validation", val)):
+        first = next(iter(ds.take(1)), None)
+        if first is None:
+            raise TrainingSetupError(f"the {name} dataset is empty: no image/label pairs were found")
+        labels = np.asarray(first[1])
+        seen = labels[labels != losses_mod.IGNORE_LABEL]
+        if seen.size and seen.max() >= num_classes:
+            raise TrainingSetupError(
+                f"the {name} data has label {int(seen.max())} but the model outputs {num_classes} classes "
+                f"(labels must be 0..{num_classes - 1} or 255 = ignore)"
+            )
+    path = os.path.join(out_dir, RUN_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        if {k: previous.get(k) for k in ("model", "model_kwargs")} != {k: run_info[k] for k in ("model", "model_kwargs")}:
+            raise TrainingSetupError(
+                f"{out_dir} holds a run of {previous.get('model')} {previous.get('model_kwargs')}, not "
+                f"{run_info['model']} {run_info['model_kwargs']}: use another --out directory, or delete it to start over"
+            )
+
+
+# === train ===
+
+
+def train(recipe, data_dir, out_dir, *, epochs=None, batch_size=None, overrides=None, strategy=None,
+          precision="float32", jit_compile=False, steps_per_epoch=None, init=None, verbose="auto",
+          tensorboard="auto", extra_callbacks=()):
+    """Train a recipe's model on data_dir, writing checkpoints and logs to out_dir; returns a summary dict.
+
+    Running the same call again after an interruption resumes from the last completed epoch.
+    `init(model)` may modify the fresh model before training (e.g. re-initialise it).
+    """
+    import kseg
+    from kseg.train.strategy import set_precision, strategy as make_strategy
+
+    overrides = dict(overrides or {})
+    if epochs is not None:
+        overrides["training.epochs"] = int(epochs)
+    if batch_size is not None:
+        overrides["training.batch_size"] = int(batch_size)
+    if isinstance(recipe, Recipe):
+        recipe = apply_overrides(recipe, overrides)
+    else:
+        recipe = load_recipe(recipe, overrides)
+    if recipe.loss["name"] == "balanced_sigmoid_cross_entropy":
+        raise TrainingSetupError(f"{recipe.source}: kseg train handles segmentation recipes; train HED with "
+                                 "kseg.train.hed_losses() and kseg.data.edges in Python for now")
+    seed = recipe.training.get("seed", 0)
+    keras.utils.set_random_seed(seed)
+    set_precision(precision)
+    train_ds, val_ds = datasets(recipe, data_dir, seed=seed)
+    strategy = strategy or make_strategy()
+    run_info = {"model": recipe.model, "model_kwargs": dict(recipe.model_options), "recipe": recipe.name}
+    with strategy.scope():
+        model = kseg.build_model(recipe.model, **recipe.model_options)
+        check_setup(model, train_ds, val_ds, out_dir, run_info)
+        if init is not None:
+            init(model)
+        steps = steps_per_epoch or _count(train_ds)
+        if steps == 0:
+            raise TrainingSetupError(f"the training dataset at {data_dir} is empty")
+        t = recipe.training
+        epochs_ = t["epochs"] if "epochs" in t else math.ceil(t["iterations"] / steps)
+        fit_model = compile_segmentation(model, recipe, steps_per_epoch=steps, total_steps=steps * epochs_,
+                                         jit_compile=jit_compile)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, RUN_FILE), "w") as f:
+        json.dump({**run_info, "recipe_file": recipe.source, "recipe_values": recipe.to_dict()}, f, indent=1)
+    start = time.perf_counter()
+    history = fit_model.fit(train_ds, validation_data=val_ds, epochs=epochs_, steps_per_epoch=steps_per_epoch,
+                            callbacks=[*callbacks(recipe, out_dir, tensorboard=tensorboard), *extra_callbacks],
+                            verbose=verbose)
+    seconds = time.perf_counter() - start
+    model.save(os.path.join(out_dir, "final.keras"))
+    logs = {k: [float(v) for v in vs] for k, vs in history.history.items()}
+    return {"model": model, "history": logs, "train_seconds": seconds, "epochs": epochs_, "out_dir": out_dir,
+            "val_mean_iou": logs.get("val_mean_iou", [None])[-1] if logs.get("val_mean_iou") else None}
+
+
+# === evaluate ===
+
+
+def evaluate(model, dataset, *, num_classes=None, class_names=None, progress=True) -> dict:
+    """Score a segmentation model on a (image, label) dataset at the labels' own resolution.
+
+    Returns {"pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou", "per_class": [...],
+    "confusion": [[...]], "images": N}. Batch-1 datasets of unpadded images give original-size scores.
+    """
+    num_classes = num_classes or model.outputs[0].shape[-1]
+    metric = ConfusionMatrixMetric(num_classes)
+    predict = tf.function(lambda x: model(x, training=False))
+    total = dataset.cardinality().numpy()
+    images = 0
+    bar = None
+    if progress:
+        from rich.progress import Progress
+
+        bar = Progress(transient=True)
+        bar.start()
+        task = bar.add_task("evaluating", total=total if total >= 0 else None)
+    try:
+        for x, y in dataset:
+            out = predict(x)
+            out = out[-1] if isinstance(out, (list, tuple)) else out
+            metric.update_state(y, out)
+            images += int(x.shape[0])
+            if bar:
+                bar.advance(task)
+    finally:
+        if bar:
+            bar.stop()
+    cm = metric.confusion()
+    names = class_names or getattr(dataset, "class_names", None)
+    names = names if names and len(names) == num_classes else None
+    return {**scores_from_confusion(cm), "per_class": iou_table(cm, names), "confusion": cm.tolist(), "images": images}

@@ -1,0 +1,185 @@
+"""Training recipes: the papers' setups as TOML files shipped in kseg/train/recipes/.
+
+    recipe = load_recipe("deeplab_largefov_voc")                 # or a path to a .toml file
+    recipe = load_recipe("synthetic_demo", {"training.epochs": 3})
+    recipe.optimizer["learning_rate"], recipe.training["batch_size"], recipe.source
+
+Every number in a shipped recipe carries a comment citing the paper section or the reference
+solver it comes from. Unknown sections or keys, and values of the wrong type, raise an error
+naming the file and the key: a typo never falls back to a default silently.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import tomllib
+
+RECIPE_DIR = os.path.join(os.path.dirname(__file__), "recipes")
+
+# section -> key -> accepted types (numbers: int accepted where float is)
+_NUM = (int, float)
+SCHEMA: dict[str, dict[str, tuple]] = {
+    "": {"description": (str,), "model": (str,)},
+    "model_options": {},  # builder options, checked against the builder's signature at build time
+    "data": {
+        "layout": (str,), "train_split": (str,), "val_split": (str,), "crop": (list,), "resize": (list,),
+        "pad_to": (list,), "scale": (list,), "flip": (bool,), "color_jitter": (bool,), "preprocessing": (str,),
+    },
+    "optimizer": {"name": (str,), "learning_rate": _NUM, "momentum": _NUM, "weight_decay": _NUM},
+    "schedule": {
+        "kind": (str,), "step_size": (int,), "gamma": _NUM, "power": _NUM, "boundaries": (list,),
+        "values": (list,), "step_unit": (str,),
+    },
+    "training": {"batch_size": (int,), "epochs": (int,), "iterations": (int,), "steps_per_epoch": (int,),
+                 "seed": (int,)},
+    "loss": {"name": (str,), "stride8": (bool,), "class_weights": (list,), "gamma": _NUM},
+}
+CHOICES = {
+    ("data", "layout"): ("voc", "sbd", "synthetic", "pets", "edges", "folder", "classification_folder"),
+    ("optimizer", "name"): ("sgd", "adam", "adamw"),
+    ("schedule", "kind"): ("constant", "step", "poly", "piecewise"),
+    ("schedule", "step_unit"): ("iterations", "epochs"),
+    ("loss", "name"): ("sparse_cross_entropy", "sparse_focal_loss", "balanced_sigmoid_cross_entropy"),
+}
+REQUIRED = (("", "model"), ("optimizer", "name"), ("optimizer", "learning_rate"), ("training", "batch_size"),
+            ("loss", "name"))
+
+
+class RecipeError(ValueError):
+    """A recipe file or override that does not fit the schema."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    source: str  # the file it was read from
+    model: str
+    description: str
+    model_options: dict
+    data: dict
+    optimizer: dict
+    schedule: dict
+    training: dict
+    loss: dict
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def list_recipes() -> list[str]:
+    """Names of the recipes shipped with kseg."""
+    return sorted(f[:-5] for f in os.listdir(RECIPE_DIR) if f.endswith(".toml"))
+
+
+def _path(name_or_path) -> str:
+    name_or_path = os.fspath(name_or_path)
+    if name_or_path.endswith(".toml") or os.sep in name_or_path:
+        if not os.path.isfile(name_or_path):
+            raise RecipeError(f"recipe file {name_or_path} does not exist")
+        return name_or_path
+    path = os.path.join(RECIPE_DIR, name_or_path + ".toml")
+    if not os.path.isfile(path):
+        close = difflib.get_close_matches(name_or_path, list_recipes(), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise RecipeError(f"unknown recipe {name_or_path!r}.{hint} Shipped recipes: {', '.join(list_recipes())}")
+    return path
+
+
+def _check(source, section, key, value):
+    where = f"{source}: [{section}] {key}" if section else f"{source}: {key}"
+    if section not in SCHEMA:
+        raise RecipeError(f"{source}: unknown section [{section}]; known: {sorted(s for s in SCHEMA if s)}")
+    if section == "model_options":
+        return
+    known = SCHEMA[section]
+    if key not in known:
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RecipeError(f"{where}: unknown key{hint}; [{section or 'top level'}] accepts {sorted(known)}")
+    types = known[key]
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        raise RecipeError(f"{where}: expected {' or '.join(t.__name__ for t in types)}, got {value!r}")
+    choices = CHOICES.get((section, key))
+    if choices and value not in choices:
+        raise RecipeError(f"{where}: {value!r} is not one of {choices}")
+    if isinstance(value, _NUM) and not isinstance(value, bool) and value < 0:
+        raise RecipeError(f"{where}: must be >= 0, got {value!r}")
+
+
+def _parse_override(text: str, source: str):
+    """'training.epochs=3' -> ("training", "epochs", 3); the value is read as TOML."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise RecipeError(f"{source}: override {text!r} must look like section.key=value, e.g. training.epochs=3")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word: a string
+    return section, key, value
+
+
+def apply_overrides(recipe: Recipe, overrides) -> Recipe:
+    """A copy of `recipe` with "section.key" values replaced (a dict, or a list of "a.b=v" strings)."""
+    if not overrides:
+        return recipe
+    items = overrides.items() if isinstance(overrides, dict) else [
+        ((s + "." + k), v) for s, k, v in (_parse_override(o, recipe.source) for o in overrides)]
+    sections = {s: copy.deepcopy(getattr(recipe, s)) for s in SCHEMA if s}
+    for dotted, value in items:
+        section, _, key = dotted.partition(".")
+        if section not in sections:
+            raise RecipeError(f"{recipe.source}: override {dotted!r}: unknown section [{section}]; "
+                              f"known: {sorted(sections)}")
+        _check(f"{recipe.source} (override)", section, key, value)
+        sections[section][key] = value
+        if section == "training" and key in ("epochs", "iterations"):
+            # A length given on the command line replaces the recipe's, whichever unit it used.
+            sections[section].pop("iterations" if key == "epochs" else "epochs", None)
+    return dataclasses.replace(recipe, **sections)
+
+
+def load_recipe(name_or_path, overrides=None) -> Recipe:
+    """Read and validate a recipe; `overrides` maps "section.key" to values (or is a list of "a.b=v")."""
+    path = _path(name_or_path)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path}: not valid TOML: {e}") from None
+    sections = {s: {} for s in SCHEMA if s}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            if key not in sections:
+                raise RecipeError(f"{path}: unknown section [{key}]; known: {sorted(sections)}")
+            for k, v in value.items():
+                _check(path, key, k, v)
+            sections[key] = copy.deepcopy(value)
+        else:
+            _check(path, "", key, value)
+    top = {k: v for k, v in raw.items() if not isinstance(v, dict)}
+    name = os.path.splitext(os.path.basename(path))[0]
+    recipe = apply_overrides(Recipe(name=name, source=path, model=top.get("model", ""),
+                                    description=top.get("description", ""), **sections), overrides)
+    sections = {s: getattr(recipe, s) for s in SCHEMA if s}
+    for section, key in REQUIRED:
+        present = key in (top if not section else sections[section])
+        if not present:
+            raise RecipeError(f"{path}: missing required key {f'[{section}] ' if section else ''}{key}")
+    training = sections["training"]
+    if "epochs" in training and "iterations" in training:
+        raise RecipeError(f"{path}: [training] gives both epochs and iterations; give one")
+    if "epochs" not in training and "iterations" not in training:
+        raise RecipeError(f"{path}: [training] needs epochs or iterations")
+    schedule = sections["schedule"]
+    kind = schedule.get("kind", "constant")
+    need = {"step": ("step_size",), "piecewise": ("boundaries", "values"), "poly": (), "constant": ()}[kind]
+    for key in need:
+        if key not in schedule:
+            raise RecipeError(f"{path}: [schedule] kind {kind!r} needs {key}")
+    if kind == "piecewise" and len(schedule["values"]) != len(schedule["boundaries"]) + 1:
+        raise RecipeError(f"{path}: [schedule] piecewise needs one more value than boundaries")
+    return recipe
