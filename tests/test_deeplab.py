@@ -2,7 +2,6 @@
 
 import math
 
-import h5py
 import keras
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from kseg.weights import WeightsMismatchError
 
 torch = pytest.importorskip("torch")
 import torch_reference as ref  # noqa: E402
+from helpers import save_legacy_h5  # noqa: E402
 
 
 def caffe_pool_size(n, kernel, stride, pad):
@@ -44,14 +44,6 @@ def stride8(n):
     for _ in range(3):
         n = caffe_pool_size(n, 3, 2, 1)
     return n
-
-
-def _save_legacy_h5(model, path):
-    # The layout of keras.applications' published downloads.
-    from keras.src.legacy.saving import legacy_h5_format
-
-    with h5py.File(path, "w") as f:
-        legacy_h5_format.save_weights_to_hdf5_group(f, model)
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +218,7 @@ def test_documented_decimation_indices():
 def vgg_keras_file(tmp_path_factory):
     source = keras.applications.VGG16(weights=None)
     path = tmp_path_factory.mktemp("vgg") / "vgg16_keras.h5"
-    _save_legacy_h5(source, path)
+    save_legacy_h5(source, path)
     arrays = {n: source.get_layer(n).get_weights() for n in deeplab.VGG16_CONV_NAMES + ["fc1", "fc2"]}
     del source
     keras.backend.clear_session()
@@ -332,7 +324,7 @@ def test_init_resnet50_from_torchvision(resnet_torch_file):
 def resnet_keras_file(tmp_path_factory):
     source = keras.applications.ResNet50(weights=None)
     path = tmp_path_factory.mktemp("resnet") / "resnet50_keras.h5"
-    _save_legacy_h5(source, path)
+    save_legacy_h5(source, path)
     arrays = {n: source.get_layer(n).get_weights() for n in ("conv1_conv", "conv4_block6_3_bn", "conv5_block3_2_conv")}
     del source
     keras.backend.clear_session()

@@ -1,7 +1,6 @@
 """FCN-32s/16s/8s on VGG16: reference parameter counts, Caffe geometry (crop offsets, output
 size), bilinear frozen upsampling, and ImageNet initialisation by convolutionalising fc1/fc2."""
 
-import h5py
 import keras
 import numpy as np
 import pytest
@@ -11,20 +10,13 @@ from kseg.layers import BilinearUpsampling
 from kseg.models.fcn import HEADS, _fcn
 from kseg.models.vgg import CFGS, VGG16_CONV_NAMES
 from kseg.weights import WeightsMismatchError, load_backbone
+from helpers import save_legacy_h5  # noqa: E402
 
 VARIANTS = list(HEADS)
 SIZES = [(224, 224), (333, 417), (500, 375)]
 UPSAMPLERS = {"fcn32s": ["upscore"], "fcn16s": ["upscore2", "upscore16"],
               "fcn8s": ["upscore2", "upscore_pool4", "upscore8"]}
 UPSAMPLERS["fcn8s_atonce"] = UPSAMPLERS["fcn8s"]
-
-
-def _save_legacy_h5(model, path):
-    # The layout of keras.applications' published downloads.
-    from keras.src.legacy.saving import legacy_h5_format
-
-    with h5py.File(path, "w") as f:
-        legacy_h5_format.save_weights_to_hdf5_group(f, model)
 
 
 def _tiny(variant, input_shape=(None, None, 1), **kw):
@@ -272,7 +264,7 @@ def _init_from(fcn, path):
 def test_init_from_keras_applications_vgg16(fcn8s, tmp_path):
     vgg = keras.applications.VGG16(weights=None, classifier_activation=None)
     path = tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels.h5"
-    _save_legacy_h5(vgg, path)
+    save_legacy_h5(vgg, path)
     fcn = fcn8s
     assert set(_init_from(fcn, path)) == set(VGG16_CONV_NAMES) | {"fc6", "fc7"}
     for name in VGG16_CONV_NAMES:
@@ -312,7 +304,7 @@ def test_init_from_torchvision_vgg16_state_dict(fcn8s, tmp_path):
 
 def test_init_from_resnet50_file_names_the_file(fcn8s, tmp_path):
     path = tmp_path / "resnet50_weights.h5"
-    _save_legacy_h5(kseg.build_model("resnet50"), path)
+    save_legacy_h5(kseg.build_model("resnet50"), path)
     before = fcn8s.get_layer("block1_conv1").get_weights()[0].copy()
     with pytest.raises(WeightsMismatchError, match=r"resnet50_weights\.h5: not vgg16 .*block1_conv1"):
         _init_from(fcn8s, path)
@@ -321,6 +313,6 @@ def test_init_from_resnet50_file_names_the_file(fcn8s, tmp_path):
 
 def test_init_from_notop_vgg16_file_says_why(fcn8s, tmp_path):
     path = tmp_path / "vgg16_notop.h5"
-    _save_legacy_h5(keras.applications.VGG16(weights=None, include_top=False), path)
+    save_legacy_h5(keras.applications.VGG16(weights=None, include_top=False), path)
     with pytest.raises(WeightsMismatchError, match=r"vgg16_notop\.h5.*include_top=False"):
         _init_from(fcn8s, path)

@@ -1,6 +1,5 @@
 """HED: six aligned logits maps at input size, fusion init, frozen bilinear sides, backbone init."""
 
-import h5py
 import keras
 import numpy as np
 import pytest
@@ -9,6 +8,7 @@ import kseg
 from kseg.models.hed import OUTPUT_NAMES, SIDES
 from kseg.models.vgg import VGG16_CONV_NAMES
 from kseg.weights import WeightsMismatchError
+from helpers import save_legacy_h5  # noqa: E402
 
 STRIDES = [s for _, s in SIDES if s > 1]
 
@@ -120,12 +120,9 @@ def _assert_trunk_equals(model, arrays):
 
 
 def test_backbone_from_keras_applications_file(tmp_path):
-    from keras.src.legacy.saving import legacy_h5_format
-
     source = keras.applications.VGG16(weights=None, include_top=False)
     path = tmp_path / "vgg16_notop.h5"
-    with h5py.File(path, "w") as f:
-        legacy_h5_format.save_weights_to_hdf5_group(f, source)
+    save_legacy_h5(source, path)
     m = kseg.build_model("hed", backbone_weights=path)
     _assert_trunk_equals(m, {n: source.get_layer(n).get_weights() for n in VGG16_CONV_NAMES})
     # The head keeps its own initialisation.

@@ -3,7 +3,6 @@ counts, the input_bn option and VGG16 ImageNet initialisation from both ecosyste
 
 import re
 
-import h5py
 import keras
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import kseg
 from kseg.models.vgg import VGG16_CONV_NAMES
 from kseg.registry import BATCHNORM, CAFFE, UNIT
 from kseg.weights import WeightsMismatchError, load_backbone
+from helpers import save_legacy_h5  # noqa: E402
 
 VGG16_CONV_PARAMS = 14_714_688  # keras.applications.VGG16(include_top=False).count_params()
 
@@ -26,14 +26,6 @@ def segnet():
 @pytest.fixture(scope="module")
 def basic():
     return kseg.build_model("segnet_basic")
-
-
-def _save_legacy_h5(model, path):
-    # The layout of keras.applications' published downloads (vgg16_..._notop.h5).
-    from keras.src.legacy.saving import legacy_h5_format
-
-    with h5py.File(path, "w") as f:
-        legacy_h5_format.save_weights_to_hdf5_group(f, model)
 
 
 # --- unpooling ---------------------------------------------------------------------------
@@ -187,7 +179,7 @@ def _bn_and_decoder_weights(model):
 def test_backbone_from_keras_applications_vgg16_file(tmp_path):
     source = keras.applications.VGG16(weights=None, include_top=False)
     path = tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
-    _save_legacy_h5(source, path)
+    save_legacy_h5(source, path)
     model = kseg.build_model("segnet")
     before = _bn_and_decoder_weights(model)
     assert load_backbone(model, path, kseg.get_spec("segnet")) == sorted(VGG16_CONV_NAMES)
@@ -232,7 +224,7 @@ def test_backbone_from_torchvision_state_dict(tmp_path):
 def test_resnet50_file_as_backbone_names_the_file(tmp_path):
     source = keras.applications.ResNet50(weights=None, include_top=False)
     path = tmp_path / "resnet50_notop.h5"
-    _save_legacy_h5(source, path)
+    save_legacy_h5(source, path)
     expected = re.escape(str(path)) + r".*not vgg16 ImageNet weights.*block1_conv1"
     with pytest.raises(WeightsMismatchError, match=expected):
         kseg.build_model("segnet", backbone_weights=path)

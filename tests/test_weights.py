@@ -1,6 +1,5 @@
 """Weights in: keras.applications files and torchvision-layout state_dicts give the source's outputs."""
 
-import h5py
 import keras
 import numpy as np
 import pytest
@@ -11,16 +10,9 @@ from kseg.weights import WeightsMismatchError, keras_to_torch
 
 torch = pytest.importorskip("torch")
 import torch_reference as ref  # noqa: E402
+from helpers import save_legacy_h5  # noqa: E402
 
 TOL = 1e-4
-
-
-def _save_legacy_h5(model, path):
-    # The layout of keras.applications' published downloads (and tf.keras 2.x save_weights).
-    from keras.src.legacy.saving import legacy_h5_format
-
-    with h5py.File(path, "w") as f:
-        legacy_h5_format.save_weights_to_hdf5_group(f, model)
 
 
 def _torch_outputs(module, x_nhwc, fn=None):
@@ -52,7 +44,7 @@ def test_keras_applications_weights(name, app, fmt, tmp_path, rng):
             layer.set_weights([rng.uniform(0.5, 1.5, w.shape).astype("float32") for w in layer.get_weights()])
     path = tmp_path / f"source.{fmt}"
     if fmt == "legacy.h5":
-        _save_legacy_h5(source, path)
+        save_legacy_h5(source, path)
     else:
         source.save_weights(path)
     model = kseg.build_model(name, weights=path)
@@ -64,7 +56,7 @@ def test_keras_applications_weights(name, app, fmt, tmp_path, rng):
 def test_keras_applications_notop_weights_load_into_trunk(tmp_path, rng):
     source = keras.applications.VGG16(weights=None, include_top=False)
     path = tmp_path / "notop.h5"
-    _save_legacy_h5(source, path)
+    save_legacy_h5(source, path)
     model = kseg.build_model("vgg16", include_top=False, weights=path)
     x = rng.normal(size=(1, 64, 96, 3)).astype("float32")
     np.testing.assert_allclose(model.predict(x, verbose=0), source.predict(x, verbose=0), atol=TOL)

@@ -16,3 +16,14 @@ def model_input(input_shape, default, name="image"):
 def classifier_head(x, num_classes, activation, name="predictions"):
     """The final dense layer; logits by default, as torchvision and the losses expect."""
     return keras.layers.Dense(num_classes, activation=activation, name=name)(x)
+
+
+def global_pooling(x, pooling):
+    """keras.applications' `pooling` option for include_top=False: None, "avg" or "max"."""
+    if pooling is None:
+        return x
+    if pooling == "avg":
+        return keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    if pooling == "max":
+        return keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
+    raise ValueError(f"pooling must be None, 'avg' or 'max', got {pooling!r}")

@@ -15,7 +15,7 @@ import functools
 import keras
 from keras import layers
 
-from kseg.models._common import classifier_head, model_input
+from kseg.models._common import classifier_head, global_pooling, model_input
 from kseg.registry import TorchMapping, register_model
 
 PAPER = "He, Zhang, Ren, Sun, Deep Residual Learning for Image Recognition, CVPR 2016"
@@ -137,12 +137,8 @@ def _resnet(arch, *, num_classes, input_shape, include_top, pooling, layout, out
     if include_top:
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
         x = classifier_head(x, num_classes, classifier_activation)
-    elif pooling == "avg":
-        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    elif pooling == "max":
-        x = layers.GlobalMaxPooling2D(name="max_pool")(x)
-    elif pooling is not None:
-        raise ValueError(f"pooling must be None, 'avg' or 'max', got {pooling!r}")
+    else:
+        x = global_pooling(x, pooling)
     return keras.Model(inputs, x, name=arch)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from kseg.models._common import classifier_head, model_input
+from kseg.models._common import classifier_head, global_pooling, model_input
 from kseg.registry import TorchMapping, register_model
 
 PAPER = "Simonyan & Zisserman, Very Deep Convolutional Networks for Large-Scale Image Recognition, ICLR 2015"
@@ -66,12 +66,8 @@ def _vgg(cfg, *, num_classes, input_shape, include_top, pooling, classifier_acti
         if dropout:
             x = layers.Dropout(dropout, name="fc2_dropout")(x)
         x = classifier_head(x, num_classes, classifier_activation)
-    elif pooling == "avg":
-        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    elif pooling == "max":
-        x = layers.GlobalMaxPooling2D(name="max_pool")(x)
-    elif pooling is not None:
-        raise ValueError(f"pooling must be None, 'avg' or 'max', got {pooling!r}")
+    else:
+        x = global_pooling(x, pooling)
     return keras.Model(inputs, x, name=name)
 
 
