@@ -65,8 +65,10 @@ def cmd_demo(args):
             model = kseg.build_model(name)
             h, w, c = (d or 224 for d in spec.input_shape)
             image = rng.uniform(0, 255, size=(1, h, w, c)).astype("float32")
-            out = model.predict(spec.preprocessing.apply(image), verbose=0)
-            outputs = out if isinstance(out, list) else [out]
+            # A direct call, not predict(): predict traces a new function per model and TF
+            # warns about "excessive retracing" across a loop of models.
+            out = model(spec.preprocessing.apply(image), training=False)
+            outputs = [np.asarray(o) for o in (out if isinstance(out, (list, tuple)) else [out])]
             seconds = time.perf_counter() - start
             params = model.count_params()
             ok = params == spec.params and all(np.all(np.isfinite(o)) for o in outputs)
