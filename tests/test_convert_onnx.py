@@ -39,6 +39,9 @@ def _params(names):
 
 def _build(name):
     kwargs, size = CASES[name]
+    # Seeded weights: one unseeded CI run saw HED's ONNX outputs compare as "max-abs inf"
+    # (not reproduced yet; see the session note). A seed keeps the suite deterministic.
+    keras.utils.set_random_seed(0)
     return kseg.build_model(name, **kwargs), size
 
 
