@@ -137,8 +137,45 @@ def _convert_structure(model, *, opset, dynamic, nchw, input_size):
     renames = dict(zip(placeholder, names))
     renames.update(zip([o.name for o in graph.output], model.output_names))
     _rename(graph, renames)
+    _repair_output_ranks(graph, model)
     _name_dims(graph, nchw)
     return proto, list(zip(names, variables))
+
+
+def _repair_output_ranks(graph, model):
+    """Check every graph output has the Keras output's rank; undo tf2onnx's stray leading axis.
+
+    tf2onnx 1.17's optimizers now and then (about one HED conversion in three, varying from run
+    to run) drop the final `Squeeze(axis 0)` after the `Reshape([1, -1, 0, 0, 1])` that they make
+    of a 1-channel NCHW->NHWC transpose, leaving that output [1, N, H, W, 1]. The stray axis is
+    always a leading 1, so a Squeeze on axis 0 restores the output exactly; any other rank
+    mismatch is refused rather than written.
+    """
+    import onnx
+
+    outputs = model.outputs
+    for value, tensor in zip(graph.output, outputs):
+        want = len(tensor.shape)
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) == want:
+            continue
+        if len(dims) == want + 1 and dims[0].dim_value == 1:
+            stray = value.name + "__kseg_unsqueezed"
+            for node in graph.node:
+                node.output[:] = [stray if o == value.name else o for o in node.output]
+                node.input[:] = [stray if i == value.name else i for i in node.input]
+            axes = value.name + "__kseg_axes"
+            # A Constant node, not an initializer: initializers are the Keras weights, by name.
+            graph.node.append(onnx.helper.make_node(
+                "Constant", [], [axes], value=onnx.numpy_helper.from_array(np.array([0], dtype=np.int64))))
+            graph.node.append(onnx.helper.make_node("Squeeze", [stray, axes], [value.name],
+                                                    name=value.name + "__kseg_squeeze"))
+            del dims[0]
+            continue
+        raise OnnxConversionError(
+            f"{model.name}: tf2onnx produced output {value.name!r} with rank {len(dims)}, the Keras model's "
+            f"has rank {want}; nothing was written"
+        )
 
 
 def _rename(graph, renames):
