@@ -70,16 +70,22 @@ TRAIN = textwrap.dedent("""
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
     import tensorflow as tf
     replicas = int(sys.argv[1])
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    if replicas != 0:  # 0: one worker of a multi-worker cluster (TF_CONFIG set by the test)
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import numpy as np, keras
     import kseg
-    from kseg.train import SparseCrossEntropy, ConfusionMatrixMetric, strategy
+    from kseg.train import SparseCrossEntropy, ConfusionMatrixMetric, multi_worker_fit, strategy
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(16, 16, 16, 3)).astype("float32")
     y = rng.integers(0, 3, (16, 16, 16, 1)).astype("int32")
-    s = strategy("mirrored", devices=["/cpu:0", "/cpu:1"]) if replicas == 2 else strategy("one_device", devices=["/cpu:0"])
+    if replicas == 0:
+        s = strategy()  # "auto": TF_CONFIG names a cluster -> MultiWorkerMirroredStrategy
+    elif replicas == 2:
+        s = strategy("mirrored", devices=["/cpu:0", "/cpu:1"])
+    else:
+        s = strategy("one_device", devices=["/cpu:0"])
     with s.scope():
         # No BatchNorm (per-replica batch statistics differ by design) and no dropout.
         inputs = keras.Input((16, 16, 3))
@@ -88,6 +94,7 @@ TRAIN = textwrap.dedent("""
         model = keras.Model(inputs, keras.layers.Conv2D(3, 1)(h))
         model.compile(keras.optimizers.SGD(0.05, momentum=0.9), loss=SparseCrossEntropy(),
                       metrics=[ConfusionMatrixMetric(3)])
+        multi_worker_fit(model)  # a no-op except under MultiWorkerMirroredStrategy
     init = np.load(sys.argv[2], allow_pickle=True) if os.path.exists(sys.argv[2]) else None
     if init is None:
         np.save(sys.argv[2], np.array(model.get_weights(), dtype=object), allow_pickle=True)
@@ -96,7 +103,7 @@ TRAIN = textwrap.dedent("""
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
     model.fit(ds, epochs=3, verbose=0)
     np.save(sys.argv[3], np.array(model.get_weights(), dtype=object), allow_pickle=True)
-    print(json.dumps({"replicas": s.num_replicas_in_sync}))
+    print(json.dumps({"replicas": s.num_replicas_in_sync, "strategy": type(s).__name__}))
 """)
 
 
@@ -120,3 +127,46 @@ def test_mirrored_two_replicas_match_single_replica(tmp_path):
     assert moved > 1e-3  # training did change the weights
     for a, b in zip(one, two):
         np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-3)
+
+
+def _free_ports(n):
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for sock in socks:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in socks]
+    for sock in socks:
+        sock.close()
+    return ports
+
+
+def test_two_local_workers_match_single_replica(tmp_path):
+    # MultiWorkerMirroredStrategy with two real worker processes talking over 127.0.0.1: the same
+    # global batches, split across the workers, must give the single-replica run's weights.
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN)
+    init = tmp_path / "init.npy"
+    _run(script, 1, init, tmp_path / "one.npy")
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    workers = []
+    for index in range(2):
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "",
+               "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+        workers.append(subprocess.Popen([sys.executable, str(script), "0", str(init), str(tmp_path / f"w{index}.npy")],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    results = []
+    try:
+        for proc in workers:
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err[-3000:]
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for proc in workers:
+            proc.kill()
+    # MultiWorkerMirroredStrategy is an alias of CollectiveAllReduceStrategy.
+    assert all(r == {"replicas": 2, "strategy": "CollectiveAllReduceStrategy"} for r in results)
+    one = np.load(tmp_path / "one.npy", allow_pickle=True)
+    for index in range(2):
+        for a, b in zip(one, np.load(tmp_path / f"w{index}.npy", allow_pickle=True)):
+            np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-3)

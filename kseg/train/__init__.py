@@ -37,12 +37,12 @@ from kseg.train.metrics import (
     scores_from_confusion,
 )
 from kseg.train.recipes import Recipe, RecipeError, apply_overrides, list_recipes, load_recipe
-from kseg.train.strategy import float32_outputs, set_precision, strategy
+from kseg.train.strategy import float32_outputs, multi_worker_fit, set_precision, strategy
 
 __all__ = [
     "BalancedSigmoidCrossEntropy", "ConfusionMatrixMetric", "Recipe", "RecipeError", "SparseCrossEntropy",
     "SparseFocalLoss", "TrainingSetupError", "apply_overrides", "callbacks", "check_setup",
     "compile_segmentation", "confusion_matrix", "datasets", "edge_ods_ois", "evaluate", "float32_outputs",
-    "hed_losses", "iou_table", "learning_rate", "list_recipes", "load_recipe", "make_optimizer",
+    "hed_losses", "iou_table", "learning_rate", "list_recipes", "load_recipe", "make_optimizer", "multi_worker_fit",
     "resize_labels_nearest", "scores_from_confusion", "set_precision", "stride8_model", "strategy", "train",
 ]

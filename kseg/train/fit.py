@@ -88,7 +88,7 @@ def compile_segmentation(model, recipe, *, steps_per_epoch=None, total_steps=Non
     whose output is the stride-8 logits (same weights). Outputs that are not float32 (mixed
     precision) are cast to float32 first.
     """
-    from kseg.train.strategy import float32_outputs
+    from kseg.train.strategy import float32_outputs, multi_worker_fit
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if recipe.loss.get("stride8"):
@@ -101,7 +101,7 @@ def compile_segmentation(model, recipe, *, steps_per_epoch=None, total_steps=Non
         metrics = [ConfusionMatrixMetric(num_classes, resize_labels=recipe.loss.get("stride8", False))]
     model.compile(optimizer=make_optimizer(recipe, steps_per_epoch, total_steps), loss=loss, metrics=metrics,
                   jit_compile=jit_compile)
-    return model
+    return multi_worker_fit(model)
 
 
 def callbacks(recipe, out_dir, *, monitor="val_mean_iou", tensorboard="auto"):
@@ -259,43 +259,165 @@ def train(recipe, data_dir, out_dir, *, epochs=None, batch_size=None, overrides=
     seconds = time.perf_counter() - start
     model.save(os.path.join(out_dir, "final.keras"))
     logs = {k: [float(v) for v in vs] for k, vs in history.history.items()}
+    samples = plot_samples(model, val_ds, os.path.join(out_dir, SAMPLES_FILE),
+                           preprocessing=recipe.data.get("preprocessing", recipe.model))
     return {"model": model, "history": logs, "train_seconds": seconds, "epochs": epochs_, "out_dir": out_dir,
-            "val_mean_iou": logs.get("val_mean_iou", [None])[-1] if logs.get("val_mean_iou") else None}
+            "val_mean_iou": logs.get("val_mean_iou", [None])[-1] if logs.get("val_mean_iou") else None,
+            "samples": samples}
+
+
+# === pictures ===
+
+SAMPLES_FILE = "samples.png"
+
+
+def _unpreprocess(x, preprocessing):
+    """Undo a Preprocessing on NumPy images, back to RGB 0..255 (for showing them)."""
+    if preprocessing is None:
+        return x
+    p = preprocessing
+    x = np.asarray(x, np.float32)
+    if p.std is not None:
+        x = x * np.asarray(p.std, np.float32)
+    if p.mean is not None:
+        x = x + np.asarray(p.mean, np.float32)
+    if p.bgr:
+        x = x[..., ::-1]
+    return x / p.scale if p.scale != 1.0 else x
+
+
+def plot_samples(model, dataset, path, *, count=4, preprocessing=None, class_names=None, palette=None):
+    """A PNG grid of image / ground truth / prediction for the first `count` examples of `dataset`.
+
+    `dataset` yields (image, label) batches or single examples, preprocessed with
+    `preprocessing` (undone to show the image). Needs matplotlib (an optional dependency):
+    without it nothing is written, a note goes to stderr and None is returned; else `path`.
+
+        plot_samples(model, kseg.data.synthetic(root, "val", batch_size=1, preprocessing="deeplab_largefov"),
+                     "samples.png", preprocessing="deeplab_largefov")
+    """
+    import sys
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
+    except ImportError:
+        print(f"note: matplotlib is not installed, so {path} was not drawn (pip install matplotlib)", file=sys.stderr)
+        return None
+    from kseg.data.palette import colorize, voc_palette
+    from kseg.data.pipeline import resolve_preprocessing
+    from kseg.train.predict import main_output
+
+    prep = resolve_preprocessing(preprocessing)
+    names = class_names or getattr(dataset, "class_names", None)
+    if dataset.element_spec[0].shape.rank == 4:
+        dataset = dataset.unbatch()
+    rows = []
+    for x, y in dataset.take(count):
+        logits = main_output(model(x[None], training=False))[0]
+        pred = np.argmax(np.asarray(logits), axis=-1)
+        label = np.asarray(y)[..., 0] if np.ndim(y) == 3 else np.asarray(y)
+        image = np.clip(_unpreprocess(np.asarray(x), prep), 0, 255).astype(np.uint8)
+        keep = label != losses_mod.IGNORE_LABEL
+        rows.append((image, label, pred, float((pred == label)[keep].mean()) if keep.any() else float("nan")))
+    if not rows:
+        raise ValueError(f"plot_samples: the dataset is empty, nothing to draw in {path}")
+    num_classes = int(main_output(model.outputs).shape[-1])
+    names = names or [str(i) for i in range(num_classes)]
+    pal = voc_palette() if palette is None else np.asarray(palette)
+    fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False)
+    for r, (image, label, pred, acc) in enumerate(rows):
+        for c, (picture, title) in enumerate(((image, "image"), (colorize(label, palette), "ground truth"),
+                                               (colorize(pred, palette), f"prediction ({100 * acc:.1f}% pixels)"))):
+            axes[r, c].imshow(picture, interpolation="nearest")
+            axes[r, c].set_title(title, fontsize=9)
+            axes[r, c].axis("off")
+    handles = [Patch(color=pal[i] / 255.0, label=names[i] if i < len(names) else str(i)) for i in range(num_classes)]
+    handles.append(Patch(color=pal[losses_mod.IGNORE_LABEL] / 255.0, label="ignore (255)"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 if len(rows) > 1 else 0.12, 1, 1))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp.png"
+    try:
+        fig.savefig(tmp, dpi=80)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
 
 
 # === evaluate ===
 
 
-def evaluate(model, dataset, *, num_classes=None, class_names=None, progress=True) -> dict:
+def evaluate(model, dataset, *, num_classes=None, class_names=None, progress=True, crf=None,
+             preprocessing=None) -> dict:
     """Score a segmentation model on a (image, label) dataset at the labels' own resolution.
 
     Returns {"pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou", "per_class": [...],
     "confusion": [[...]], "images": N}. Batch-1 datasets of unpadded images give original-size scores.
-    """
-    num_classes = num_classes or model.outputs[0].shape[-1]
-    metric = ConfusionMatrixMetric(num_classes)
-    predict = tf.function(lambda x: model(x, training=False))
-    total = dataset.cardinality().numpy()
-    images = 0
-    bar = None
-    if progress:
-        from rich.progress import Progress
 
-        bar = Progress(transient=True)
-        bar.start()
-        task = bar.add_task("evaluating", total=total if total >= 0 else None)
-    try:
-        for x, y in dataset:
-            out = predict(x)
-            out = out[-1] if isinstance(out, (list, tuple)) else out
-            metric.update_state(y, out)
-            images += int(x.shape[0])
-            if bar:
-                bar.advance(task)
-    finally:
-        if bar:
-            bar.stop()
-    cm = metric.confusion()
+    `preprocessing` (a kseg.Preprocessing, kind or model name) is applied to the dataset's images
+    before the model; pass it with a raw dataset (a kseg.data reader without preprocessing=).
+    `crf` (True, a kseg.crf.CRFParams or a "w1=5,sigma_alpha=80" string) refines each image's
+    probabilities with the dense CRF, which needs the raw colours, so it requires a raw dataset.
+    The scores are then the CRF's, with the network's own under "before_crf" and the
+    setting under "crf".
+
+        raw = kseg.data.synthetic(root, "val", batch_size=1)
+        evaluate(model, raw, preprocessing="deeplab_largefov", crf=True)["before_crf"]["mean_iou"]
+    """
+    from kseg.data.pipeline import resolve_preprocessing
+    from kseg.train.predict import _crf_params, _progress, main_output
+
+    num_classes = num_classes or main_output(model.outputs).shape[-1]
     names = class_names or getattr(dataset, "class_names", None)
     names = names if names and len(names) == num_classes else None
+    params = _crf_params(crf)
+    total = dataset.cardinality().numpy()
+    total = int(total) if total >= 0 else None
+    if params is not None:
+        return _evaluate_crf(model, dataset, params, preprocessing, num_classes, names, progress, total)
+    prep = resolve_preprocessing(preprocessing)
+    metric = ConfusionMatrixMetric(num_classes)
+
+    @tf.function(reduce_retracing=True)
+    def predict(x):
+        # FCN's aux and DeepLab's stride-8 logits follow the main, full-size output.
+        return main_output(model(prep.apply(x) if prep is not None else x, training=False))
+
+    images = 0
+    with _progress(progress, "evaluating", total) as advance:
+        for x, y in dataset:
+            metric.update_state(y, predict(x))
+            images += int(x.shape[0])
+            advance()
+    cm = metric.confusion()
     return {**scores_from_confusion(cm), "per_class": iou_table(cm, names), "confusion": cm.tolist(), "images": images}
+
+
+def _evaluate_crf(model, dataset, params, preprocessing, num_classes, names, progress, total):
+    from kseg.crf import _densecrf, dense_crf
+    from kseg.data.pipeline import resolve_preprocessing
+    from kseg.train.metrics import confusion_matrix
+    from kseg.train.predict import InferenceModel, Predictor, _progress, raw_pairs
+
+    _densecrf()  # the install hint before any work
+    predictor = Predictor(InferenceModel(model, resolve_preprocessing(preprocessing), "model"))
+    before = np.zeros((num_classes, num_classes), np.int64)
+    after = np.zeros_like(before)
+    images = 0
+    with _progress(progress, "evaluating + CRF", total) as advance:
+        for image, label in raw_pairs(dataset):
+            probs = predictor.probabilities(image)
+            before += confusion_matrix(label, probs.argmax(-1), num_classes)
+            after += confusion_matrix(label, dense_crf(image, probs, params).argmax(-1), num_classes)
+            images += 1
+            advance()
+    return {**scores_from_confusion(after), "per_class": iou_table(after, names), "confusion": after.tolist(),
+            "images": images, "crf": str(params), "before_crf": {**scores_from_confusion(before),
+                                                                 "per_class": iou_table(before, names)}}

@@ -71,3 +71,60 @@ def float32_outputs(model):
     if hasattr(model, "_kseg_info"):
         wrapped._kseg_info = model._kseg_info
     return wrapped
+
+
+def multi_worker_fit(model):
+    """Let `model.fit` run under MultiWorkerMirroredStrategy on Keras 3 (returns `model`).
+
+    Keras 3.15's TF trainer starts fit by reducing the first distributed batch to one batch
+    (`strategy.reduce("MEAN", ...)`) only to learn its shapes; MultiWorkerMirroredStrategy cannot
+    reduce PerReplica values eagerly, so fit fails with "Attempt to convert a value (PerReplica:
+    ...)" (keras-team/keras#20585, unfixed upstream). This takes the shapes from the first local
+    replica's part of the batch instead. Then every train/test step reduces its logs with
+    `strategy.reduce("MEAN", v, axis=0)`, which fails on scalar logs ("Invalid reduction
+    dimension 0 for input with 0 dimensions"). The logs are metric results (the loss tracker
+    included) whose variables are summed across all replicas on every update, so each replica
+    already holds the global value: kseg has Keras take the local replica's value ("first")
+    for the steps' "auto" reduction under MultiWorkerMirroredStrategy only (predict's
+    "concat" is untouched). A no-op for any other strategy;
+    `kseg.train.compile_segmentation` applies it, plain-Keras users call it after `compile`.
+    """
+
+
+    strat = model.distribute_strategy
+    if not isinstance(strat, tf.distribute.MultiWorkerMirroredStrategy) or getattr(model, "_kseg_mw_fit", False):
+        return model
+    keras_build = model._maybe_symbolic_build
+
+    def local_part(value):
+        if isinstance(value, tf.distribute.DistributedValues):
+            return strat.experimental_local_results(value)[0]
+        return value
+
+    def maybe_symbolic_build(iterator=None, data_batch=None):
+        if iterator is not None:
+            for _, _, it in iterator:
+                data_batch = keras.tree.map_structure(local_part, next(it))
+                break
+        return keras_build(data_batch=data_batch)
+
+    model._maybe_symbolic_build = maybe_symbolic_build
+    model._kseg_mw_fit = True
+    _multi_worker_step_logs()
+    return model
+
+
+def _multi_worker_step_logs():
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    keras_reduce = tf_trainer.reduce_per_replica
+    if getattr(keras_reduce, "_kseg_multi_worker", False):
+        return
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction == "auto" and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            reduction = "first"
+        return keras_reduce(values, strategy, reduction)
+
+    reduce_per_replica._kseg_multi_worker = True
+    tf_trainer.reduce_per_replica = reduce_per_replica
