@@ -89,8 +89,6 @@ def multi_worker_fit(model):
     "concat" is untouched). A no-op for any other strategy;
     `kseg.train.compile_segmentation` applies it, plain-Keras users call it after `compile`.
     """
-
-
     strat = model.distribute_strategy
     if not isinstance(strat, tf.distribute.MultiWorkerMirroredStrategy) or getattr(model, "_kseg_mw_fit", False):
         return model
