@@ -157,7 +157,9 @@ def _parameters(fmt, path, runner):
         except ImportError:
             return None
         graph = onnx.load(os.fspath(path), load_external_data=False).graph
-        return int(sum(np.prod(t.dims) for t in graph.initializer))
+        # kseg's files list the Keras weights; tf2onnx's own constants (shapes, axes) are not parameters.
+        weights = set(((runner.metadata or {}).get("onnx") or {}).get("weights") or [])
+        return int(sum(np.prod(t.dims) for t in graph.initializer if not weights or t.name in weights))
     model = getattr(runner, "keras_model", None)
     if fmt == "tflite" or model is None:
         return None

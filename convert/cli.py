@@ -134,6 +134,7 @@ def cmd_inspect(args):
         print(json.dumps(info, indent=1, default=str))
         return 0
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=args.file, show_header=False)
     table.add_column("field", no_wrap=True)
@@ -150,6 +151,7 @@ def cmd_inspect(args):
             ("parameters", f"{params:,}" if params is not None else "unknown"),
             ("kseg version", str(meta.get("kseg_version")))]
     for row in rows:
-        table.add_row(*row)
+        # Text, not markup: rich would read "[null, null, null, 3]" as a style tag and drop it.
+        table.add_row(*(Text(v) for v in row))
     _console().print(table)
     return 0

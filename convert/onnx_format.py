@@ -61,7 +61,9 @@ def export_onnx(model, path, *, opset=17, dynamic=True, nchw=False, input_size=N
         metadata = md.build_metadata(model)
     proto, values = _convert_structure(model, opset=opset, dynamic=dynamic, nchw=nchw, input_size=input_size)
     _check_loadable(proto, model)
-    meta = dict(metadata, onnx={"opset": int(opset), "input_layout": "NCHW" if nchw else "NHWC"})
+    # The weights' names: tf2onnx adds small constant initializers of its own (shapes, axes).
+    meta = dict(metadata, onnx={"opset": int(opset), "input_layout": "NCHW" if nchw else "NHWC",
+                                "weights": [name for name, _ in values]})
     _set_metadata(proto, meta)
     for name, variable in values:
         proto.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(variable.numpy()), name))

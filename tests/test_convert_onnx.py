@@ -292,3 +292,20 @@ def test_full_size_fcn8s_within_8_gb(tmp_path):
     scale = max(1.0, float(np.abs(reference).max()))
     assert np.abs(out - reference).max() <= 1e-5 * scale + 1e-3 * np.abs(reference).max()
     assert (out.argmax(-1) == reference.argmax(-1)).mean() >= 0.999
+
+
+def test_inspect_counts_only_the_weights_and_shows_dynamic_dims(tmp_path, capsys):
+    import argparse
+
+    from convert import api
+    from convert.cli import add_parser
+
+    model, _ = _build("hed")  # tf2onnx adds ~100 shape/axes constants of its own to HED's graph
+    path = export_onnx(model, tmp_path / "hed.onnx")
+    assert api.inspect(path)["parameters"] == model.count_params() == kseg.get_spec("hed").params
+    parser = argparse.ArgumentParser(prog="kseg")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["inspect", str(path)])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert '"image": [null, null, null, 3]' in out and "14,717,531" in out
