@@ -74,6 +74,7 @@ def test_weight_names_and_shapes_snapshot(built):
 
 @pytest.mark.parametrize("suffix", [".keras", ".h5"])
 def test_save_and_reload(built, suffix, tmp_path):
+    # The .h5 round trips of models over 50M parameters are marked slow in conftest.py.
     spec, model, x, y = built
     path = tmp_path / f"{spec.name}{suffix}"
     model.save(path)
