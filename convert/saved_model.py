@@ -86,9 +86,12 @@ def load(path, **_):
     import tensorflow as tf
 
     directory, loaded = _load(path)
-    if "serving_default" not in loaded.signatures:
+    # kseg.serving exports keep the model's own outputs as `raw_outputs` (their serving_default
+    # returns probabilities and a label map).
+    key = "raw_outputs" if "raw_outputs" in loaded.signatures else "serving_default"
+    if key not in loaded.signatures:
         raise ValueError(f"{directory}: no serving_default signature (has {list(loaded.signatures)})")
-    fn = loaded.signatures["serving_default"]
+    fn = loaded.signatures[key]
     meta = md.read_saved_model(directory)
     _, specs = fn.structured_input_signature
     if len(specs) != 1:

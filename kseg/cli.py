@@ -108,7 +108,7 @@ def build_parser():
     return parser
 
 
-SUBCOMMAND_MODULES = ("kseg.data.cli", "kseg.train.cli", "convert.cli")
+SUBCOMMAND_MODULES = ("kseg.data.cli", "kseg.train.cli", "convert.cli", "kseg.serving.cli")
 
 
 def _version():

@@ -17,6 +17,8 @@ want="$(sha256sum pyproject.toml | cut -d' ' -f1) $extras"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "installing kseg[$extras] into .venv" >&2
   .venv/bin/python -m pip install --quiet -e ".[$extras]" >&2
+  # gRPC serving protos; the wheel depends on full `tensorflow`, which would replace tensorflow-cpu.
+  case ",$extras," in *,test,*) .venv/bin/python -m pip install --quiet --no-deps "tensorflow-serving-api~=2.21.0" >&2;; esac
   echo "$want" > "$stamp"
 fi
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"

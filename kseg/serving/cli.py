@@ -1,0 +1,121 @@
+"""`kseg export` and `kseg serve`: argument parsing and printing around kseg.serving.
+
+kseg/cli.py wires these in with `add_parser(subparsers)`; each handler returns the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _size(text):
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW such as 321x321, got {text!r}") from None
+    return h, w
+
+
+def _option(text):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE such as width=0.25, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value  # a plain string, e.g. fc6=3x3_1024_r12
+
+
+def add_parser(subparsers):
+    """Register `export` and `serve` on an argparse sub-parser collection."""
+    p = subparsers.add_parser("export", help="export a model for TensorFlow Serving (BASE/NAME/VERSION)")
+    p.add_argument("model", help="a model file (any format `kseg convert` reads) or a registered model name")
+    p.add_argument("--serving", required=True, metavar="BASE/NAME", help="TF Serving model directory")
+    p.add_argument("--version", type=int, help="version directory (default: one more than the highest present)")
+    p.add_argument("--image-size", type=_size, help="HxW predict_images resizes to (default: the model's input size)")
+    p.add_argument("--arch", dest="arch", help="kseg architecture for weights-only files")
+    p.add_argument("--num-classes", type=int, help="build option (registered names and --arch)")
+    p.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
+                   help="another build option, e.g. --option width=0.25 (repeatable; values are JSON)")
+    p.add_argument("--weights", help="weights file for a registered model name")
+    p.add_argument("--class-names", help="file with one class name per line (stored in the metadata)")
+    p.add_argument("--preprocessing", help="override the registry's preprocessing (caffe|torch|unit|batchnorm)")
+    p.add_argument("--force", action="store_true", help="replace an existing version directory")
+    p.add_argument("--unsafe", action="store_true", help="allow Lambda layers (runs code stored in the file)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_export)
+
+    s = subparsers.add_parser("serve", help="serve BASE/NAME/VERSION models over TF Serving's REST (and gRPC) API")
+    s.add_argument("base", help="model base directory: BASE/NAME/VERSION/saved_model.pb (or BASE/VERSION/)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    s.add_argument("--rest-api-port", type=int, default=8501, help="REST port (TF Serving's flag name; 0: any free)")
+    s.add_argument("--port", default="auto",
+                   help="gRPC port (TF Serving's flag name; default 8500 when tensorflow-serving-api is installed; "
+                        "'off' disables)")
+    s.add_argument("--max-batch-size", type=int, default=8, help="rows per merged batch (1: no batching)")
+    s.add_argument("--batch-timeout-ms", type=float, default=2.0, help="longest wait for a batch to fill")
+    s.add_argument("--num-batch-threads", type=int, default=1, help="batches run concurrently per signature")
+    s.add_argument("--max-body-bytes", type=int, default=64 << 20, help="largest request body (413 beyond)")
+    s.add_argument("--poll-seconds", type=float, default=1.0,
+                   help="how often BASE is scanned for new versions (TF Serving: file_system_poll_wait_seconds)")
+    s.add_argument("--ready-file", help="write {rest_url, grpc_target} here as JSON once serving")
+    s.set_defaults(func=cmd_serve)
+    return subparsers
+
+
+def build_parser():
+    """A standalone `kseg`-like parser with only these commands (for tests and scripts)."""
+    parser = argparse.ArgumentParser(prog="kseg")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def cmd_export(args):
+    from kseg.serving.export import export, resolve_model
+
+    build_kwargs = dict(args.option)
+    if args.num_classes is not None:
+        build_kwargs["num_classes"] = args.num_classes
+    class_names = None
+    if args.class_names:
+        with open(args.class_names) as f:
+            class_names = [line.strip() for line in f if line.strip()]
+    model = resolve_model(args.model, model=args.arch, build_kwargs=build_kwargs or None, weights=args.weights,
+                          unsafe=args.unsafe)
+    if args.weights is None and not os.path.exists(args.model):
+        print(f"kseg export: note: {args.model} has freshly initialised weights (no --weights)", file=sys.stderr)
+    path = export(model, args.serving, version=args.version, image_size=args.image_size,
+                  preprocessing=args.preprocessing, class_names=class_names, force=args.force)
+    if args.json:
+        print(json.dumps({"path": path, "model": model.name}))
+    else:
+        print(f"wrote {path} (signatures serving_default, predict_images, label_images, raw_outputs); "
+              f"serve it with: kseg serve {_base_of(args.serving)}")
+    return 0
+
+
+def _base_of(path):
+    return os.path.dirname(os.path.abspath(path)) or "."
+
+
+def cmd_serve(args):
+    from kseg.serving.server import serve
+
+    port = args.port
+    if port == "off":
+        grpc_port = None
+    elif port == "auto":
+        grpc_port = "auto"
+    else:
+        try:
+            grpc_port = int(port)
+        except ValueError:
+            print(f"kseg serve: error: --port must be a number, 'auto' or 'off', got {port!r}", file=sys.stderr)
+            return 2
+    return serve(args.base, host=args.host, rest_port=args.rest_api_port, grpc_port=grpc_port,
+                 max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
+                 num_batch_threads=args.num_batch_threads, max_body_bytes=args.max_body_bytes,
+                 poll_seconds=args.poll_seconds, ready_file=args.ready_file)

@@ -1,0 +1,340 @@
+"""SavedModels for TensorFlow Serving: the layout BASE/NAME/VERSION/ with image-level signatures.
+
+An export holds a `tf.Module` (no Keras, no kseg code): it loads with `tf.saved_model.load`
+in a process that never imported kseg, and TensorFlow Serving (`tensorflow_model_server`,
+the official Docker image) serves it as it is. Signatures:
+
+- `serving_default`: input `images`, a float32 NHWC batch of RGB values 0..255 (as decoded
+  from image files); the registry's preprocessing runs inside the graph. Outputs
+  `probabilities` (softmax; sigmoid for edge models) and `label_map` (per-pixel argmax,
+  int32; edge models: probability > 0.5) for dense models, `probabilities` and `classes`
+  for classifiers.
+- `predict_images`: input `image_bytes`, a batch of encoded JPEG/PNG/GIF/BMP strings (REST
+  clients send `{"b64": ...}`). Each image is decoded, resized to the export's network size
+  (bilinear) and preprocessed in the graph. Outputs `label_map` at each image's original size
+  (the batch is padded to its largest image with -1; `image_size` gives each one's height and
+  width), `probabilities` at the network size, and `image_size`. Classifiers return
+  `classes` and `probabilities` instead of the label map.
+- `raw_outputs`: the model's own outputs (logits) for an already preprocessed float batch
+  `image`: what `kseg convert` writes as `serving_default`, kept for conversions back to Keras.
+
+The kseg metadata (architecture, build options, classes, preprocessing, and a `serving`
+entry describing the signatures) is `assets/kseg.json`. Every variable is reachable as
+`kseg_weights[<Keras weight path>]`, so `convert.api.load_keras("BASE/NAME")` rebuilds Keras.
+
+Example:
+    >>> import kseg
+    >>> from kseg.serving import export
+    >>> model = kseg.build_model("deeplab_largefov", num_classes=5, width=0.125)
+    >>> path = export(model, "/tmp/models/deeplab", image_size=(64, 64))  # doctest: +SKIP
+    >>> path                                                               # doctest: +SKIP
+    '/tmp/models/deeplab/1'
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+from convert import metadata as md
+from convert.io import atomic_output
+from convert.saved_model import serving_function, serving_version_dir
+
+SIGNATURES = ("serving_default", "predict_images", "label_images", "raw_outputs")
+LABEL_PAD = -1
+# Decoded images larger than this are refused in the graph (a small PNG can decode to gigabytes).
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+class ExportVerificationError(ValueError):
+    """The exported signatures disagree with the Keras model; nothing was written."""
+
+
+def _task_and_head(model, meta):
+    """(task, output index, activation) for the serving head of a kseg (or plain Keras) model."""
+    import kseg
+
+    name = meta.get("architecture")
+    kwargs = meta.get("build_kwargs") or {}
+    outputs = list(model.output_names)
+    if name:
+        task = kseg.get_spec(name).task
+    else:
+        task = "classification" if len(model.outputs[0].shape) == 2 else "segmentation"
+    if task == "classification":
+        if len(model.outputs[0].shape) != 2:
+            raise ValueError(f"{model.name}: a classifier without its top (output shape {model.outputs[0].shape}) "
+                             "has no classes to serve; build it with include_top=True")
+        activation = kwargs.get("classifier_activation")
+        if kwargs.get("rbf_output"):
+            # LeNet-5's RBF units output a penalty per class: the lowest is the prediction.
+            return task, 0, "softmax_negated"
+        if activation in (None, "linear"):
+            return task, 0, "softmax"
+        if activation == "softmax":
+            return task, 0, None
+        raise ValueError(f"{model.name}: classifier_activation={activation!r}; serving exports need logits "
+                         "(None) or softmax outputs")
+    if task == "edges":
+        # HED: side outputs then the fused map; the fused one is the paper's prediction.
+        index = outputs.index("fuse") if "fuse" in outputs else len(outputs) - 1
+        return task, index, "sigmoid"
+    # Segmentation: the first output is the full-resolution prediction (DeepLab's stride-8 map
+    # and FCN-ResNet's aux head come after it).
+    return task, 0, "softmax"
+
+
+def _network_size(model, meta, image_size):
+    """(height, width) the predict_images signature resizes every image to."""
+    fixed = model.input_shape[1:3]
+    if all(d is not None for d in fixed):
+        if image_size is not None and tuple(image_size) != tuple(fixed):
+            raise ValueError(f"{model.name} has a fixed input size {fixed[0]}x{fixed[1]}; "
+                             f"image_size={tuple(image_size)} does not fit it")
+        return tuple(int(d) for d in fixed)
+    if image_size is not None:
+        h, w = (int(d) for d in image_size)
+        if h < 1 or w < 1:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        return h, w
+    name = meta.get("architecture")
+    if name:
+        import kseg
+
+        h, w, _ = kseg.get_spec(name).input_shape
+        if h and w:
+            return int(h), int(w)
+    raise ValueError(f"{model.name} accepts any input size; pass image_size=(height, width) for predict_images")
+
+
+def _preprocessing(meta, preprocessing):
+    from kseg.registry import PREPROCESSING, Preprocessing
+
+    if isinstance(preprocessing, Preprocessing):
+        return preprocessing
+    if isinstance(preprocessing, str):
+        if preprocessing in PREPROCESSING:
+            return PREPROCESSING[preprocessing]
+        import kseg
+
+        return kseg.get_spec(preprocessing).preprocessing
+    if meta.get("preprocessing"):
+        return Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocessing"].items()})
+    raise ValueError("the model has no kseg metadata, so its preprocessing is unknown; pass preprocessing= "
+                     f"(one of {sorted(PREPROCESSING)} or a registry model name)")
+
+
+def build_module(model, *, image_size=None, preprocessing=None, class_names=None,
+                 max_image_pixels=MAX_IMAGE_PIXELS):
+    """(tf.Module with the three signatures, metadata dict) for a Keras model."""
+    import tensorflow as tf
+
+    meta = md.build_metadata(model, class_names=class_names)
+    task, index, activation = _task_and_head(model, meta)
+    pre = _preprocessing(meta, preprocessing)
+    height, width = _network_size(model, meta, image_size)
+    channels = int(model.input_shape[-1])
+    input_hw = list(model.input_shape[1:3])
+
+    def head(images):
+        """float RGB 0..255 batch -> (probabilities, labels)."""
+        out = model(pre.apply(images), training=False)
+        out = out[index] if isinstance(out, (list, tuple)) else out
+        if activation == "softmax":
+            probs = tf.nn.softmax(out, axis=-1)
+        elif activation == "softmax_negated":
+            probs = tf.nn.softmax(-out, axis=-1)
+        elif activation == "sigmoid":
+            probs = tf.sigmoid(out)
+        else:
+            probs = tf.identity(out)
+        if task == "edges":
+            labels = tf.cast(probs[..., 0] > 0.5, tf.int32)
+        else:
+            labels = tf.argmax(probs, axis=-1, output_type=tf.int32)
+        return probs, labels
+
+    @tf.function(input_signature=[tf.TensorSpec([None, *input_hw, channels], tf.float32, name="images")])
+    def serve(images):
+        probs, labels = head(images)
+        key = "classes" if task == "classification" else "label_map"
+        return {"probabilities": tf.identity(probs, name="probabilities"), key: tf.identity(labels, name=key)}
+
+    def decode(data):
+        image = tf.io.decode_image(data, channels=channels, dtype=tf.uint8, expand_animations=False)
+        size = tf.shape(image)[:2]
+        tf.debugging.assert_less_equal(
+            tf.cast(size[0], tf.int64) * tf.cast(size[1], tf.int64), tf.constant(max_image_pixels, tf.int64),
+            message=f"image too large: more than {max_image_pixels} pixels")
+        resized = tf.image.resize(tf.cast(image, tf.float32), (height, width), method="bilinear")
+        return tf.ensure_shape(resized, [height, width, channels]), size
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def predict_images(image_bytes):
+        images, sizes = tf.map_fn(
+            decode, image_bytes,
+            fn_output_signature=(tf.TensorSpec([height, width, channels], tf.float32), tf.TensorSpec([2], tf.int32)))
+        probs, labels = head(images)
+        sizes = tf.identity(sizes, name="image_size")
+        if task == "classification":
+            return {"classes": tf.identity(labels, name="classes"),
+                    "probabilities": tf.identity(probs, name="probabilities"), "image_size": sizes}
+        # Interpolate the probabilities (not the labels) back to each image's size, then decide.
+        max_hw = tf.reduce_max(tf.concat([sizes, tf.zeros([1, 2], tf.int32)], axis=0), axis=0)
+
+        def at_original_size(args):
+            p, size = args
+            p = tf.image.resize(p, size, method="bilinear")
+            if task == "edges":
+                lab = tf.cast(p[..., 0] > 0.5, tf.int32)
+            else:
+                lab = tf.argmax(p, axis=-1, output_type=tf.int32)
+            pad = tf.stack([[0, max_hw[0] - size[0]], [0, max_hw[1] - size[1]]])
+            return tf.pad(lab, pad, constant_values=LABEL_PAD)
+
+        # One image at a time: an image's full-size probabilities can be large.
+        label_map = tf.map_fn(at_original_size, (probs, sizes), parallel_iterations=1,
+                              fn_output_signature=tf.TensorSpec([None, None], tf.int32))
+        return {"label_map": tf.identity(label_map, name="label_map"),
+                "probabilities": tf.identity(probs, name="probabilities"), "image_size": sizes}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def label_images(image_bytes):
+        # predict_images without the probabilities: REST has no output filter, and JSON for
+        # per-pixel probabilities costs more than the network on a CPU.
+        out = predict_images(image_bytes)
+        return {k: v for k, v in out.items() if k != "probabilities"}
+
+    # What the graph applies is what the model expects: a preprocessing= override is recorded.
+    meta["preprocessing"] = pre.to_dict()
+    module = tf.Module()
+    module.kseg_weights = {v.path: v.value for v in model.weights}
+    module.serve = serve
+    module.predict_images = predict_images
+    module.label_images = label_images
+    module.raw_outputs = serving_function(model)
+    meta["serving"] = {
+        "task": task,
+        "image_size": [height, width],
+        "channels": channels,
+        "output_index": index,
+        "activation": activation,
+        "label_padding": LABEL_PAD,
+        "max_image_pixels": int(max_image_pixels),
+        "signatures": list(SIGNATURES),
+    }
+    return module, meta
+
+
+def export(model, path, *, version=None, image_size=None, preprocessing=None, class_names=None, force=False,
+           verify=True, max_image_pixels=MAX_IMAGE_PIXELS) -> str:
+    """Export a Keras model to TF Serving's layout: `path` is BASE/NAME; returns BASE/NAME/VERSION.
+
+    version: the version directory (default: one more than the highest present, 1 if none).
+    image_size: (height, width) predict_images resizes to (default: the model's fixed input
+    size, else the registry's default input size). preprocessing: override the registry's
+    (a kind such as "caffe", a model name, or a kseg.Preprocessing); needed only for models
+    without kseg metadata. The version directory is written next to its destination,
+    verified against the Keras model (verify=True), and renamed into place in one step, so
+    a server polling BASE/NAME never sees a half-written version.
+    """
+    import tensorflow as tf
+
+    module, meta = build_module(model, image_size=image_size, preprocessing=preprocessing,
+                                class_names=class_names, max_image_pixels=max_image_pixels)
+    out = serving_version_dir(path, version)
+    with atomic_output(out, force=force) as tmp:
+        tf.saved_model.save(module, tmp, signatures={"serving_default": module.serve,
+                                                     "predict_images": module.predict_images,
+                                                     "label_images": module.label_images,
+                                                     "raw_outputs": module.raw_outputs})
+        md.write_saved_model(tmp, meta)
+        if verify:
+            verify_export(tmp, model, meta)
+    return out
+
+
+def encode_png(image) -> bytes:
+    """PNG bytes of an HxWxC (C = 1 or 3) uint8 array."""
+    import numpy as np
+    from PIL import Image
+
+    array = np.asarray(image, dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def reference_outputs(model, meta, images):
+    """In-process `serving_default` outputs of the Keras model for an RGB 0..255 float batch."""
+    import numpy as np
+
+    from kseg.registry import Preprocessing
+
+    serving = meta["serving"]
+    pre = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocessing"].items()}) \
+        if meta.get("preprocessing") else None
+    x = pre.apply(np.asarray(images, np.float32)) if pre else np.asarray(images, np.float32)
+    out = model(x, training=False)
+    out = np.asarray(out[serving["output_index"]] if isinstance(out, (list, tuple)) else out)
+    act = serving["activation"]
+    if act in ("softmax", "softmax_negated"):
+        z = -out if act == "softmax_negated" else out
+        z = np.exp(z - z.max(axis=-1, keepdims=True))
+        probs = z / z.sum(axis=-1, keepdims=True)
+    elif act == "sigmoid":
+        probs = 1 / (1 + np.exp(-out))
+    else:
+        probs = out
+    return probs
+
+
+def verify_export(directory, model, meta, seed=0):
+    """Load the export and check serving_default and predict_images against the Keras model."""
+    import numpy as np
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(directory)
+    missing = [s for s in SIGNATURES if s not in loaded.signatures]
+    if missing:
+        raise ExportVerificationError(f"{directory}: signatures {missing} missing after export")
+    h, w = meta["serving"]["image_size"]
+    c = meta["serving"]["channels"]
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(2, h, w, c)).astype(np.float32)
+    expected = reference_outputs(model, meta, images)
+    got = loaded.signatures["serving_default"](images=tf.constant(images))["probabilities"].numpy()
+    err = float(np.max(np.abs(got - expected)))
+    if not err <= 1e-4:
+        raise ExportVerificationError(f"{directory}: serving_default probabilities differ from the Keras model "
+                                      f"by {err:.3g} (allowed 1e-4); nothing was written")
+    # The PNG path decodes the same pixels and, at the network size, resizes by an identity.
+    data = tf.constant([encode_png(images[0]), encode_png(images[1])])
+    out = loaded.signatures["predict_images"](image_bytes=data)
+    err = float(np.max(np.abs(out["probabilities"].numpy() - expected)))
+    if not err <= 1e-4:
+        raise ExportVerificationError(f"{directory}: predict_images probabilities differ from the Keras model "
+                                      f"by {err:.3g} (allowed 1e-4); nothing was written")
+    if meta["serving"]["task"] != "classification":
+        sizes = out["image_size"].numpy().tolist()
+        if sizes != [[h, w], [h, w]] or tuple(out["label_map"].shape) != (2, h, w):
+            raise ExportVerificationError(f"{directory}: predict_images returned label maps of shape "
+                                          f"{tuple(out['label_map'].shape)} for two {h}x{w} images")
+
+
+def resolve_model(source, *, model=None, build_kwargs=None, weights=None, unsafe=False):
+    """A Keras model from a file (any format `kseg convert` reads) or a registry name (built fresh)."""
+    import kseg
+
+    source = os.fspath(source)
+    if os.path.exists(source) or os.path.exists(source + ".index"):
+        from convert.api import as_kseg_model, load_keras
+
+        keras_model = load_keras(source, model=model, build_kwargs=build_kwargs, unsafe=unsafe)
+        if model is not None and md.model_info(keras_model) is None:
+            keras_model = as_kseg_model(keras_model, model, build_kwargs, source)
+        return keras_model
+    if source in kseg.list_models():
+        return kseg.build_model(source, weights=weights, **(build_kwargs or {}))
+    raise FileNotFoundError(f"{source}: neither a model file nor a registered model name "
+                            f"(`kseg models` lists {len(kseg.list_models())})")
