@@ -8,6 +8,7 @@ ensure_tensorflow_backend()
 # files using them without custom_objects.
 from kseg import layers  # noqa: E402, F401
 from kseg.api import build_model  # noqa: E402
+from kseg.flops import flops  # noqa: E402  (the function shadows the submodule: kseg.flops(model))
 from kseg.registry import Preprocessing, get_spec, list_models, register_model  # noqa: E402
 
 __version__ = "0.1.0"
