@@ -117,19 +117,29 @@ def scaled(filters: int, width: float) -> int:
     return filters if width == 1.0 else max(8, int(round(filters * width)))
 
 
-def _vgg_deeplab_trunk(inputs, width=1.0):
+def check_width(width, name):
+    """Refuse a channel multiplier outside (0, 1] with an error naming the model."""
+    if isinstance(width, bool) or not (isinstance(width, (int, float)) and 0 < width <= 1.0):
+        raise ValueError(f"{name}: width must be a channel multiplier in (0, 1], got {width!r}")
+
+
+def _conv_relu(x, filters, kernel, name, *, dilation=1, batch_norm=False):
+    """Conv + ReLU, or with batch_norm Conv + BatchNormalization (`{name}_bn`) + ReLU (`{name}_relu`)."""
+    x = layers.Conv2D(filters, kernel, padding="same", dilation_rate=dilation,
+                      activation=None if batch_norm else "relu", name=name)(x)
+    if batch_norm:
+        x = layers.BatchNormalization(name=f"{name}_bn")(x)
+        x = layers.ReLU(name=f"{name}_relu")(x)
+    return x
+
+
+def _vgg_deeplab_trunk(inputs, width=1.0, batch_norm=False):
     """VGG16 convs at output stride 8; returns pool5a and the pooled features by name."""
     x, features = inputs, {"image": inputs}
     for b, convs in enumerate(CFGS["D"], start=1):
         for c, filters in enumerate(convs, start=1):
-            x = layers.Conv2D(
-                scaled(filters, width),
-                3,
-                padding="same",
-                dilation_rate=2 if b == 5 else 1,
-                activation="relu",
-                name=f"block{b}_conv{c}",
-            )(x)
+            x = _conv_relu(x, scaled(filters, width), 3, f"block{b}_conv{c}", dilation=2 if b == 5 else 1,
+                           batch_norm=batch_norm)
         x = _caffe_pool(x, 2 if b <= 3 else 1, f"pool{b}")
         features[f"pool{b}"] = x
     # Caffe's AVE pooling with pad divides by the whole 3x3 window, padding included; Keras'
@@ -157,13 +167,14 @@ def _msc_branches(features):
 # === Head ===
 
 
-def _head(x, inputs, *, num_classes, fc6, msc_features, align_corners, return_stride8, name, width=1.0):
+def _head(x, inputs, *, num_classes, fc6, msc_features, align_corners, return_stride8, name, width=1.0,
+          batch_norm=False, dropout=DROPOUT):
     kernel, channels, rate = parse_fc6(fc6)
     channels = scaled(channels, width)
-    x = layers.Conv2D(channels, kernel, padding="same", dilation_rate=rate, activation="relu", name="fc6")(x)
-    x = layers.Dropout(DROPOUT, name="drop6")(x)
-    x = layers.Conv2D(channels, 1, activation="relu", name="fc7")(x)
-    x = layers.Dropout(DROPOUT, name="drop7")(x)
+    x = _conv_relu(x, channels, kernel, "fc6", dilation=rate, batch_norm=batch_norm)
+    x = layers.Dropout(dropout, name="drop6")(x)
+    x = _conv_relu(x, channels, 1, "fc7", batch_norm=batch_norm)
+    x = layers.Dropout(dropout, name="drop7")(x)
     if msc_features:
         x = layers.Concatenate(name="fc7_msc")([x, *msc_features])
     stride8 = layers.Conv2D(num_classes, 1, name="fc8")(x)
@@ -171,13 +182,17 @@ def _head(x, inputs, *, num_classes, fc6, msc_features, align_corners, return_st
     return keras.Model(inputs, [full, stride8] if return_stride8 else full, name=name)
 
 
-def _deeplab_vgg(*, num_classes, input_shape, fc6, msc, align_corners, return_stride8, name, width=1.0):
+def _deeplab_vgg(*, num_classes, input_shape, fc6, msc, align_corners, return_stride8, name, width=1.0,
+                 batch_norm=False, dropout=DROPOUT):
     parse_fc6(fc6)
-    if not (isinstance(width, (int, float)) and 0 < width <= 1.0):
-        raise ValueError(f"{name}: width must be a channel multiplier in (0, 1], got {width!r}")
+    check_width(width, name)
     inputs = model_input(input_shape, (None, None, 3))
     _check_input(inputs, name)
-    x, features = _vgg_deeplab_trunk(inputs, width)
+    if batch_norm not in (True, False):
+        raise ValueError(f"{name}: batch_norm must be True or False, got {batch_norm!r}")
+    if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+        raise ValueError(f"{name}: dropout must be a rate in [0, 1), got {dropout!r}")
+    x, features = _vgg_deeplab_trunk(inputs, width, batch_norm)
     return _head(
         x,
         inputs,
@@ -188,6 +203,8 @@ def _deeplab_vgg(*, num_classes, input_shape, fc6, msc, align_corners, return_st
         return_stride8=return_stride8,
         name=name,
         width=width,
+        batch_norm=batch_norm,
+        dropout=dropout,
     )
 
 
@@ -303,16 +320,26 @@ def _resnet_spec(arch, params):
 
 @register_model("deeplab_largefov", params=20_505_429, **_VGG)
 def deeplab_largefov(*, num_classes=21, input_shape=None, fc6="3x3_1024_r12", align_corners=True,
-                     return_stride8=False, width=1.0):
+                     return_stride8=False, width=1.0, batch_norm=False, dropout=DROPOUT):
     """DeepLab-LargeFOV: dilated VGG16 at output stride 8, fc6 3x3/1024/rate 12; fc6= picks Table 2's variants.
 
     width scales every conv's filters (VGG16 convs, fc6, fc7; not fc8) by a multiplier in (0, 1],
     rounded, at least 8, for small budgets such as CPU training; 1.0 is the paper's network.
     Such a network no longer takes ImageNet backbone weights.
+
+    Two options that are not the paper's, for training from scratch (the paper starts from
+    ImageNet weights): batch_norm=True puts a BatchNormalization (`<conv>_bn`) between every
+    conv up to fc7 and its ReLU (`<conv>_relu`), and dropout sets the rate of drop6/drop7
+    (the paper's 0.5). kseg's CPU training demo uses both (recipe `synthetic_demo`):
+
+        >>> import kseg
+        >>> m = kseg.build_model("deeplab_largefov", num_classes=5, width=0.125, batch_norm=True, dropout=0.0)
+        >>> m.get_layer("block1_conv1").filters, m.get_layer("fc6_bn").name, m.get_layer("drop6").rate
+        (8, 'fc6_bn', 0.0)
     """
     return _deeplab_vgg(num_classes=num_classes, input_shape=input_shape, fc6=fc6, msc=False,
                         align_corners=align_corners, return_stride8=return_stride8, name="deeplab_largefov",
-                        width=width)
+                        width=width, batch_norm=batch_norm, dropout=dropout)
 
 
 @register_model("deeplab_msc_largefov", params=21_711_445, **_VGG)

@@ -14,6 +14,15 @@ of pool3 (offset 9); upscore16 at x + 27 and upscore8 at x + 31.
 
 No input is too small: with the padding, a 1x1 image already gives pool5 7x7 and fc6 1x1, and
 every crop fits (the upsampled maps are always at least offset + input size). Any size >= 1 works.
+
+`width` (every builder) scales the filters of the 13 convs and fc6/fc7 by a multiplier in
+(0, 1], rounded, at least 8, for small budgets such as CPU training; the score layers and the
+geometry are unchanged, and 1.0 is the paper's network. A narrower net no longer takes the
+ImageNet backbone weights:
+
+    >>> import kseg
+    >>> kseg.build_model("fcn8s", num_classes=5, width=0.125).get_layer("fc6").filters
+    512
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from keras import layers
 
 from kseg.layers import BilinearUpsampling, CropToReference, Scale
 from kseg.models._common import model_input
+from kseg.models.deeplab import check_width, scaled
 from kseg.models.vgg import CFGS, VGG16_CONV_NAMES
 from kseg.registry import register_model
 
@@ -68,8 +78,11 @@ def _upsample(x, num_classes, stride, trainable, name):
 
 
 def _fcn(variant, *, num_classes, input_shape, trainable_upsampling, score_initializer,
-         trunk=CFGS["D"], fc_units=4096):
+         trunk=CFGS["D"], fc_units=4096, width=1.0):
     # trunk / fc_units only let the tests build tiny nets of the same geometry.
+    check_width(width, variant)
+    trunk = [[scaled(f, width) for f in convs] for convs in trunk]
+    fc_units = scaled(fc_units, width)
     skips, stride, offset = HEADS[variant]
     score_init = keras.initializers.get(score_initializer)
 
@@ -136,29 +149,32 @@ def _register(name, params):
 # (Caffe's default filler; the paper found random init neither better nor faster), but an
 # all-zero net gives constant output until trained; score_initializer="zeros" reproduces it.
 @_register("fcn32s", 136_152_917)
-def fcn32s(*, num_classes=21, input_shape=None, trainable_upsampling=False, score_initializer="glorot_uniform"):
+def fcn32s(*, num_classes=21, input_shape=None, trainable_upsampling=False, score_initializer="glorot_uniform",
+           width=1.0):
     """FCN-32s: VGG16 + score_fr upsampled 32x by one bilinear (frozen) deconvolution; any input size >= 1."""
     return _fcn("fcn32s", num_classes=num_classes, input_shape=input_shape,
-                trainable_upsampling=trainable_upsampling, score_initializer=score_initializer)
+                trainable_upsampling=trainable_upsampling, score_initializer=score_initializer, width=width)
 
 
 @_register("fcn16s", 134_815_994)
-def fcn16s(*, num_classes=21, input_shape=None, trainable_upsampling=False, score_initializer="glorot_uniform"):
+def fcn16s(*, num_classes=21, input_shape=None, trainable_upsampling=False, score_initializer="glorot_uniform",
+           width=1.0):
     """FCN-16s: FCN-32s plus a pool4 skip, upsampled 16x; any input size >= 1."""
     return _fcn("fcn16s", num_classes=num_classes, input_shape=input_shape,
-                trainable_upsampling=trainable_upsampling, score_initializer=score_initializer)
+                trainable_upsampling=trainable_upsampling, score_initializer=score_initializer, width=width)
 
 
 @_register("fcn8s", 134_489_759)
-def fcn8s(*, num_classes=21, input_shape=None, trainable_upsampling=False, score_initializer="glorot_uniform"):
+def fcn8s(*, num_classes=21, input_shape=None, trainable_upsampling=False, score_initializer="glorot_uniform",
+          width=1.0):
     """FCN-8s: FCN-16s plus a pool3 skip, upsampled 8x; any input size >= 1."""
     return _fcn("fcn8s", num_classes=num_classes, input_shape=input_shape,
-                trainable_upsampling=trainable_upsampling, score_initializer=score_initializer)
+                trainable_upsampling=trainable_upsampling, score_initializer=score_initializer, width=width)
 
 
 @_register("fcn8s_atonce", 134_489_759)
 def fcn8s_atonce(*, num_classes=21, input_shape=None, trainable_upsampling=False,
-                 score_initializer="glorot_uniform"):
+                 score_initializer="glorot_uniform", width=1.0):
     """FCN-8s trained at once: pool4 scaled by 0.01 and pool3 by 0.0001 before their scores."""
     return _fcn("fcn8s_atonce", num_classes=num_classes, input_shape=input_shape,
-                trainable_upsampling=trainable_upsampling, score_initializer=score_initializer)
+                trainable_upsampling=trainable_upsampling, score_initializer=score_initializer, width=width)

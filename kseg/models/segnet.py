@@ -15,6 +15,7 @@ from keras import layers
 
 from kseg.layers import MaxPoolingWithArgmax2D, MaxUnpooling2D
 from kseg.models._common import model_input
+from kseg.models.deeplab import check_width, scaled
 from kseg.models.vgg import CFGS as VGG_CFGS
 from kseg.models.vgg import VGG16_CONV_NAMES
 from kseg.registry import register_model
@@ -62,7 +63,8 @@ def _conv_bn(x, filters, kernel_size, name, *, relu, use_bias):
     return x
 
 
-def _segnet(cfg, *, num_classes, input_shape, input_bn, name):
+def _segnet(cfg, *, num_classes, input_shape, input_bn, name, width=1.0):
+    check_width(width, name)
     cfg = CFGS[cfg]
     inputs = model_input(input_shape, (None, None, 3))
     if input_bn not in (True, False):
@@ -74,7 +76,8 @@ def _segnet(cfg, *, num_classes, input_shape, input_bn, name):
     for b, convs in enumerate(cfg["encoder"], start=1):
         for c, filters in enumerate(convs, start=1):
             x = _conv_bn(
-                x, filters, cfg["kernel_size"], f"block{b}_conv{c}", relu=True, use_bias=cfg["use_bias"]
+                x, scaled(filters, width), cfg["kernel_size"], f"block{b}_conv{c}", relu=True,
+                use_bias=cfg["use_bias"]
             )
         # "same" padding pools odd sizes in ceil mode (the Caffe model's upsample_h/w);
         # the unpool takes its output size from the pre-pool tensor, so every input size,
@@ -90,7 +93,7 @@ def _segnet(cfg, *, num_classes, input_shape, input_bn, name):
         for j, filters in enumerate(convs, start=1):
             x = _conv_bn(
                 x,
-                filters,
+                scaled(filters, width),
                 cfg["kernel_size"],
                 f"decoder{i}_conv{j}",
                 relu=cfg["decoder_relu"],
@@ -134,7 +137,7 @@ _LAYOUT_PREPROCESSING = {"input_bn": "batchnorm"}
     backbone="vgg16",
     backbone_adapt=backbone_adapt,
 )
-def segnet(*, num_classes=11, input_shape=None, input_bn=False):
+def segnet(*, num_classes=11, input_shape=None, input_bn=False, width=1.0):
     """SegNet: a VGG16 encoder (conv+BN+ReLU) and a mirrored decoder unpooling with its pool indices.
 
     num_classes defaults to CamVid's 11 (the paper's road-scene benchmark, 360x480 inputs; SUN
@@ -143,9 +146,15 @@ def segnet(*, num_classes=11, input_shape=None, input_bn=False):
     `input_bn` on the raw input instead (the Oxford-IIIT Pet recipe: 128x128, 3 classes); feed
     it raw 0..255 RGB (`spec.preprocessing_for("input_bn")`, kind "batchnorm"). Any input size
     works (no minimum): odd sizes are pooled in ceil mode and unpooled back to their exact size.
+    `width` scales every encoder and decoder conv's filters by a multiplier in (0, 1] (rounded, at
+    least 8; not the classifier) for small budgets; 1.0 is the paper's network.
+
+        >>> import kseg
+        >>> kseg.build_model("segnet", num_classes=3, width=0.25).get_layer("block5_conv3").filters
+        128
     """
     return _segnet(
-        "vgg16", num_classes=num_classes, input_shape=input_shape, input_bn=input_bn, name="segnet"
+        "vgg16", num_classes=num_classes, input_shape=input_shape, input_bn=input_bn, name="segnet", width=width
     )
 
 
@@ -162,15 +171,17 @@ def segnet(*, num_classes=11, input_shape=None, input_bn=False):
     layouts=_LAYOUTS,
     layout_preprocessing=_LAYOUT_PREPROCESSING,
 )
-def segnet_basic(*, num_classes=11, input_shape=None, input_bn=False):
+def segnet_basic(*, num_classes=11, input_shape=None, input_bn=False, width=1.0):
     """SegNet-Basic: 4 encoders and 4 decoders of 64 7x7 filters, no decoder ReLU, 1x1 classifier.
 
     The paper's small variant (section 4.1), trained from scratch: convs have no biases, the
     decoder convs are followed by BatchNorm only. The reference Caffe model normalises its
     input with an LRN layer; kseg models are raw-input, so inputs are scaled to [0, 1]
     ("unit") instead, or `input_bn=True` learns the normalisation from raw 0..255 pixels
-    ("batchnorm"). Any input size works (no minimum).
+    ("batchnorm"). Any input size works (no minimum). `width` scales the 64 filters of every
+    encoder and decoder conv (rounded, at least 8); 1.0 is the paper's network.
     """
     return _segnet(
-        "basic", num_classes=num_classes, input_shape=input_shape, input_bn=input_bn, name="segnet_basic"
+        "basic", num_classes=num_classes, input_shape=input_shape, input_bn=input_bn, name="segnet_basic",
+        width=width,
     )

@@ -1,12 +1,24 @@
 """The training demo: synthetic data -> reduced-width DeepLab-LargeFOV on CPU -> evaluation -> PNGs.
 
-    from kseg.train.demo import run_demo
-    summary = run_demo("demo_out")          # {"val_mean_iou": ..., "seconds": ..., ...}
+    from kseg.train.demo import run_demo, print_summary
+    summary = run_demo("demo_out")      # {"val_mean_iou": ..., "seconds": ..., "per_class": [...], ...}
+    print_summary(summary)
 
-Everything runs from scratch and offline: the synthetic dataset (kseg.data.make_synthetic),
-the `synthetic_demo` recipe, a time budget that stops training in time, evaluation at the
-images' own size, palette PNG predictions and, when matplotlib is installed, a plot of the
-training curves.
+Everything runs from scratch and offline, deterministically from `seed` (as far as
+TensorFlow's CPU kernels allow):
+
+1. the synthetic shapes set (kseg.data.make_synthetic, VOC layout) in out_dir/data;
+2. the `synthetic_demo` recipe: DeepLab-LargeFOV at width 0.125 with BatchNorm (see the
+   recipe for every choice and why), trained with kseg.train.train into out_dir/run
+   (checkpoints, CSV log; killing the demo and running it again resumes the training);
+3. evaluation of the final model at the images' own size: mean IoU, per-class IoU;
+4. out_dir/predictions/*.png (palette label maps and colour overlays), out_dir/grid.png
+   (image / ground truth / prediction), out_dir/curves.png (loss and mIoU per epoch) and
+   out_dir/summary.json.
+
+A time budget (`budget_s`, on training alone) stops training after the epoch that would
+overrun it, so a much slower machine still finishes in time, with a lower score; the
+summary says so (`stopped_by_budget`).
 """
 
 from __future__ import annotations
@@ -14,38 +26,51 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import time
 
 import keras
 import numpy as np
 
+RECIPE = "synthetic_demo"
+SEED = 0
+TRAIN_IMAGES = 2000
+VAL_IMAGES = 100
+SIZE = 96
+BUDGET_S = 480.0
+
 
 class TimeBudget(keras.callbacks.Callback):
-    """Stops fit after the first epoch that ends past `seconds` since the start of training."""
+    """Stops fit after an epoch when another epoch of this run's average length would overrun `seconds`."""
 
     def __init__(self, seconds):
         super().__init__()
         self.seconds = seconds
         self.start = None
+        self.epochs_done = 0
+        self.stopped = False
 
     def on_train_begin(self, logs=None):
         self.start = time.perf_counter()
+        self.epochs_done = 0  # this run's epochs: those restored by BackupAndRestore took no time here
 
     def on_epoch_end(self, epoch, logs=None):
+        self.epochs_done += 1
         elapsed = time.perf_counter() - self.start
-        # Stop when another epoch of the average length would overrun the budget.
-        if elapsed * (epoch + 2) / (epoch + 1) > self.seconds:
+        last = epoch + 1 >= self.params.get("epochs", epoch + 1)
+        if not last and elapsed * (self.epochs_done + 1) / self.epochs_done > self.seconds:
             self.model.stop_training = True
+            self.stopped = True
 
 
 def he_init(model, seed=0, input_std=64.0):
     """Re-initialise every conv kernel with He et al. 2015's normal init (biases zero).
 
-    The paper's networks start from ImageNet weights; from scratch, a 16-layer plain ReLU
-    net without BatchNorm trains far faster with He's variance-preserving init than with
-    Keras' default Glorot uniform. Caffe-preprocessed inputs have a standard deviation of
-    about 64, not 1, so the first conv's kernel is divided by `input_std`: otherwise every
-    activation, and the first logits, are ~64 times too large (a first-epoch loss of ~11).
+    The paper's networks start from ImageNet weights; from scratch, a 16-layer ReLU net trains
+    faster with He's variance-preserving init than with Keras' default Glorot uniform. Caffe-
+    preprocessed inputs have a standard deviation of about 64, not 1, so the first conv's kernel
+    is divided by `input_std` (without BatchNorm every activation, and the first logits, would
+    otherwise be ~64 times too large: a first-epoch loss of ~11).
     """
     rng = np.random.default_rng(seed)
     first = True
@@ -74,10 +99,11 @@ def _plot_curves(log_csv, path):
     epochs = [int(r["epoch"]) + 1 for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for key in ("loss", "val_loss"):
-        ax1.plot(epochs, [float(r[key]) for r in rows], label=key)
+        if key in rows[0]:
+            ax1.plot(epochs, [float(r[key]) for r in rows], marker="o", label=key)
     for key in ("mean_iou", "val_mean_iou", "val_pixel_accuracy"):
         if key in rows[0]:
-            ax2.plot(epochs, [float(r[key]) for r in rows], label=key)
+            ax2.plot(epochs, [float(r[key]) for r in rows], marker="o", label=key)
     ax1.set_xlabel("epoch"), ax2.set_xlabel("epoch"), ax1.legend(), ax2.legend()
     ax1.set_title("loss"), ax2.set_title("scores")
     fig.tight_layout()
@@ -86,43 +112,150 @@ def _plot_curves(log_csv, path):
     return path
 
 
-def run_demo(out_dir, *, budget_s=480, train_images=200, val_images=50, size=128, epochs=None, width=None,
-             predictions=8, verbose=2) -> dict:
-    """Make the synthetic set, train, evaluate, write predictions; returns the measured summary."""
+def _grid(rows, path):
+    """A PNG of rows [image | ground truth | prediction], with a 2-pixel white gutter."""
+    from PIL import Image
+
+    gap = 2
+    h, w = rows[0][0].shape[:2]
+    canvas = np.full((len(rows) * (h + gap) - gap, 3 * (w + gap) - gap, 3), 255, np.uint8)
+    for i, tiles in enumerate(rows):
+        for j, tile in enumerate(tiles):
+            canvas[i * (h + gap): i * (h + gap) + h, j * (w + gap): j * (w + gap) + w] = tile
+    Image.fromarray(canvas).save(path)
+    return path
+
+
+def _make_data(data_dir, *, seed, train_images, val_images, size):
+    """The synthetic set in data_dir, reused when it was made with the same parameters."""
+    import kseg.data as kd
+
+    info_path = os.path.join(data_dir, "synth.json")
+    want = {"seed": seed, "train": train_images, "val": val_images, "size": [size, size]}
+    if os.path.exists(info_path):
+        with open(info_path) as f:
+            have = json.load(f)
+        if {k: have.get(k) for k in want} == want:
+            return False
+        shutil.rmtree(data_dir)  # made by an earlier demo with other parameters
+    kd.make_synthetic(data_dir, seed=seed, train=train_images, val=val_images, size=size)
+    return True
+
+
+def run_demo(out_dir, *, seed=SEED, train_images=TRAIN_IMAGES, val_images=VAL_IMAGES, size=SIZE, epochs=None,
+             width=None, budget_s=BUDGET_S, predictions=8, verbose=2, progress=True) -> dict:
+    """Make the synthetic set, train, evaluate, write predictions and plots; returns the measured summary.
+
+    epochs / width override the `synthetic_demo` recipe's; budget_s limits the training time
+    (see the module docstring). A finished run in out_dir/run is replaced; an interrupted one
+    (its BackupAndRestore state is there) resumes.
+
+        >>> s = run_demo("/tmp/kseg_demo_doc", train_images=8, val_images=2, size=32, epochs=1,
+        ...              width=0.125, predictions=1, verbose=0, progress=False)    # doctest: +SKIP
+        >>> sorted(s)[:3], 0 <= s["val_mean_iou"] <= 1                              # doctest: +SKIP
+        (['budget_s', 'cpus', 'curves'], True)
+    """
     import kseg.data as kd
     from kseg.train.fit import evaluate, train
     from kseg.train.recipes import load_recipe
 
+    if min(train_images, val_images) < 1:
+        raise ValueError(f"the demo needs at least one training and one validation image, got "
+                         f"train_images={train_images}, val_images={val_images}")
     start = time.perf_counter()
+    os.makedirs(out_dir, exist_ok=True)
     data_dir = os.path.join(out_dir, "data")
-    if not os.path.exists(os.path.join(data_dir, "synth.json")):
-        kd.make_synthetic(data_dir, seed=0, train=train_images, val=val_images, size=size)
-    overrides = {"data.crop": [size, size]}
+    made = _make_data(data_dir, seed=seed, train_images=train_images, val_images=val_images, size=size)
+    data_seconds = time.perf_counter() - start
+
+    overrides = {"data.crop": [size, size], "training.seed": seed}
     if epochs is not None:
-        overrides["training.epochs"] = epochs
+        overrides["training.epochs"] = int(epochs)
     if width is not None:
-        overrides["model_options.width"] = width
-    recipe = load_recipe("synthetic_demo", overrides)
-    result = train(recipe, data_dir, os.path.join(out_dir, "run"), init=he_init, verbose=verbose,
-                   extra_callbacks=[TimeBudget(budget_s)])
+        overrides["model_options.width"] = float(width)
+    recipe = load_recipe(RECIPE, overrides)
+    run_dir = os.path.join(out_dir, "run")
+    if os.path.isdir(run_dir) and not os.path.isdir(os.path.join(run_dir, "backup")):
+        shutil.rmtree(run_dir)  # a finished (or never started) run: start over rather than append
+    budget = TimeBudget(budget_s)
+    result = train(recipe, data_dir, run_dir, init=lambda m: he_init(m, seed=seed), verbose=verbose,
+                   extra_callbacks=[budget])
     model = result["model"]
+
+    t = time.perf_counter()
     val = kd.synthetic(data_dir, "val", batch_size=1, preprocessing=recipe.model)
-    scores = evaluate(model, val, class_names=list(kd.SYNTH_CLASSES))
+    scores = evaluate(model, val, class_names=list(kd.SYNTH_CLASSES), progress=progress)
+    eval_seconds = time.perf_counter() - t
 
     pred_dir = os.path.join(out_dir, "predictions")
     os.makedirs(pred_dir, exist_ok=True)
-    for i, (x, _) in enumerate(val.take(predictions)):
+    with open(os.path.join(data_dir, "ImageSets", "Segmentation", "val.txt")) as f:
+        names = f.read().split()
+    rows = []
+    for name, (x, y) in zip(names[:predictions], val.take(predictions)):
         label = np.argmax(np.asarray(model(x, training=False))[0], axis=-1).astype(np.uint8)
-        kd.write_label(os.path.join(pred_dir, f"val_{i:03d}.png"), label)
-    plot = _plot_curves(os.path.join(out_dir, "run", "log.csv"), os.path.join(out_dir, "curves.png"))
+        image = _read_rgb(os.path.join(data_dir, "JPEGImages", name + ".jpg"))
+        kd.write_label(os.path.join(pred_dir, f"{name}.png"), label)
+        _save_rgb(os.path.join(pred_dir, f"{name}_overlay.png"), kd.overlay(image, label))
+        rows.append((image, kd.colorize(np.asarray(y)[0]), kd.colorize(label)))
+    grid = _grid(rows, os.path.join(out_dir, "grid.png")) if rows else None
+    curves = _plot_curves(os.path.join(run_dir, "log.csv"), os.path.join(out_dir, "curves.png"))
+
+    history = result["history"]
     summary = {
-        "model": recipe.model, "model_options": recipe.model_options, "params": int(model.count_params()),
-        "epochs_run": len(result["history"].get("loss", [])), "train_seconds": round(result["train_seconds"], 1),
-        "seconds": round(time.perf_counter() - start, 1), "val_mean_iou": scores["mean_iou"],
-        "val_pixel_accuracy": scores["pixel_accuracy"], "val_mean_accuracy": scores["mean_accuracy"],
-        "val_fw_iou": scores["fw_iou"], "per_class": scores["per_class"], "predictions": pred_dir,
-        "curves": plot, "load_average": list(os.getloadavg()), "cpus": os.cpu_count(),
+        "model": recipe.model, "model_options": dict(recipe.model_options), "params": int(model.count_params()),
+        "recipe": recipe.name, "seed": seed, "data": {"train": train_images, "val": val_images, "size": size,
+                                                       "made": made},
+        "epochs_planned": result["epochs"], "epochs_run": len(history.get("loss", [])),
+        "stopped_by_budget": budget.stopped, "budget_s": budget_s,
+        "val_mean_iou": scores["mean_iou"], "val_pixel_accuracy": scores["pixel_accuracy"],
+        "val_mean_accuracy": scores["mean_accuracy"], "val_fw_iou": scores["fw_iou"],
+        "per_class": scores["per_class"], "val_mean_iou_per_epoch": history.get("val_mean_iou", []),
+        "data_seconds": round(data_seconds, 1), "train_seconds": round(result["train_seconds"], 1),
+        "eval_seconds": round(eval_seconds, 1), "seconds": round(time.perf_counter() - start, 1),
+        "out_dir": out_dir, "predictions": pred_dir, "grid": grid, "curves": curves,
+        "checkpoint": os.path.join(run_dir, "final.keras"),
+        "load_average": [round(v, 2) for v in os.getloadavg()], "cpus": os.cpu_count(),
     }
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
+        f.write("\n")
     return summary
+
+
+def _read_rgb(path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _save_rgb(path, array):
+    from PIL import Image
+
+    Image.fromarray(np.asarray(array, np.uint8)).save(path)
+
+
+def print_summary(summary, console=None):
+    """Print the demo's per-class IoU table and one line with mIoU, time and load."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"{summary['model']} {summary['model_options']} ({summary['params']:,} parameters): "
+                        f"validation, {summary['data']['val']} images")
+    for column in ("class", "IoU", "accuracy", "pixels"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for row in summary["per_class"]:
+        fmt = (lambda v: "-" if v is None else f"{v:.3f}")
+        table.add_row(row["class"], fmt(row["iou"]), fmt(row["accuracy"]), f"{row['pixels']:,}")
+    console.print(table)
+    budget = " (stopped by the time budget)" if summary["stopped_by_budget"] else ""
+    console.print(
+        f"val mIoU {summary['val_mean_iou']:.3f}, pixel accuracy {summary['val_pixel_accuracy']:.3f} after "
+        f"{summary['epochs_run']}/{summary['epochs_planned']} epochs{budget}; {summary['seconds']:.0f} s in all "
+        f"(data {summary['data_seconds']:.0f} s, training {summary['train_seconds']:.0f} s, evaluation "
+        f"{summary['eval_seconds']:.0f} s) on {summary['cpus']} CPUs, load average "
+        f"{summary['load_average'][0]:.1f}. Outputs in {summary['out_dir']}: grid.png, curves.png, predictions/, "
+        f"summary.json, run/final.keras"
+    )
