@@ -61,24 +61,23 @@ def test_every_model_to_onnx(name, tmp_path):
 
 
 def _stray_axis_graph(extra_rank_dim):
-    """A one-layer model's ONNX graph with tf2onnx's intermittent HED bug made deterministic: the
-    output gains a leading axis of size `extra_rank_dim` (1 is the bug; anything else is unfixable)."""
+    """tf2onnx's intermittent HED bug made deterministic, without tf2onnx: an ONNX graph whose one
+    output gains a leading axis of size `extra_rank_dim` (1 is the bug; anything else is unfixable),
+    and a Keras model with the rank-4 output the graph should have had."""
     import onnx
+    from onnx import TensorProto, helper
 
-    from convert.onnx_format import _convert_structure
-
-    inputs = keras.Input((None, None, 3))
-    model = keras.Model(inputs, keras.layers.Conv2D(1, 3, padding="same", name="side")(inputs))
-    proto, values = _convert_structure(model, opset=17, dynamic=True, nchw=False, input_size=None)
-    graph = proto.graph
-    out = graph.output[0]
-    for node in graph.node:
-        node.output[:] = ["pre" if o == out.name else o for o in node.output]
-    axes = onnx.numpy_helper.from_array(np.array([0], dtype=np.int64))
-    graph.node.append(onnx.helper.make_node("Constant", [], ["axes"], value=axes))
-    graph.node.append(onnx.helper.make_node("Unsqueeze", ["pre", "axes"], [out.name]))
-    out.type.tensor_type.shape.dim.insert(0, onnx.TensorShapeProto.Dimension(dim_value=extra_rank_dim))
-    return model, proto, values
+    inputs = keras.Input((None, None, 1))
+    model = keras.Model(inputs, keras.layers.Identity(name="side")(inputs))
+    dims = [extra_rank_dim, "batch", "height", "width", 1]
+    # [1, N, H, W, 1] is what tf2onnx leaves (its Reshape of the NCHW map, minus the Squeeze).
+    const = onnx.numpy_helper.from_array(np.array([extra_rank_dim, 2, 9, 11, 1], dtype=np.int64))
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["shape"], value=const),
+         helper.make_node("Reshape", ["image", "shape"], ["side"])],
+        "stray", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", "height", "width", 1])],
+        [helper.make_tensor_value_info("side", TensorProto.FLOAT, dims)])
+    return model, helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def test_stray_leading_output_axis_is_squeezed_away():
@@ -88,20 +87,20 @@ def test_stray_leading_output_axis_is_squeezed_away():
 
     from convert.onnx_format import _repair_output_ranks
 
-    model, proto, values = _stray_axis_graph(1)
+    model, proto = _stray_axis_graph(1)
+    x = np.random.default_rng(0).normal(size=(2, 9, 11, 1)).astype("float32")
+    run = lambda p: ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"image": x})[0]
+    assert run(proto).shape == (1, 2, 9, 11, 1)  # the bug
     _repair_output_ranks(proto.graph, model)
     assert len(proto.graph.output[0].type.tensor_type.shape.dim) == 4
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).normal(size=(2, 9, 11, 3)).astype("float32")
-    feeds = {"image": x, **{i.name: np.asarray(v.numpy()) for i, (_, v) in zip(session.get_inputs()[1:], values)}}
-    (out,) = session.run(None, feeds)
-    np.testing.assert_allclose(out, np.asarray(model(x)), atol=1e-5)
+    np.testing.assert_array_equal(run(proto), x)
 
 
 def test_other_output_rank_mismatch_is_refused():
     from convert.onnx_format import _repair_output_ranks
 
-    model, proto, _ = _stray_axis_graph(2)
+    model, proto = _stray_axis_graph(2)  # (the 2x2x9x11 reshape needs no running to be refused)
     with pytest.raises(OnnxConversionError, match="rank 5.*rank 4"):
         _repair_output_ranks(proto.graph, model)
 
@@ -219,7 +218,9 @@ def test_metadata_props(tmp_path):
     props = {p.key: p.value for p in onnx.load(path).metadata_props}
     meta = json.loads(props["kseg"])
     assert meta["architecture"] == "hed" and meta["outputs"] == ["dsn1", "dsn2", "dsn3", "dsn4", "dsn5", "fuse"]
-    assert meta["onnx"] == {"opset": 17, "input_layout": "NCHW"}
+    assert meta["onnx"]["opset"] == 17 and meta["onnx"]["input_layout"] == "NCHW"
+    # The weights' names, so readers can tell them from tf2onnx's own constant initializers.
+    assert sorted(meta["onnx"]["weights"]) == sorted(v.path for v in model.weights)
     assert meta["preprocessing"]["kind"] == "caffe"
     assert [o.name for o in onnx.load(path).graph.output] == meta["outputs"]
     assert [i.name for i in onnx.load(path).graph.input] == ["image"]
