@@ -162,16 +162,20 @@ def _repair_output_ranks(graph, model):
         if len(dims) == want:
             continue
         if len(dims) == want + 1 and dims[0].dim_value == 1:
-            stray = value.name + "__kseg_unsqueezed"
-            for node in graph.node:
-                node.output[:] = [stray if o == value.name else o for o in node.output]
-                node.input[:] = [stray if i == value.name else i for i in node.input]
-            axes = value.name + "__kseg_axes"
+            # The producer now writes a fresh name; a Squeeze right after it (nodes stay in
+            # topological order) writes the output's name, so any consumer reads the fixed tensor.
+            index = next(i for i, n in enumerate(graph.node) if value.name in n.output)
+            producer = graph.node[index]
+            taken = {o for n in graph.node for o in n.output}
+            stray = next(f"{value.name}__kseg_unsqueezed{i or ''}" for i in range(len(taken) + 1)
+                         if f"{value.name}__kseg_unsqueezed{i or ''}" not in taken)
+            producer.output[:] = [stray if o == value.name else o for o in producer.output]
+            axes = stray + "__axes"
             # A Constant node, not an initializer: initializers are the Keras weights, by name.
-            graph.node.append(onnx.helper.make_node(
+            graph.node.insert(index + 1, onnx.helper.make_node(
                 "Constant", [], [axes], value=onnx.numpy_helper.from_array(np.array([0], dtype=np.int64))))
-            graph.node.append(onnx.helper.make_node("Squeeze", [stray, axes], [value.name],
-                                                    name=value.name + "__kseg_squeeze"))
+            graph.node.insert(index + 2, onnx.helper.make_node("Squeeze", [stray, axes], [value.name],
+                                                               name=stray + "__squeeze"))
             del dims[0]
             continue
         raise OnnxConversionError(
