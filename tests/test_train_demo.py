@@ -21,15 +21,11 @@ TOY = dict(train_images=8, val_images=2, size=32, epochs=1, width=0.125, predict
 @pytest.fixture(scope="module")
 def toy_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    first = run_demo(str(out), **TOY)
-    with open(out / "run" / "log.csv") as f:
-        first_log = list(csv.DictReader(f))
-    second = run_demo(str(out), **TOY)  # the same call again, in the same directory
-    return out, first, first_log, second
+    return out, run_demo(str(out), **TOY)
 
 
 def test_demo_writes_scores_predictions_and_plots(toy_demo):
-    out, summary, _, _ = toy_demo
+    out, summary = toy_demo
     assert summary["epochs_run"] == 1 and summary["epochs_planned"] == 1 and not summary["stopped_by_budget"]
     assert 0.0 <= summary["val_mean_iou"] <= 1.0 and summary["seconds"] > 0
     assert [r["class"] for r in summary["per_class"]] == list(kseg.data.SYNTH_CLASSES)
@@ -48,10 +44,26 @@ def test_demo_writes_scores_predictions_and_plots(toy_demo):
     assert summary["curves"] and Image.open(summary["curves"]).size[0] > 100
 
 
-def test_demo_again_reuses_the_data_and_starts_training_over_deterministically(toy_demo):
-    out, first, first_log, second = toy_demo
+def test_a_finished_run_is_cleared_and_an_interrupted_one_kept(tmp_path):
+    from kseg.train.demo import _clear_finished_run
+
+    run = tmp_path / "run"
+    assert not _clear_finished_run(str(run))  # nothing there
+    (run / "backup").mkdir(parents=True)
+    (run / "log.csv").write_text("epoch,loss\n0,1.0\n")
+    assert not _clear_finished_run(str(run)) and (run / "log.csv").exists()  # interrupted: resume it
+    (run / "backup").rmdir()
+    assert _clear_finished_run(str(run)) and not run.exists()  # finished: start over, no appended log
+
+
+@pytest.mark.slow
+def test_demo_again_reuses_the_data_and_starts_training_over_deterministically(tmp_path):
+    first = run_demo(str(tmp_path), **TOY)
+    with open(tmp_path / "run" / "log.csv") as f:
+        first_log = list(csv.DictReader(f))
+    second = run_demo(str(tmp_path), **TOY)
     assert first["data"]["made"] and not second["data"]["made"]
-    with open(out / "run" / "log.csv") as f:
+    with open(tmp_path / "run" / "log.csv") as f:
         log = list(csv.DictReader(f))
     assert [r["epoch"] for r in log] == ["0"]  # replaced, not appended to
     # Same seed, same data: the same training, loss for loss.
@@ -73,7 +85,7 @@ def test_demo_data_is_remade_when_its_parameters_change(tmp_path):
 def test_print_summary_shows_the_table_and_the_score(toy_demo):
     from rich.console import Console
 
-    _, summary, _, _ = toy_demo
+    _, summary = toy_demo
     console = Console(record=True, width=200)
     print_summary(summary, console)
     text = console.export_text()

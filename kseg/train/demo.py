@@ -142,6 +142,14 @@ def _make_data(data_dir, *, seed, train_images, val_images, size):
     return True
 
 
+def _clear_finished_run(run_dir):
+    """Remove a finished run so the demo starts over; keep an interrupted one (it has a backup) to resume."""
+    if os.path.isdir(run_dir) and not os.path.isdir(os.path.join(run_dir, "backup")):
+        shutil.rmtree(run_dir)
+        return True
+    return False
+
+
 def run_demo(out_dir, *, seed=SEED, train_images=TRAIN_IMAGES, val_images=VAL_IMAGES, size=SIZE, epochs=None,
              width=None, budget_s=BUDGET_S, predictions=8, verbose=2, progress=True) -> dict:
     """Make the synthetic set, train, evaluate, write predictions and plots; returns the measured summary.
@@ -175,8 +183,7 @@ def run_demo(out_dir, *, seed=SEED, train_images=TRAIN_IMAGES, val_images=VAL_IM
         overrides["model_options.width"] = float(width)
     recipe = load_recipe(RECIPE, overrides)
     run_dir = os.path.join(out_dir, "run")
-    if os.path.isdir(run_dir) and not os.path.isdir(os.path.join(run_dir, "backup")):
-        shutil.rmtree(run_dir)  # a finished (or never started) run: start over rather than append
+    _clear_finished_run(run_dir)
     budget = TimeBudget(budget_s)
     result = train(recipe, data_dir, run_dir, init=lambda m: he_init(m, seed=seed), verbose=verbose,
                    extra_callbacks=[budget])
