@@ -41,19 +41,22 @@ def model_rows(task=None):
 
 
 def cmd_models(args):
+    if args.run is not None:
+        import kseg
+
+        return run_models(args.run or kseg.list_models(args.task))
     _console().print(_models_table(model_rows(args.task), "kseg models"))
     return 0
 
 
-def cmd_demo(args):
-    """Build every registered model, run it on one input, check it against the registry."""
+def run_models(names):
+    """Build each named model, run it on one input, check its parameter count against the registry."""
     import numpy as np
     from rich.progress import Progress
 
     import kseg
 
     console = _console()
-    names = args.models or kseg.list_models()
     rng = np.random.default_rng(0)
     results, failed = [], 0
     with Progress(console=console, transient=True) as progress:
@@ -94,13 +97,12 @@ def build_parser():
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("models", help="list registered models")
+    p = sub.add_parser("models", help="list registered models (--run: build and run them)")
     p.add_argument("--task", choices=["classification", "segmentation", "edges"])
+    p.add_argument("--run", nargs="*", metavar="MODEL",
+                   help="build and run these models (default: all listed) on one input and check their "
+                        "parameter counts")
     p.set_defaults(func=cmd_models)
-
-    p = sub.add_parser("demo", help="build every model, run it on one input, print the table")
-    p.add_argument("models", nargs="*", help="only these models (default: all)")
-    p.set_defaults(func=cmd_demo)
 
     # Each feature package owns its subcommands.
     for module in SUBCOMMAND_MODULES:

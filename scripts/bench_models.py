@@ -713,7 +713,10 @@ def train_tf(model, task, xt, yt, jit, budget):
         loss_fn = lambda y, out: tf.add_n([bce(y, o) for o in out])  # noqa: E731
     else:
         loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    opt = keras.optimizers.SGD(learning_rate=1e-3, momentum=0.9)
+    from kseg.train import FusedSGD
+
+    # kseg's SGD: keras.optimizers.SGD's arithmetic in one fused kernel per variable (kseg.train.optim).
+    opt = FusedSGD(learning_rate=1e-3, momentum=0.9)
     # Built outside the tf.function: creating the momentum slots inside it costs a second trace.
     opt.build(model.trainable_variables)
 

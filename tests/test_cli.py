@@ -20,8 +20,8 @@ def test_models_lists_every_registered_model(capsys):
     assert "138,357,544" in out
 
 
-def test_demo_runs_and_checks_counts(capsys):
-    assert main(["demo", "lenet5", "segnet_basic", "hed"]) == 0
+def test_models_run_builds_runs_and_checks_counts(capsys):
+    assert main(["models", "--run", "lenet5", "segnet_basic", "hed"]) == 0
     out = capsys.readouterr().out
     assert "3 of 3 models match" in out
     assert "1x10" in out and "1x360x480x11" in out
@@ -29,7 +29,7 @@ def test_demo_runs_and_checks_counts(capsys):
 
 
 def test_unknown_model_is_a_clear_cli_error(capsys):
-    assert main(["demo", "vgg61"]) == 2
+    assert main(["models", "--run", "vgg61"]) == 2
     assert "unknown model 'vgg61'" in capsys.readouterr().err
 
 

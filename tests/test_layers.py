@@ -461,3 +461,50 @@ def test_model_with_all_layers_saves_and_reloads(tmp_path):
             reloaded.predict(other, verbose=0), model.predict(other, verbose=0)
         ):
             np.testing.assert_array_equal(g, w)
+
+
+# === DilatedConv2D ===
+
+@pytest.mark.parametrize("kernel,rate,size", [(3, 12, (41, 37)), (4, 8, (9, 10)), (3, 2, (5, 6)), ((3, 1), (6, 4), (13, 7))])
+def test_dilated_conv_equals_keras_dilated_conv_forward_and_backward(kernel, rate, size):
+    from kseg.layers import DilatedConv2D
+
+    x = tf.constant(distinct_values((2, *size, 5), seed=3))
+    ref = keras.layers.Conv2D(6, kernel, dilation_rate=rate, padding="same")
+    ours = DilatedConv2D(6, kernel, dilation_rate=rate, padding="same")
+    ref.build(x.shape), ours.build(x.shape)
+    ours.set_weights(ref.get_weights())  # the same kernel shape [kh, kw, in, out]
+    outs, grads = [], []
+    for layer in (ref, ours):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(y * tf.cos(y))
+        outs.append(y.numpy())
+        grads.append([g.numpy() for g in tape.gradient(loss, [x, *layer.trainable_weights])])
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-4)
+    for g_ours, g_ref in zip(grads[1], grads[0]):
+        np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-3 * max(1.0, np.abs(g_ref).max()))
+
+
+def test_dilated_conv_works_with_dynamic_sizes_and_reloads(tmp_path):
+    from kseg.layers import DilatedConv2D
+
+    inp = keras.Input((None, None, 3))
+    model = keras.Model(inp, DilatedConv2D(4, 3, dilation_rate=12, padding="same", name="fc6")(inp))
+    x = distinct_values((1, 17, 23, 3), seed=5)
+    want = model.predict(x, verbose=0)
+    assert want.shape == (1, 17, 23, 4)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert type(loaded.get_layer("fc6")) is DilatedConv2D
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), want)
+
+
+def test_dilated_conv_refuses_what_it_does_not_compute():
+    from kseg.layers import DilatedConv2D
+
+    with pytest.raises(ValueError, match="stride-1, padding='same'"):
+        DilatedConv2D(4, 3, dilation_rate=2, padding="valid")
+    with pytest.raises(ValueError, match="stride-1"):
+        DilatedConv2D(4, 3, strides=2, padding="same")

@@ -40,6 +40,10 @@ def test_demo_writes_scores_predictions_and_plots(toy_demo):
     assert Image.open(os.path.join(summary["predictions"], pngs[1])).mode == "RGB"
     # The grid: 2 rows of image | ground truth | prediction, 2-pixel gutters.
     assert Image.open(summary["grid"]).size == (3 * 32 + 4, 2 * 32 + 2)
+    # The network + dense CRF scores and the verified ONNX export (the test extra has both).
+    crf = summary["crf"]
+    assert 0.0 <= crf["mean_iou"] <= 1.0 and [r["class"] for r in crf["per_class"]] == list(kseg.data.SYNTH_CLASSES)
+    assert summary["onnx"]["verified"].startswith("PASS") and (out / "model.onnx").exists()
     pytest.importorskip("matplotlib")
     assert summary["curves"] and Image.open(summary["curves"]).size[0] > 100
 
@@ -91,7 +95,8 @@ def test_print_summary_shows_the_table_and_the_score(toy_demo):
     text = console.export_text()
     for name in kseg.data.SYNTH_CLASSES:
         assert name in text
-    assert f"val mIoU {summary['val_mean_iou']:.3f}" in text and "load average" in text
+    assert f"val mIoU {summary['val_mean_iou']:.3f} ({summary['crf']['mean_iou']:.3f} with the dense CRF)" in text
+    assert "load average" in text and "IoU + CRF" in text and "ONNX export" in text and "PASS" in text
 
 
 def test_demo_refuses_an_empty_split(tmp_path):

@@ -98,8 +98,13 @@ def _palette_as_grayscale(data):
     crc = tf.io.decode_raw(tf.strings.substr(data, 29, 4), tf.uint8)
     fixed = tf.bitwise.bitwise_xor(crc, tf.constant(list(_CRC_XOR), tf.uint8))
     crc_bytes = tf.strings.reduce_join(tf.gather(tf.constant(_BYTE_TABLE), tf.cast(fixed, tf.int32)))
+    # A PLTE chunk in a grayscale PNG makes libpng log a warning per image; drop it when it
+    # directly follows IHDR (where Pillow, MATLAB and VOC's files put it), keep it otherwise.
+    plte_len = tf.reduce_sum(tf.cast(tf.io.decode_raw(tf.strings.substr(data, 33, 4), tf.uint8), tf.int32)
+                             * tf.constant([1 << 24, 1 << 16, 1 << 8, 1]))
+    rest = tf.where(tf.equal(tf.strings.substr(data, 37, 4), b"PLTE"), 33 + 12 + plte_len, 33)
     return tf.strings.join([tf.strings.substr(data, 0, 25), b"\x00", tf.strings.substr(data, 26, 3),
-                            crc_bytes, tf.strings.substr(data, 33, -1)])
+                            crc_bytes, tf.strings.substr(data, rest, -1)])
 
 
 def _png_header(data):

@@ -127,6 +127,10 @@ def _options(ds, deterministic):
     # Parallelism comes from the parallel maps; ops that also fan out inside one element
     # only add thread hand-offs on a 2-core machine (tf.data performance guide).
     options.threading.max_intra_op_parallelism = 1
+    # A pool of its own: by default tf.data runs on TF's inter-op pool, where it competes with
+    # the training step's ops; on 2 cores that made a small model's fit step 40% slower
+    # (345 vs 245 ms for the demo's DeepLab at 128x128, batch 8).
+    options.threading.private_threadpool_size = os.cpu_count() or 1
     return ds.with_options(options)
 
 

@@ -36,11 +36,12 @@ from kseg.train.metrics import (
     iou_table,
     scores_from_confusion,
 )
+from kseg.train.optim import FusedSGD
 from kseg.train.recipes import Recipe, RecipeError, apply_overrides, list_recipes, load_recipe
 from kseg.train.strategy import float32_outputs, multi_worker_fit, set_precision, strategy
 
 __all__ = [
-    "BalancedSigmoidCrossEntropy", "ConfusionMatrixMetric", "Recipe", "RecipeError", "SparseCrossEntropy",
+    "BalancedSigmoidCrossEntropy", "ConfusionMatrixMetric", "FusedSGD", "Recipe", "RecipeError", "SparseCrossEntropy",
     "SparseFocalLoss", "TrainingSetupError", "apply_overrides", "callbacks", "check_setup",
     "compile_segmentation", "confusion_matrix", "datasets", "edge_ods_ois", "evaluate", "float32_outputs",
     "hed_losses", "iou_table", "learning_rate", "list_recipes", "load_recipe", "make_optimizer", "multi_worker_fit",

@@ -1,4 +1,4 @@
-"""`kseg train`, `kseg evaluate`, `kseg predict` and `kseg crf-search`: parsing and printing around kseg.train.
+"""`kseg demo`, `kseg train`, `kseg evaluate`, `kseg predict` and `kseg crf-search`: parsing and printing around kseg.train.
 
 kseg/cli.py wires these in with `add_parser(subparsers)`; each sub-command's handler is in
 `args.func`.
@@ -19,7 +19,25 @@ def _console():
 
 
 def add_parser(subparsers):
-    """Register `train`, `evaluate`, `predict` and `crf-search` on an argparse sub-parser collection."""
+    """Register `demo`, `train`, `evaluate`, `predict` and `crf-search` on an argparse sub-parser collection."""
+    from kseg.train import demo
+
+    d = subparsers.add_parser("demo", help="the main job: synthetic data -> train a small DeepLab-LargeFOV on the "
+                                           "CPU -> evaluate (+CRF) -> predictions, plots, ONNX export (no downloads)")
+    d.add_argument("--out", default="kseg_demo", help="output directory (default ./kseg_demo); an interrupted "
+                                                      "demo resumes there")
+    d.add_argument("--budget", type=float, default=demo.BUDGET_S, metavar="SECONDS",
+                   help=f"training time limit; training stops after the epoch that would overrun it "
+                        f"(default {demo.BUDGET_S:.0f})")
+    d.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    d.add_argument("--train-images", type=int, default=demo.TRAIN_IMAGES)
+    d.add_argument("--val-images", type=int, default=demo.VAL_IMAGES)
+    d.add_argument("--size", type=int, default=demo.SIZE, help="image side in pixels")
+    d.add_argument("--seed", type=int, default=demo.SEED)
+    d.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a value of the synthetic_demo recipe, e.g. --set optimizer.learning_rate=1e-3")
+    d.set_defaults(func=cmd_demo)
+
     p = subparsers.add_parser("train", help="train a model with a recipe (kseg/train/recipes/*.toml)")
     p.add_argument("--recipe", required=True, help="a shipped recipe name (e.g. deeplab_largefov_voc) or a .toml path")
     p.add_argument("--data", required=True, help="dataset root in the recipe's layout")
@@ -77,6 +95,21 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="kseg")
     add_parser(parser.add_subparsers(dest="command", required=True))
     return parser
+
+
+def cmd_demo(args):
+    from kseg.train.demo import print_summary, run_demo
+    from kseg.train.fit import TrainingSetupError
+    from kseg.train.recipes import RecipeError
+
+    try:
+        summary = run_demo(args.out, seed=args.seed, train_images=args.train_images, val_images=args.val_images,
+                           size=args.size, epochs=args.epochs, overrides=args.set, budget_s=args.budget)
+    except (RecipeError, TrainingSetupError) as e:
+        print(f"kseg demo: error: {e}", file=sys.stderr)
+        return 2
+    print_summary(summary, _console())
+    return 0
 
 
 def cmd_train(args):

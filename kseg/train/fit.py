@@ -64,7 +64,9 @@ def make_optimizer(recipe: Recipe, steps_per_epoch=None, total_steps=None):
     # wd * w to the gradient as Caffe does; with momentum the two differ slightly.
     wd = o.get("weight_decay") or None
     if o["name"] == "sgd":
-        return keras.optimizers.SGD(lr, momentum=o.get("momentum", 0.0), weight_decay=wd)
+        from kseg.train.optim import FusedSGD
+
+        return FusedSGD(lr, momentum=o.get("momentum", 0.0), weight_decay=wd)
     if o["name"] == "adam":
         return keras.optimizers.Adam(lr, weight_decay=wd)
     return keras.optimizers.AdamW(lr, weight_decay=wd or 0.004)
@@ -253,9 +255,10 @@ def train(recipe, data_dir, out_dir, *, epochs=None, batch_size=None, overrides=
     with open(os.path.join(out_dir, RUN_FILE), "w") as f:
         json.dump({**run_info, "recipe_file": recipe.source, "recipe_values": recipe.to_dict()}, f, indent=1)
     start = time.perf_counter()
+    # shuffle=False: kseg's readers shuffle (seeded); Keras only warns that it ignores shuffle=True.
     history = fit_model.fit(train_ds, validation_data=val_ds, epochs=epochs_, steps_per_epoch=steps_per_epoch,
-                            callbacks=[*callbacks(recipe, out_dir, tensorboard=tensorboard), *extra_callbacks],
-                            verbose=verbose)
+                            shuffle=False, verbose=verbose,
+                            callbacks=[*callbacks(recipe, out_dir, tensorboard=tensorboard), *extra_callbacks])
     seconds = time.perf_counter() - start
     model.save(os.path.join(out_dir, "final.keras"))
     logs = {k: [float(v) for v in vs] for k, vs in history.history.items()}
@@ -372,6 +375,7 @@ def evaluate(model, dataset, *, num_classes=None, class_names=None, progress=Tru
         evaluate(model, raw, preprocessing="deeplab_largefov", crf=True)["before_crf"]["mean_iou"]
     """
     from kseg.data.pipeline import resolve_preprocessing
+    from kseg.infer import predictor
     from kseg.train.predict import _crf_params, _progress, main_output
 
     num_classes = num_classes or main_output(model.outputs).shape[-1]
@@ -385,10 +389,11 @@ def evaluate(model, dataset, *, num_classes=None, class_names=None, progress=Tru
     prep = resolve_preprocessing(preprocessing)
     metric = ConfusionMatrixMetric(num_classes)
 
-    @tf.function(reduce_retracing=True)
+    run = predictor(model)  # one trace for every batch and image size
+
     def predict(x):
         # FCN's aux and DeepLab's stride-8 logits follow the main, full-size output.
-        return main_output(model(prep.apply(x) if prep is not None else x, training=False))
+        return main_output(run(prep.apply(x) if prep is not None else x))
 
     images = 0
     with _progress(progress, "evaluating", total) as advance:
