@@ -46,6 +46,16 @@ def truncate(path, keep=0.5):
         f.write(data[: int(len(data) * keep)])
 
 
+def corrupt_huffman_table(path):
+    """Overwrite the first DHT segment's 16 code counts with 0xFF (libjpeg: "Bogus Huffman table")."""
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    at = data.index(b"\xff\xc4") + 5  # marker (2), length (2), class/id (1), then the counts
+    data[at: at + 16] = b"\xff" * 16
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+
+
 def write_voc(root, *, n=4, sizes=((40, 56), (48, 40), (36, 36), (44, 52)), values=(0, 3, 7, 15),
               labels="SegmentationClass", gray_index=1, cmyk_index=2, seed=0):
     """VOCdevkit/VOC2012 layout: JPEGImages/, <labels>/ palette PNGs, ImageSets/Segmentation/{train,val}.txt.
@@ -82,6 +92,10 @@ def plant_voc_problems(voc):
     pair("bad_truncated_jpeg")
     truncate(os.path.join(jpeg, "bad_truncated_jpeg.jpg"))
     expected[os.path.join(jpeg, "bad_truncated_jpeg.jpg")] = "truncated"
+
+    pair("bad_corrupt_jpeg")  # complete, but its Huffman table is garbage: the decoder itself fails
+    corrupt_huffman_table(os.path.join(jpeg, "bad_corrupt_jpeg.jpg"))
+    expected[os.path.join(jpeg, "bad_corrupt_jpeg.jpg")] = "cannot be decoded"
 
     pair("bad_colour_mask")
     colours = voc_palette()[label_array(rng, 32, 40)]

@@ -105,7 +105,7 @@ def test_cli_check_exit_codes_and_file_names(voc, bad_voc, capsys, monkeypatch, 
     out = capsys.readouterr().out
     for path in bad_voc["expected"]:
         assert path in out
-    assert "8 errors" in out
+    assert "9 errors" in out
     fx.write_folder(tmp_path)
     with pytest.raises(ValueError, match="num_classes"):
         _cli(["data", "check", str(tmp_path), "--layout", "folder"])

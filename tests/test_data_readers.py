@@ -134,6 +134,22 @@ def test_bad_files_fail_the_reader_with_their_file_name(bad_voc, tmp_path):
         assert path in str(info.value) and phrase in str(info.value), (path, str(info.value)[:300])
 
 
+def test_a_file_the_decoder_rejects_stops_the_reader_and_skip_bad_skips_it(bad_voc, tmp_path):
+    # Complete files with a corrupt header pass the byte checks and fail inside libjpeg, whose
+    # error names no file: the default pipeline stops with it (kseg.train names the file, see
+    # test_train_fit); skip_bad pipelines guard the decoder and skip the file by name.
+    (tmp_path / "one.txt").write_text("bad_corrupt_jpeg\n2007_000000\n")
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        list(kd.voc(bad_voc["root"], str(tmp_path / "one.txt")))
+    log = kd.SkipLog()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kept = list(kd.voc(bad_voc["root"], str(tmp_path / "one.txt"), skip_bad=log))
+    assert len(kept) == 1
+    [(path, reason)] = list(log)
+    assert path.endswith("bad_corrupt_jpeg.jpg") and "cannot be decoded" in reason
+
+
 def test_skip_bad_skips_counts_and_warns_for_every_bad_file(bad_voc):
     log = kd.SkipLog()
     with warnings.catch_warnings(record=True) as caught:

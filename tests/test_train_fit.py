@@ -81,6 +81,17 @@ def test_empty_dataset_is_refused(tmp_path):
         train(_recipe(tmp_path), str(root), str(tmp_path / "run"), verbose=0)
 
 
+def test_a_file_the_decoder_rejects_is_named(tmp_path):
+    from data_fixtures import corrupt_huffman_table
+
+    root = tmp_path / "data"
+    kd.make_synthetic(root, seed=0, train=4, val=1, size=32)
+    bad = root / "JPEGImages" / "synth_00002.jpg"
+    corrupt_huffman_table(bad)  # passes the byte checks, fails inside libjpeg with no file name
+    with pytest.raises(TrainingSetupError, match="(?s)1 file.*cannot be decoded.*synth_00002.jpg"):
+        train(_recipe(tmp_path), str(root), str(tmp_path / "run"), verbose=0)
+
+
 def test_resume_directory_of_another_model_is_refused(synth, tmp_path):
     out = tmp_path / "run"
     out.mkdir()

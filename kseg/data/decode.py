@@ -16,6 +16,7 @@ from kseg.data.palette import IGNORE_LABEL
 from kseg.data.spec import (  # noqa: F401  (re-exported for the pipeline)
     BINARY_MASK,
     COLOUR_MASK,
+    CORRUPT,
     DEEP_LABEL,
     JPEG_MAGIC,
     LABEL_NOT_PNG,
@@ -58,6 +59,21 @@ def image_problem(data):
     png_cut = is_png & ~_tail_contains(data, b"IEND", 64)
     return _first([(too_short, SHORT), (~(is_jpeg | is_png | is_other), NOT_IMAGE),
                    (jpeg_cut, TRUNCATED_JPEG), (png_cut, TRUNCATED_PNG)])
+
+
+def _guarded(decode, data, dummy):
+    """(decode(data), '') or, when the decoder raises, (dummy, CORRUPT).
+
+    libjpeg and libpng fail on a corrupt header (a bad Huffman table, a broken chunk) with an
+    error that names no file. Decoding inside a one-element dataset with ignore_errors() turns
+    that error into "no element", which the fallback element then reports, so skip_bad can
+    skip and count the file like any other bad one. It costs ~5 CPU-ms per image (the nested
+    dataset), so only skip_bad pipelines pay it; without skip_bad such a file stops the
+    pipeline with TF's decoder error, and kseg.train names it (kseg.data.check finds it).
+    """
+    decoded = tf.data.Dataset.from_tensors(data).map(lambda d: (decode(d), tf.constant(""))).ignore_errors()
+    fallback = tf.data.Dataset.from_tensors((dummy, tf.constant(CORRUPT)))
+    return decoded.concatenate(fallback).take(1).get_single_element()
 
 
 def _first(cases):
@@ -184,25 +200,30 @@ def check_index_values(raw, spec: LabelSpec):
 
 # === a pair ===
 
-def read_pair(image_bytes, label_bytes, image_name, label_name, spec: LabelSpec, channels: int = 3):
+def _decode_checked(data, decode, dummy, guard):
+    """(decoded, problem): the byte-level checks first, then the decode (with `guard`, one that cannot raise)."""
+    problem = image_problem(data)
+    checked = (lambda: _guarded(decode, data, dummy)) if guard else (lambda: (decode(data), tf.constant("")))
+    value, decode_problem = tf.cond(tf.equal(problem, ""), checked, lambda: (dummy, tf.constant("")))
+    return value, tf.where(tf.equal(problem, ""), decode_problem, problem)
+
+
+def read_pair(image_bytes, label_bytes, image_name, label_name, spec: LabelSpec, channels: int = 3,
+              guard: bool = False):
     """Decode and validate one (image, label) pair.
 
     Returns (image uint8 [H, W, C], label [H, W, 1] (uint8 classes, or uint8 edge strength),
     bad_path, reason); reason is '' for a good pair.
     """
-    img_problem = image_problem(image_bytes)
-    image = tf.cond(tf.equal(img_problem, ""), lambda: decode_image(image_bytes, channels),
-                    lambda: tf.zeros([1, 1, channels], tf.uint8))
+    image, img_problem = _decode_checked(image_bytes, lambda d: decode_image(d, channels),
+                                         tf.zeros([1, 1, channels], tf.uint8), guard)
     if spec.kind == "edge":
-        lbl_problem = image_problem(label_bytes)
-        label = tf.cond(tf.equal(lbl_problem, ""), lambda: decode_image(label_bytes, 1)[..., 0],
-                        lambda: tf.zeros([1, 1], tf.uint8))
+        label, lbl_problem = _decode_checked(label_bytes, lambda d: decode_image(d, 1)[..., 0],
+                                             tf.zeros([1, 1], tf.uint8), guard)
         value_problem = tf.constant("")
     else:
-        lbl_problem = image_problem(label_bytes)
-        label, decode_problem = tf.cond(tf.equal(lbl_problem, ""),
-                                        lambda: decode_index_label(label_bytes, spec),
-                                        lambda: (tf.zeros([1, 1], tf.uint8), tf.constant("")))
+        (label, decode_problem), lbl_problem = _decode_checked(
+            label_bytes, lambda d: decode_index_label(d, spec), (tf.zeros([1, 1], tf.uint8), tf.constant("")), guard)
         lbl_problem = tf.where(tf.equal(lbl_problem, ""), decode_problem, lbl_problem)
         label, value_problem = check_index_values(label, spec)
     ih, iw = tf.shape(image)[0], tf.shape(image)[1]
@@ -220,10 +241,9 @@ def read_pair(image_bytes, label_bytes, image_name, label_name, spec: LabelSpec,
     return image, label[..., None], bad_path, reason
 
 
-def read_image(image_bytes, image_name, channels: int = 3):
+def read_image(image_bytes, image_name, channels: int = 3, guard: bool = False):
     """Decode and validate one classification image: (uint8 [H, W, C], bad_path, reason)."""
-    problem = image_problem(image_bytes)
-    image = tf.cond(tf.equal(problem, ""), lambda: decode_image(image_bytes, channels),
-                    lambda: tf.zeros([1, 1, channels], tf.uint8))
+    image, problem = _decode_checked(image_bytes, lambda d: decode_image(d, channels),
+                                     tf.zeros([1, 1, channels], tf.uint8), guard)
     return image, image_name, problem
 

@@ -18,6 +18,7 @@ SHORT = "file is empty or too short to be an image"
 NOT_IMAGE = "not a JPEG, PNG, GIF or BMP file"
 TRUNCATED_JPEG = "truncated JPEG: no end-of-image marker"
 TRUNCATED_PNG = "truncated PNG: no IEND chunk"
+CORRUPT = "cannot be decoded: corrupt image data (the decoder failed on this file)"
 LABEL_NOT_PNG = "label is not a PNG file; labels must be lossless PNG (JPEG changes the class values)"
 COLOUR_MASK = (
     "colour (RGB) mask where a label map of class indices was expected (a palette or "

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -241,7 +242,8 @@ def train(recipe, data_dir, out_dir, *, epochs=None, batch_size=None, overrides=
     run_info = {"model": recipe.model, "model_kwargs": dict(recipe.model_options), "recipe": recipe.name}
     with strategy.scope():
         model = kseg.build_model(recipe.model, **recipe.model_options)
-        check_setup(model, train_ds, val_ds, out_dir, run_info)
+        with _naming_undecodable(recipe, data_dir):
+            check_setup(model, train_ds, val_ds, out_dir, run_info)
         if init is not None:
             init(model)
         steps = steps_per_epoch or _count(train_ds)
@@ -256,9 +258,10 @@ def train(recipe, data_dir, out_dir, *, epochs=None, batch_size=None, overrides=
         json.dump({**run_info, "recipe_file": recipe.source, "recipe_values": recipe.to_dict()}, f, indent=1)
     start = time.perf_counter()
     # shuffle=False: kseg's readers shuffle (seeded); Keras only warns that it ignores shuffle=True.
-    history = fit_model.fit(train_ds, validation_data=val_ds, epochs=epochs_, steps_per_epoch=steps_per_epoch,
-                            shuffle=False, verbose=verbose,
-                            callbacks=[*callbacks(recipe, out_dir, tensorboard=tensorboard), *extra_callbacks])
+    with _naming_undecodable(recipe, data_dir):
+        history = fit_model.fit(train_ds, validation_data=val_ds, epochs=epochs_, steps_per_epoch=steps_per_epoch,
+                                shuffle=False, verbose=verbose,
+                                callbacks=[*callbacks(recipe, out_dir, tensorboard=tensorboard), *extra_callbacks])
     seconds = time.perf_counter() - start
     model.save(os.path.join(out_dir, "final.keras"))
     logs = {k: [float(v) for v in vs] for k, vs in history.history.items()}
@@ -267,6 +270,48 @@ def train(recipe, data_dir, out_dir, *, epochs=None, batch_size=None, overrides=
     return {"model": model, "history": logs, "train_seconds": seconds, "epochs": epochs_, "out_dir": out_dir,
             "val_mean_iou": logs.get("val_mean_iou", [None])[-1] if logs.get("val_mean_iou") else None,
             "samples": samples}
+
+
+# Phrases of libjpeg / libpng failures as TF reports them (they name no file).
+_DECODER_ERRORS = ("Uncompress failed", "Invalid JPEG data", "Invalid PNG data", "Huffman", "corrupt", "PNG",
+                   "JPEG")
+
+
+@contextlib.contextmanager
+def _naming_undecodable(recipe, data_dir):
+    """Turn TF's nameless decoder error into a TrainingSetupError that names the files."""
+    try:
+        yield
+    except tf.errors.InvalidArgumentError as e:
+        bad = _undecodable_files(e, recipe, data_dir)
+        if not bad:
+            raise
+        shown = "\n  ".join(f"{p}: {r}" for p, r in bad[:10])
+        raise TrainingSetupError(f"{len(bad)} file(s) in {data_dir} cannot be decoded (TF's decoder stopped; "
+                                 f"rerunning resumes from the last completed epoch):\n  {shown}\n"
+                                 "fix or remove them, or read the data with skip_bad=True") from e
+
+
+def _undecodable_files(error, recipe, data_dir):
+    """After a decoder error in fit: the dataset's files that cannot be decoded, found with the checker."""
+    if not any(phrase in str(error) for phrase in _DECODER_ERRORS):
+        return []
+    from kseg.data.check import check_dataset
+
+    d = recipe.data
+    layout = {"synthetic": "voc"}.get(d.get("layout", "voc"), d.get("layout", "voc"))
+    bad = []
+    for split in dict.fromkeys((d.get("train_split", "train"), d.get("val_split", "val"))):
+        try:
+            if layout == "folder":
+                report = check_dataset(os.path.join(data_dir, split), "folder",
+                                       num_classes=recipe.model_options.get("num_classes"))
+            else:
+                report = check_dataset(data_dir, layout, split=split)
+        except (OSError, ValueError):
+            continue
+        bad += [(p, r) for p, r in report.errors if "cannot be decoded" in r]
+    return bad
 
 
 # === pictures ===
