@@ -465,7 +465,8 @@ def test_model_with_all_layers_saves_and_reloads(tmp_path):
 
 # === DilatedConv2D ===
 
-@pytest.mark.parametrize("kernel,rate,size", [(3, 12, (41, 37)), (4, 8, (9, 10)), (3, 2, (5, 6)), ((3, 1), (6, 4), (13, 7))])
+@pytest.mark.parametrize("kernel,rate,size",
+                         [(3, 12, (41, 37)), (4, 8, (9, 10)), (3, 2, (5, 6)), ((3, 1), (6, 4), (13, 7))])
 def test_dilated_conv_equals_keras_dilated_conv_forward_and_backward(kernel, rate, size):
     from kseg.layers import DilatedConv2D
 

@@ -1,4 +1,4 @@
-"""`kseg demo`, `kseg train`, `kseg evaluate`, `kseg predict` and `kseg crf-search`: parsing and printing around kseg.train.
+"""`kseg demo`, `train`, `evaluate`, `predict` and `crf-search`: parsing and printing around kseg.train.
 
 kseg/cli.py wires these in with `add_parser(subparsers)`; each sub-command's handler is in
 `args.func`.

@@ -157,8 +157,8 @@ def run_demo(out_dir, *, seed=SEED, train_images=TRAIN_IMAGES, val_images=VAL_IM
     """Make the synthetic set, train, evaluate, write predictions and plots; returns the measured summary.
 
     epochs / width override the `synthetic_demo` recipe's, and so does `overrides` (a dict
-    {"optimizer.learning_rate": 1e-3} or a list ["optimizer.learning_rate=1e-3"]); budget_s limits the training time
-    (see the module docstring). A finished run in out_dir/run is replaced; an interrupted one
+    {"optimizer.learning_rate": 1e-3} or a list ["optimizer.learning_rate=1e-3"]); budget_s
+    limits the training time (see the module docstring). A finished run in out_dir/run is replaced; an interrupted one
     (its BackupAndRestore state is there) resumes. crf: also score network + dense CRF (when
     pydensecrf is installed, the `crf` extra); onnx: export the trained model to
     out_dir/model.onnx and verify it against Keras (when tf2onnx and onnxruntime are installed,
@@ -307,6 +307,7 @@ def print_summary(summary, console=None):
     )
     if summary.get("onnx"):
         onnx = summary["onnx"]
-        console.print(f"ONNX export {onnx['path']} verified against Keras: {onnx['verified']} ({onnx['seconds']:.0f} s)")
+        console.print(f"ONNX export {onnx['path']} verified against Keras: {onnx['verified']} "
+                      f"({onnx['seconds']:.0f} s)")
     console.print(f"Outputs in {summary['out_dir']}: grid.png, curves.png, predictions/, summary.json, "
                   f"run/final.keras" + (", model.onnx" if summary.get("onnx") else ""))
