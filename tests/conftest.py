@@ -19,10 +19,19 @@ def rng():
 BIG_MODEL_PARAMS = 50_000_000
 
 
+# Their .keras round trip (13-19 s each on 2 cores) repeats a sibling's layers at a larger size:
+# fcn8s covers the FCN variants' VGG trunk, crops and deconvolutions, the ResNet50 models the
+# 101-layer ones. They run in the slow set.
+SIBLING_COVERED = {"fcn16s", "fcn32s", "fcn8s_atonce", "deeplab_largefov_resnet101", "fcn_resnet101", "resnet101"}
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m "not slow" deselects
 def pytest_collection_modifyitems(config, items):
     for item in items:
         callspec = getattr(item, "callspec", None)
-        if item.originalname == "test_save_and_reload" and callspec and callspec.params.get("suffix") == ".h5":
-            if kseg.get_spec(callspec.params["built"]).params > BIG_MODEL_PARAMS:
-                item.add_marker(pytest.mark.slow)
+        if item.originalname != "test_save_and_reload" or not callspec:
+            continue
+        name, suffix = callspec.params["built"], callspec.params.get("suffix")
+        big = kseg.get_spec(name).params > BIG_MODEL_PARAMS
+        if (suffix == ".h5" and big) or (suffix == ".keras" and name in SIBLING_COVERED):
+            item.add_marker(pytest.mark.slow)
