@@ -182,10 +182,26 @@ def default_output(src, fmt) -> str:
 # --- adapters for the formats implemented in other modules ----------------------------
 
 
-def _save_serving(model, path, *, metadata=None, **options):
-    from convert import saved_model
+def _save_serving(model, path, *, metadata=None, input_size=None, **_):
+    """kseg.serving's export: image-level signatures (preprocessing in the graph) + raw_outputs.
 
-    saved_model.save(model, path, metadata=metadata, **options)
+    A model with no servable head (a classifier without its top, a plain Keras model whose
+    preprocessing is unknown) gets the plain SavedModel's serving_default, with a warning.
+    """
+    from kseg.serving.export import build_module, verify_export, write_module
+
+    try:
+        module, meta = build_module(model, image_size=input_size, class_names=(metadata or {}).get("class_names"))
+    except ValueError as e:
+        import warnings
+
+        from convert import saved_model
+
+        warnings.warn(f"{path}: {e}; writing serving_default with the model's own outputs only", stacklevel=2)
+        saved_model.save(model, path, metadata=metadata, input_size=input_size)
+        return
+    write_module(module, meta, path)
+    verify_export(path, model, meta)
 
 
 def _save_onnx(model, path, *, metadata=None, opset=17, dynamic=True, nchw=False, input_size=None, **_):

@@ -83,7 +83,8 @@ def test_convert_and_verify(sources, name, fmt, tmp_path):
     src, size = sources(name)
     suffix = formats.FORMATS[fmt].suffix
     dst = tmp_path / f"out{suffix}"
-    report = api.convert(src, dst, to=fmt, input_size=size)
+    # tf_serving: predict_images resizes to the test size (the default is the paper's, 321-520 px).
+    report = api.convert(src, dst, to=fmt, input_size=size, export_size=size if fmt == "tf_serving" else None)
     out = report["target"]["path"]
     assert existing_outputs(out), f"{out} was not written"
     assert formats.detect(dst) == fmt

@@ -46,7 +46,7 @@ def _weights(model):
 def test_round_trip_ends_where_it_started(segnet, middle, tmp_path):
     model, src, x, y = segnet
     mid = str(tmp_path / ("mid" + formats.FORMATS[middle].suffix))
-    api.convert(src, mid, to=middle, input_size=SIZE)
+    api.convert(src, mid, to=middle, input_size=SIZE, export_size=SIZE if middle == "tf_serving" else None)
     back = str(tmp_path / "back.keras")
     report = api.convert(mid, back, input_size=SIZE)
     assert report["verification"]["passed"]
@@ -95,17 +95,34 @@ def test_loads_in_a_fresh_process_without_kseg(segnet, fmt, tmp_path):
 def test_saved_model_signature_is_dynamic_and_tf_serving_layout(segnet, tmp_path):
     _, src, _, _ = segnet
     base = tmp_path / "models" / "segnet"
-    api.convert(src, base, to="tf_serving", input_size=SIZE)
-    api.convert(src, base, to="tf_serving", input_size=(33, 47))
+    api.convert(src, base, to="tf_serving", export_size=SIZE)  # predict_images resizes to 64x64
+    api.convert(src, base, to="tf_serving", input_size=(33, 47), export_size=SIZE)
     assert sorted(os.listdir(base)) == ["1", "2"]  # the next free version, never an overwrite
     assert formats.detect(base) == "tf_serving"
-    sig = tf.saved_model.load(str(base / "2")).signatures["serving_default"]
-    spec = sig.structured_input_signature[1]["image"]
-    assert spec.shape.as_list() == [None, None, None, 3] and spec.dtype == tf.float32
+    # The same export as `kseg export --serving`: image-level signatures plus the raw outputs.
+    signatures = tf.saved_model.load(str(base / "2")).signatures
+    assert set(signatures) == {"serving_default", "predict_images", "label_images", "raw_outputs"}
+    for name, arg in [("raw_outputs", "image"), ("serving_default", "images")]:
+        spec = signatures[name].structured_input_signature[1][arg]
+        assert spec.shape.as_list() == [None, None, None, 3] and spec.dtype == tf.float32
     meta = json.loads((base / "2" / "assets" / "kseg.json").read_text())
     assert meta["architecture"] == "segnet_basic" and meta["build_kwargs"] == {"num_classes": 5}
     assert meta["preprocessing"] == kseg.get_spec("segnet_basic").preprocessing.to_dict()
     assert meta["outputs"] == ["classifier"] and meta["input_shape"] == [None, None, 3]
+    assert meta["serving"]["task"] == "segmentation" and meta["serving"]["image_size"] == list(SIZE)
+
+
+def test_tf_serving_of_a_model_without_preprocessing_keeps_its_own_outputs(tmp_path):
+    # A plain Keras model: no kseg metadata, so no preprocessing to put in the graph.
+    inputs = keras.Input((None, None, 3), name="image")
+    model = keras.Model(inputs, keras.layers.Conv2D(4, 3, padding="same", name="score")(inputs))
+    src = tmp_path / "plain.keras"
+    model.save(src)
+    with pytest.warns(UserWarning, match="preprocessing is unknown.*own outputs only"):
+        report = api.convert(src, tmp_path / "models" / "plain", to="tf_serving", input_size=SIZE)
+    assert report["verification"]["passed"]
+    signatures = tf.saved_model.load(report["target"]["path"]).signatures
+    assert set(signatures) == {"serving_default"}
 
 
 def test_frozen_graph_has_no_variables_and_named_io(segnet, tmp_path):
@@ -121,6 +138,35 @@ def test_frozen_graph_has_no_variables_and_named_io(segnet, tmp_path):
     side = json.loads((tmp_path / "m.pb.kseg.json").read_text())
     assert side["graph"]["inputs"] == ["image:0"] and side["graph"]["outputs"] == ["classifier:0"]
     assert api.inspect(dst)["parameters"] == kseg.build_model("segnet_basic", num_classes=5).count_params()
+
+
+def test_frozen_graph_reproduces_batchnorm_bit_for_bit(tmp_path):
+    """Grappler's constant folding pushes BN's multipliers into the frozen conv filters; the
+    verifying runner turns it off, so a frozen conv-BN stack equals Keras exactly."""
+    from convert import frozen_graph
+
+    keras.utils.set_random_seed(3)
+    x = inputs = keras.Input((None, None, 3), name="image")
+    for i in range(6):
+        x = keras.layers.Conv2D(16, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
+        x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
+        x = keras.layers.ReLU(name=f"relu{i}")(x)
+    model = keras.Model(inputs, keras.layers.Conv2D(4, 1, name="score")(x))
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            c = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 3, c), rng.normal(0, 1, c), rng.normal(0, 1, c),
+                               rng.uniform(0.01, 2, c)])
+    path = tmp_path / "bn.pb"
+    frozen_graph.save(model, path)
+    ref = verify.keras_runner(model)
+    x = rng.normal(0, 50, (2, 48, 48, 3)).astype("float32")
+    exact = verify.verify(ref, frozen_graph.load(path), inputs=x)
+    assert exact.passed and exact.outputs[0].max_abs == 0.0
+    # The case it guards against: TF's default (folding) runtime is off by float rounding.
+    folded = verify.verify(ref, frozen_graph.load(path, fold_constants=True), inputs=x)
+    assert 0.0 < folded.outputs[0].max_abs < 1e-4 * max(1.0, float(np.abs(ref(x)[0]).max()))
 
 
 # --- legacy and foreign Keras files -----------------------------------------------------

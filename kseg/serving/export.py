@@ -238,20 +238,24 @@ def export(model, path, *, version=None, image_size=None, preprocessing=None, cl
     verified against the Keras model (verify=True), and renamed into place in one step, so
     a server polling BASE/NAME never sees a half-written version.
     """
-    import tensorflow as tf
-
     module, meta = build_module(model, image_size=image_size, preprocessing=preprocessing,
                                 class_names=class_names, max_image_pixels=max_image_pixels)
     out = serving_version_dir(path, version)
     with atomic_output(out, force=force) as tmp:
-        tf.saved_model.save(module, tmp, signatures={"serving_default": module.serve,
-                                                     "predict_images": module.predict_images,
-                                                     "label_images": module.label_images,
-                                                     "raw_outputs": module.raw_outputs})
-        md.write_saved_model(tmp, meta)
+        write_module(module, meta, tmp)
         if verify:
             verify_export(tmp, model, meta)
     return out
+
+
+def write_module(module, meta, directory):
+    """Save build_module's module with its four signatures and the metadata to `directory`."""
+    import tensorflow as tf
+
+    tf.saved_model.save(module, directory, signatures={name: getattr(module, attr) for name, attr in
+                                                       zip(SIGNATURES, ("serve", "predict_images", "label_images",
+                                                                        "raw_outputs"))})
+    md.write_saved_model(directory, meta)
 
 
 def encode_png(image) -> bytes:
