@@ -35,7 +35,8 @@ def add_parser(subparsers):
     p.add_argument("--model", help="kseg architecture for weights-only sources without kseg metadata")
     p.add_argument("--num-classes", type=int, help="build option of --model")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (tf2onnx supports up to 18)")
-    p.add_argument("--static", action="store_true", help="fixed input size --input-size (SavedModel, .pb, ONNX: static shapes, e.g. single-Conv "
+    p.add_argument("--static", action="store_true",
+                   help="fixed input size --input-size (SavedModel, .pb, ONNX: static shapes, e.g. single-Conv "
                    "dilations; tf_serving: the size predict_images resizes to)")
     p.add_argument("--nchw", action="store_true", help="ONNX: NCHW input")
     p.add_argument("--quantize", choices=["dynamic"], help="TFLite: dynamic-range int8")

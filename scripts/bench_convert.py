@@ -131,7 +131,8 @@ def main(argv=None):
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    print("| model | what | seconds | load s | peak RSS GiB | size MB | time vs TF |\n|---|---|---:|---:|---:|---:|---:|")
+    print("| model | what | seconds | load s | peak RSS GiB | size MB | time vs TF |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         load = f"{r['load_seconds']:.1f}" if "load_seconds" in r else ""
         peak = f"{r['peak_rss_gib']:.2f}" if "peak_rss_gib" in r else ""
