@@ -233,6 +233,16 @@ def _save_safetensors(model, path, *, metadata=None, **_):
     if not name:
         raise ValueError(f"{path}: only kseg architectures with a torchvision layout export to a state_dict")
     spec = _spec_with_torch_map(name, path)
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(spec.builder).parameters.items()}
+    built = {**defaults, **((metadata or {}).get("build_kwargs") or {})}
+    wrong = {k: built.get(k) for k, v in spec.layouts.get("torchvision", {}).items() if built.get(k) != v}
+    if wrong:
+        # ResNet's keras layout is v1 (stride on the 1x1 conv, conv biases); torchvision's is v1.5:
+        # another network, not a renaming, so no state_dict of it exists.
+        raise ValueError(f"{path}: {name} built with {wrong} is not torchvision's network; build it with "
+                         f"{spec.layouts['torchvision']} to export a torchvision state_dict")
     state = keras_to_torch(model, spec.torch_map())
     safetensors.numpy.save_file(state, os.fspath(path), metadata={"kseg": json.dumps(metadata)})
 

@@ -42,6 +42,14 @@ def _input_size(spec, model):
     return (h, w) if h is not None else (64, 64)
 
 
+def _build_kwargs(name, fmt):
+    kwargs = dict(SMALL.get(name, {}))
+    if fmt == "safetensors":
+        # A torchvision state_dict holds torchvision's network: ResNet in its v1.5 layout.
+        kwargs.update(kseg.get_spec(name).layouts.get("torchvision", {}))
+    return kwargs
+
+
 def _has_torch_layout(name):
     return kseg.get_spec(name).torch_map is not None
 
@@ -60,18 +68,20 @@ def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("sources")
     cache = {}
 
-    def get(name):
-        if name not in cache:
+    def get(name, fmt):
+        kwargs = _build_kwargs(name, fmt)
+        key = (name, tuple(sorted(kwargs.items())))
+        if key not in cache:
             keras.backend.clear_session()
             # Fixed weights: SegNet's argmax pooling is discontinuous at ties, so random weights that
             # happen to put two pooled values within float rounding can flip an unpooling position
             # between runtimes (see the report); a seed keeps the matrix reproducible.
             keras.utils.set_random_seed(0)
-            model = kseg.build_model(name, **SMALL.get(name, {}))
-            path = os.path.join(root, f"{name}.h5")
+            model = kseg.build_model(name, **kwargs)
+            path = os.path.join(root, f"{name}-{len(cache)}.h5")
             save_keras(model, path, metadata=build_metadata(model))
-            cache[name] = (path, _input_size(kseg.get_spec(name), model))
-        return cache[name]
+            cache[key] = (path, _input_size(kseg.get_spec(name), model))
+        return cache[key]
 
     return get
 
@@ -80,7 +90,7 @@ def sources(tmp_path_factory):
 def test_convert_and_verify(sources, name, fmt, tmp_path):
     if fmt in RUNTIME_FORMATS and importlib.util.find_spec(RUNTIME_FORMATS[fmt]) is None:
         pytest.skip(f"{RUNTIME_FORMATS[fmt]} is not in this tree")
-    src, size = sources(name)
+    src, size = sources(name, fmt)
     suffix = formats.FORMATS[fmt].suffix
     dst = tmp_path / f"out{suffix}"
     # tf_serving: predict_images resizes to the test size (the default is the paper's, 321-520 px).
@@ -100,7 +110,7 @@ def test_convert_and_verify(sources, name, fmt, tmp_path):
     if fmt not in RUNTIME_FORMATS:
         meta = api.load_runner(out).metadata
         assert meta["architecture"] == name
-        assert meta["build_kwargs"] == {k: v for k, v in SMALL.get(name, {}).items()}
+        assert meta["build_kwargs"] == _build_kwargs(name, fmt)
 
 
 def test_matrix_covers_every_model_and_format():

@@ -228,6 +228,16 @@ def test_weights_h5_needs_the_right_architecture(segnet, tmp_path):
     assert not (tmp_path / "a.keras").exists() and not (tmp_path / "b.keras").exists()
 
 
+def test_keras_layout_resnet_has_no_torchvision_state_dict(tmp_path):
+    # ResNet's keras layout (v1: stride on the 1x1 conv, conv biases) is not torchvision's v1.5.
+    model = kseg.build_model("resnet50", include_top=False)
+    src = str(tmp_path / "r50.h5")
+    save_keras(model, src, metadata=build_metadata(model))
+    with pytest.raises(ValueError, match=r"layout.*'keras'.*not torchvision's network.*'torchvision'"):
+        api.convert(src, tmp_path / "r50.safetensors")
+    assert sorted(os.listdir(tmp_path)) == ["r50.h5"]
+
+
 def test_checkpoint_of_another_architecture_is_refused(segnet, tmp_path):
     _, src, _, _ = segnet
     prefix = str(tmp_path / "ckpt")
