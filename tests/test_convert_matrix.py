@@ -9,6 +9,7 @@ multiple outputs, ResNet BatchNorm, LeNet's fixed-size classifier); `-m slow` ru
 
 import importlib.util
 import os
+import shutil
 
 import keras
 import numpy as np
@@ -83,7 +84,8 @@ def sources(tmp_path_factory):
             cache[key] = (path, _input_size(kseg.get_spec(name), model))
         return cache[key]
 
-    return get
+    yield get
+    shutil.rmtree(root, ignore_errors=True)  # the full-size sources are GBs
 
 
 @pytest.mark.parametrize("name,fmt", list(_cases()))
