@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import json
 import os
 import zipfile
@@ -233,8 +234,6 @@ def _save_safetensors(model, path, *, metadata=None, **_):
     if not name:
         raise ValueError(f"{path}: only kseg architectures with a torchvision layout export to a state_dict")
     spec = _spec_with_torch_map(name, path)
-    import inspect
-
     defaults = {k: p.default for k, p in inspect.signature(spec.builder).parameters.items()}
     built = {**defaults, **((metadata or {}).get("build_kwargs") or {})}
     wrong = {k: built.get(k) for k, v in spec.layouts.get("torchvision", {}).items() if built.get(k) != v}
