@@ -147,11 +147,14 @@ def _convert_structure(model, *, opset, dynamic, nchw, input_size):
 def _repair_output_ranks(graph, model):
     """Check every graph output has the Keras output's rank; undo tf2onnx's stray leading axis.
 
-    tf2onnx 1.17's optimizers now and then (about one HED conversion in three, varying from run
-    to run) drop the final `Squeeze(axis 0)` after the `Reshape([1, -1, 0, 0, 1])` that they make
-    of a 1-channel NCHW->NHWC transpose, leaving that output [1, N, H, W, 1]. The stray axis is
+    tf2onnx 1.17's optimizers now and then (a few HED conversions in ten, varying from run to
+    run) drop the final `Squeeze(axis 0)` after the `Reshape([1, -1, 0, 0, 1])` that they make of
+    a 1-channel NCHW->NHWC transpose, leaving that output [1, N, H, W, 1]. The stray axis is
     always a leading 1, so a Squeeze on axis 0 restores the output exactly; any other rank
-    mismatch is refused rather than written.
+    mismatch is refused rather than written. The rest of the graph is consistent with the
+    rank-5 tensor (when the pass cancelled a Squeeze -> Unsqueeze pair, HED's fuse branch reads
+    it through a `Reshape([-1, 1, 0, 0])` whose zeros copy dims 2 and 3), so the nodes that
+    read it keep reading it; only the graph output gets the Squeeze.
     """
     import onnx
 
@@ -162,14 +165,13 @@ def _repair_output_ranks(graph, model):
         if len(dims) == want:
             continue
         if len(dims) == want + 1 and dims[0].dim_value == 1:
-            # The producer now writes a fresh name; a Squeeze right after it (nodes stay in
-            # topological order) writes the output's name, so any consumer reads the fixed tensor.
+            # The producer and every node reading its tensor move to a fresh name; a Squeeze right
+            # after the producer (nodes stay in topological order) writes the output's name.
             index = next(i for i, n in enumerate(graph.node) if value.name in n.output)
-            producer = graph.node[index]
             taken = {o for n in graph.node for o in n.output}
             stray = next(f"{value.name}__kseg_unsqueezed{i or ''}" for i in range(len(taken) + 1)
                          if f"{value.name}__kseg_unsqueezed{i or ''}" not in taken)
-            producer.output[:] = [stray if o == value.name else o for o in producer.output]
+            _rename(graph, {value.name: stray}, outputs=False)
             axes = stray + "__axes"
             # A Constant node, not an initializer: initializers are the Keras weights, by name.
             graph.node.insert(index + 1, onnx.helper.make_node(
@@ -184,8 +186,8 @@ def _repair_output_ranks(graph, model):
         )
 
 
-def _rename(graph, renames):
-    for value in list(graph.input) + list(graph.output):
+def _rename(graph, renames, *, outputs=True):
+    for value in list(graph.input) + (list(graph.output) if outputs else []):
         value.name = renames.get(value.name, value.name)
     for node in graph.node:
         node.input[:] = [renames.get(n, n) for n in node.input]

@@ -61,28 +61,34 @@ def test_every_model_to_onnx(name, tmp_path):
 
 
 def _stray_axis_graph(extra_rank_dim):
-    """tf2onnx's intermittent HED bug made deterministic, without tf2onnx: an ONNX graph whose one
-    output gains a leading axis of size `extra_rank_dim` (1 is the bug; anything else is unfixable),
-    and a Keras model with the rank-4 output the graph should have had."""
+    """tf2onnx's intermittent HED bug made deterministic, without tf2onnx: an ONNX graph whose output
+    `side` gains a leading axis of size `extra_rank_dim` (1 is the bug; anything else is unfixable),
+    and a Keras model with the rank-4 outputs the graph should have had. Like HED's fuse branch, a
+    second output `fuse` is computed from the rank-5 tensor by a Reshape whose zeros copy its dims."""
     import onnx
     from onnx import TensorProto, helper
 
     inputs = keras.Input((None, None, 1))
-    model = keras.Model(inputs, keras.layers.Identity(name="side")(inputs))
+    model = keras.Model(inputs, [keras.layers.Identity(name="side")(inputs), keras.layers.Identity(name="fuse")(inputs)])
     dims = [extra_rank_dim, "batch", "height", "width", 1]
-    # [1, N, H, W, 1] is what tf2onnx leaves (its Reshape of the NCHW map, minus the Squeeze).
-    const = onnx.numpy_helper.from_array(np.array([extra_rank_dim, 2, 9, 11, 1], dtype=np.int64))
+    const = lambda name, values: helper.make_node(
+        "Constant", [], [name], value=onnx.numpy_helper.from_array(np.array(values, dtype=np.int64)))
     graph = helper.make_graph(
-        [helper.make_node("Constant", [], ["shape"], value=const),
-         helper.make_node("Reshape", ["image", "shape"], ["side"])],
+        # [1, N, H, W, 1] is what tf2onnx leaves (its Reshape of the NCHW map, minus the Squeeze) ...
+        [const("shape", [extra_rank_dim, 2, 9, 11, 1]), helper.make_node("Reshape", ["image", "shape"], ["side"]),
+         # ... and what it feeds the fuse Concat with, after cancelling the Squeeze -> Unsqueeze pair.
+         const("nchw", [-1, 1, 0, 0]), helper.make_node("Reshape", ["side", "nchw"], ["side_nchw"]),
+         helper.make_node("Transpose", ["side_nchw"], ["fuse"], perm=[0, 2, 3, 1])],
         "stray", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", "height", "width", 1])],
-        [helper.make_tensor_value_info("side", TensorProto.FLOAT, dims)])
+        [helper.make_tensor_value_info("side", TensorProto.FLOAT, dims),
+         helper.make_tensor_value_info("fuse", TensorProto.FLOAT, ["batch", "height", "width", 1])])
     return model, helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def test_stray_leading_output_axis_is_squeezed_away():
-    # tf2onnx 1.17 now and then drops the final Squeeze of a 1-channel output (seen on HED's side
-    # outputs, about one conversion in three): the repair restores the Keras rank and values.
+    # tf2onnx 1.17 now and then drops the Squeeze of a 1-channel output (seen on HED's side outputs,
+    # a few conversions in ten): the repair restores the Keras rank and values, and the nodes inside
+    # the graph that read the rank-5 tensor (HED's fuse branch) still get it.
     import onnxruntime as ort
 
     from convert.onnx_format import _repair_output_ranks
@@ -90,11 +96,15 @@ def test_stray_leading_output_axis_is_squeezed_away():
     model, proto = _stray_axis_graph(1)
     x = np.random.default_rng(0).normal(size=(2, 9, 11, 1)).astype("float32")
     run = lambda p: ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"image": x})[0]
-    assert run(proto).shape == (1, 2, 9, 11, 1)  # the bug
+        None, {"image": x})
+    side, fuse = run(proto)
+    assert side.shape == (1, 2, 9, 11, 1)  # the bug
+    np.testing.assert_array_equal(fuse, x)
     _repair_output_ranks(proto.graph, model)
-    assert len(proto.graph.output[0].type.tensor_type.shape.dim) == 4
-    np.testing.assert_array_equal(run(proto), x)
+    assert [len(o.type.tensor_type.shape.dim) for o in proto.graph.output] == [4, 4]
+    side, fuse = run(proto)
+    np.testing.assert_array_equal(side, x)
+    np.testing.assert_array_equal(fuse, x)
 
 
 def test_other_output_rank_mismatch_is_refused():
