@@ -21,8 +21,10 @@ TOLERANCES = {
     "tf": {"atol": 1e-6, "rtol": 0.0, "argmax": 0.999},  # TF runtime vs TF runtime
     "runtime": {"atol": 1e-5, "rtol": 1e-3, "argmax": 0.999},  # TF vs ONNX Runtime / TFLite
     "torch": {"atol": 1e-4, "rtol": 0.0, "argmax": 0.999},  # PyTorch imports
-    # Dynamic-range int8 TFLite: weights quantised to 8 bits; stated, looser bounds.
-    "int8": {"atol": 5e-2, "rtol": 5e-2, "argmax": 0.95},
+    # Dynamic-range int8 TFLite: weights and (per batch) activations quantised to 8 bits; stated,
+    # looser bounds. Measured max|a - b| / max|ref| over random weights (16 seeds HED, 8 DeepLab-
+    # LargeFOV and LeNet-5): HED's 1-channel side outputs 2.4-6.0%, DeepLab 0.4-0.6%, LeNet 0.3-0.4%.
+    "int8": {"atol": 1e-1, "rtol": 5e-2, "argmax": 0.95},
 }
 
 

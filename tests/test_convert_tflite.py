@@ -98,6 +98,8 @@ def test_segnet_records_rewritten_layers(tmp_path):
     ("lenet5", (32, 32)),
 ])
 def test_dynamic_range_int8(name, size, tmp_path):
+    # Seeded: int8's error depends on the weights (random HEDs: 2.4-6.0% of max|output|, bound 10%).
+    keras.utils.set_random_seed(0)
     model = kseg.build_model(name)
     float_size = os.path.getsize(export_tflite(model, tmp_path / "f.tflite"))
     path = export_tflite(model, tmp_path / "q.tflite", quantize="dynamic")
