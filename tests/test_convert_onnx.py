@@ -69,7 +69,7 @@ def _stray_axis_graph(extra_rank_dim):
     from onnx import TensorProto, helper
 
     inputs = keras.Input((None, None, 1))
-    model = keras.Model(inputs, [keras.layers.Identity(name="side")(inputs), keras.layers.Identity(name="fuse")(inputs)])
+    model = keras.Model(inputs, [keras.layers.Identity(name=n)(inputs) for n in ("side", "fuse")])
     dims = [extra_rank_dim, "batch", "height", "width", 1]
     const = lambda name, values: helper.make_node(
         "Constant", [], [name], value=onnx.numpy_helper.from_array(np.array(values, dtype=np.int64)))
