@@ -6,9 +6,10 @@ import os
 import time
 
 from convert import formats
-from convert import metadata as md
 from convert.io import atomic_output
 from convert.verify import keras_runner, verify
+from kseg import identity as md
+from kseg.progress import stages
 
 
 class VerificationError(ValueError):
@@ -34,7 +35,8 @@ def load_keras(path, *, model=None, build_kwargs=None, unsafe=False, fmt=None):
 
 
 def convert(src, dst=None, *, to=None, model=None, force=False, unsafe=False, build_kwargs=None,
-            input_size=None, export_size=None, images=None, tolerance=None, version=None, **options) -> dict:
+            input_size=None, export_size=None, images=None, tolerance=None, version=None, progress=False,
+            **options) -> dict:
     """Convert `src` to `dst` (format `to` or from dst's suffix), verify it against `src`, return a report.
 
     model: registry architecture for weights-only sources (checkpoints, weight files,
@@ -43,6 +45,7 @@ def convert(src, dst=None, *, to=None, model=None, force=False, unsafe=False, bu
     the model's); export_size=(h, w) fixes the exported input size (SavedModel, frozen graph,
     ONNX with dynamic=False) and is verified at. The output is written to a
     temporary path, verified there, and renamed into place only when verification passes.
+    progress=True shows the current step (loading, writing, verifying) on standard error.
     """
     src = os.fspath(src)
     src_fmt = formats.detect(src)
@@ -53,6 +56,15 @@ def convert(src, dst=None, *, to=None, model=None, force=False, unsafe=False, bu
     to = formats.target_format(dst, to)
     dst = os.fspath(dst)
     loading = {"model": model, "build_kwargs": build_kwargs, "unsafe": unsafe}
+    with stages(progress, f"{os.path.basename(src.rstrip('/'))} -> {to}") as stage:
+        stage(f"loading {src_fmt}")
+        return _convert(src, src_fmt, dst, to, loading, stage, force=force, input_size=input_size,
+                        export_size=export_size, images=images, tolerance=tolerance, version=version, **options)
+
+
+def _convert(src, src_fmt, dst, to, loading, stage, *, force, input_size, export_size, images, tolerance, version,
+             **options):
+    model, build_kwargs = loading["model"], loading["build_kwargs"]
     start = time.perf_counter()
     keras_model = load_keras(src, fmt=src_fmt, **loading)
     if model is not None and md.model_info(keras_model) is None:
@@ -76,9 +88,11 @@ def convert(src, dst=None, *, to=None, model=None, force=False, unsafe=False, bu
 
         out = serving_version_dir(dst, version)
     with atomic_output(out, force=force) as tmp:
+        stage(f"writing {to}")
         start = time.perf_counter()
         formats.call(to, "save", keras_model, tmp, metadata=meta, input_size=export_size, **options)
         saved_s = time.perf_counter() - start
+        stage("verifying against the source")
         target = load_runner(tmp, fmt=to, model=meta["architecture"])
         report = verify(reference, target, images=images, input_size=input_size or export_size, tolerance=tolerance)
         if not report.passed:

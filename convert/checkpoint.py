@@ -10,8 +10,8 @@ import os
 
 import numpy as np
 
-from convert import metadata as md
 from convert.verify import keras_runner
+from kseg import identity as md
 
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 

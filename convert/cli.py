@@ -5,32 +5,27 @@ kseg/cli.py calls add_parser(subparsers); each handler returns the exit code.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
+from kseg import cliutil
 
-def _console():
-    from rich.console import Console
-
-    return Console(width=None if sys.stdout.isatty() else 200)
+# Other names `--to` accepts: pb is the frozen GraphDef's usual suffix.
+FORMAT_ALIASES = {"pb": "frozen_graph"}
 
 
-def _size(text):
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW such as 321x321, got {text!r}") from None
-    return h, w
+def _target_format(text):
+    return FORMAT_ALIASES.get(text, text)
 
 
 def add_parser(subparsers):
-    from convert.formats import FORMATS
+    from convert import formats  # the standard library only
 
-    writable = sorted(n for n, f in FORMATS.items() if f.save)
+    writable = sorted(n for n, f in formats.FORMATS.items() if f.save)
     p = subparsers.add_parser("convert", help="convert a model between formats and verify the result")
     p.add_argument("src", help="model file, SavedModel directory or checkpoint prefix")
-    p.add_argument("--to", choices=writable, help="output format (default: from the output's suffix)")
+    p.add_argument("--to", type=_target_format, choices=writable,
+                   help="output format (default: from the output's suffix; pb is frozen_graph)")
     p.add_argument("-o", "--output", help="output path (default: SRC's name with the format's suffix)")
     p.add_argument("--model", help="kseg architecture for weights-only sources without kseg metadata")
     p.add_argument("--num-classes", type=int, help="build option of --model")
@@ -40,7 +35,8 @@ def add_parser(subparsers):
                    "dilations; tf_serving: the size predict_images resizes to)")
     p.add_argument("--nchw", action="store_true", help="ONNX: NCHW input")
     p.add_argument("--quantize", choices=["dynamic"], help="TFLite: dynamic-range int8")
-    p.add_argument("--input-size", type=_size, help="HxW: the verification size; with --static also the fixed export size")
+    p.add_argument("--input-size", type=cliutil.parse_size, metavar="HxW",
+                   help=cliutil.size_help("the verification size; with --static also the fixed export size"))
     p.add_argument("--version", type=int, help="tf_serving: version directory (default: next free)")
     p.add_argument("--images", nargs="+", help="verify on these images instead of seeded random ones")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
@@ -53,7 +49,8 @@ def add_parser(subparsers):
     p.add_argument("b", help="artifact to check")
     p.add_argument("--model", help="kseg architecture for weights-only files")
     p.add_argument("--images", nargs="+", help="image files (default: seeded random images)")
-    p.add_argument("--input-size", type=_size, help="HxW to run at (default: the model's)")
+    p.add_argument("--input-size", type=cliutil.parse_size, metavar="HxW",
+                   help=cliutil.size_help("the size to run at (default: the model's)"))
     p.add_argument("--tolerance", choices=["tf", "runtime", "torch", "int8"], help="override the pair's tolerance")
     p.add_argument("--unsafe", action="store_true", help="allow Lambda layers")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -86,26 +83,26 @@ def cmd_convert(args):
     if args.quantize:
         options["quantize"] = args.quantize
     build_kwargs = {"num_classes": args.num_classes} if args.num_classes else None
-    console = _console()
+    console = cliutil.console()
     try:
         result = convert(args.src, args.output, to=args.to, model=args.model, force=args.force, unsafe=args.unsafe,
                          build_kwargs=build_kwargs, input_size=args.input_size, images=args.images,
                          export_size=args.input_size if args.static else None,
-                         version=args.version, **options)
+                         version=args.version, progress=sys.stderr.isatty(), **options)
     except VerificationError as e:
         console.print(_report_table(e.report, "verification FAILED"))
         print(f"kseg: error: {e}", file=sys.stderr)
-        return 1
+        return cliutil.PROBLEMS
     if args.json:
         print(json.dumps(result, indent=1))
-        return 0
+        return cliutil.OK
     from convert.verify import Report
 
     report = Report(**{**result["verification"], "outputs": [
         _output(o) for o in result["verification"]["outputs"]]})
     console.print(_report_table(report, f"{result['source']['format']} -> {result['target']['format']}"))
     console.print(f"wrote {result['target']['path']} ({result['target']['format']}); verified: {result['summary']}")
-    return 0
+    return cliutil.OK
 
 
 def _output(d):
@@ -122,10 +119,10 @@ def cmd_verify(args):
     if args.json:
         print(report.to_json())
     else:
-        console = _console()
+        console = cliutil.console()
         console.print(_report_table(report, f"{args.a} vs {args.b} ({report.kind} tolerance)"))
         console.print(report.summary())
-    return 0 if report.passed else 1
+    return cliutil.OK if report.passed else cliutil.PROBLEMS
 
 
 def cmd_inspect(args):
@@ -134,7 +131,7 @@ def cmd_inspect(args):
     info = inspect(args.file, model=args.model)
     if args.json:
         print(json.dumps(info, indent=1, default=str))
-        return 0
+        return cliutil.OK
     from rich.table import Table
     from rich.text import Text
 
@@ -155,5 +152,5 @@ def cmd_inspect(args):
     for row in rows:
         # Text, not markup: rich would read "[null, null, null, 3]" as a style tag and drop it.
         table.add_row(*(Text(v) for v in row))
-    _console().print(table)
-    return 0
+    cliutil.console().print(table)
+    return cliutil.OK

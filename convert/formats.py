@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import inspect
 import json
 import os
 import zipfile
@@ -44,7 +43,7 @@ FORMATS = {f.name: f for f in [
     Format("saved_model", "TensorFlow SavedModel (serving_default signature)", "",
            "convert.saved_model:load", "convert.saved_model:to_keras", "convert.saved_model:save"),
     Format("tf_serving", "SavedModel in the TF Serving layout BASE/NAME/VERSION/", "",
-           "convert.saved_model:load", "convert.saved_model:to_keras", "convert.formats:_save_serving"),
+           "convert.saved_model:load", "convert.saved_model:to_keras", "convert.tf_serving:save_format"),
     Format("frozen_graph", "frozen GraphDef .pb (constants, input 'image', named outputs)", ".pb",
            "convert.frozen_graph:load", "convert.frozen_graph:to_keras", "convert.frozen_graph:save"),
     Format("checkpoint", "TF2 object-based checkpoint (tf.train.Checkpoint) + an architecture", "",
@@ -183,28 +182,6 @@ def default_output(src, fmt) -> str:
 # --- adapters for the formats implemented in other modules ----------------------------
 
 
-def _save_serving(model, path, *, metadata=None, input_size=None, **_):
-    """kseg.serving's export: image-level signatures (preprocessing in the graph) + raw_outputs.
-
-    A model with no servable head (a classifier without its top, a plain Keras model whose
-    preprocessing is unknown) gets the plain SavedModel's serving_default, with a warning.
-    """
-    from kseg.serving.export import build_module, verify_export, write_module
-
-    try:
-        module, meta = build_module(model, image_size=input_size, class_names=(metadata or {}).get("class_names"))
-    except ValueError as e:
-        import warnings
-
-        from convert import saved_model
-
-        warnings.warn(f"{path}: {e}; writing serving_default with the model's own outputs only", stacklevel=2)
-        saved_model.save(model, path, metadata=metadata, input_size=input_size)
-        return
-    write_module(module, meta, path)
-    verify_export(path, model, meta)
-
-
 def _save_onnx(model, path, *, metadata=None, opset=17, dynamic=True, nchw=False, input_size=None, **_):
     export = resolve("convert.onnx_format:export_onnx")
     export(model, path, opset=opset, dynamic=dynamic, nchw=nchw, input_size=input_size, metadata=metadata)
@@ -228,14 +205,14 @@ def _spec_with_torch_map(name, path):
 def _save_safetensors(model, path, *, metadata=None, **_):
     import safetensors.numpy
 
+    from kseg.identity import of_metadata
     from kseg.weights import keras_to_torch
 
     name = (metadata or {}).get("architecture")
     if not name:
         raise ValueError(f"{path}: only kseg architectures with a torchvision layout export to a state_dict")
     spec = _spec_with_torch_map(name, path)
-    defaults = {k: p.default for k, p in inspect.signature(spec.builder).parameters.items()}
-    built = {**defaults, **((metadata or {}).get("build_kwargs") or {})}
+    built = of_metadata(metadata).options  # the builder's defaults and the model's build options
     wrong = {k: built.get(k) for k, v in spec.layouts.get("torchvision", {}).items() if built.get(k) != v}
     if wrong:
         # ResNet's keras layout is v1 (stride on the 1x1 conv, conv biases); torchvision's is v1.5:
@@ -246,21 +223,10 @@ def _save_safetensors(model, path, *, metadata=None, **_):
     safetensors.numpy.save_file(state, os.fspath(path), metadata={"kseg": json.dumps(metadata)})
 
 
-def read_safetensors_metadata(path):
-    import safetensors
-
-    try:
-        with safetensors.safe_open(os.fspath(path), "np") as f:
-            text = (f.metadata() or {}).get("kseg")
-    except Exception:
-        return None
-    return json.loads(text) if text else None
-
-
 def _state_dict_to_keras(path, *, model=None, build_kwargs=None, **_):
-    from convert import metadata as md
+    from kseg import identity as md
 
-    meta = read_safetensors_metadata(path) if os.fspath(path).lower().endswith(".safetensors") else None
+    meta = md.read_safetensors(path) if os.fspath(path).lower().endswith(".safetensors") else None
     name = model or (meta or {}).get("architecture")
     if not name:
         raise ValueError(f"{path}: a state_dict names no architecture; pass --model NAME")
@@ -278,8 +244,8 @@ def _state_dict_to_keras(path, *, model=None, build_kwargs=None, **_):
 
 
 def _load_state_dict(path, **options):
-    from convert import metadata as md
     from convert.verify import keras_runner
+    from kseg import identity as md
 
     keras_model = _state_dict_to_keras(path, **options)
     return keras_runner(keras_model, md.build_metadata(keras_model))

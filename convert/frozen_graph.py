@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 
-from convert import metadata as md
 from convert.verify import Runner
+from kseg import identity as md
 
 
 def save(model, path, *, metadata=None, input_size=None, **_):
@@ -63,7 +63,8 @@ def _io_names(graph_def, side, path):
     # No sidecar: the placeholders are the inputs, the nodes nothing consumes the outputs.
     inputs = [f"{n.name}:0" for n in graph_def.node if n.op == "Placeholder"]
     consumed = {i.split(":")[0].lstrip("^") for n in graph_def.node for i in n.input}
-    outputs = [f"{n.name}:0" for n in graph_def.node if n.name not in consumed and n.op not in ("Placeholder", "Const", "NoOp")]
+    outputs = [f"{n.name}:0" for n in graph_def.node
+               if n.name not in consumed and n.op not in ("Placeholder", "Const", "NoOp")]
     if len(inputs) != 1:
         raise ValueError(f"{path}: {len(inputs)} placeholders {inputs}; kseg runs single-input graphs")
     return inputs, outputs

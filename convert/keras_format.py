@@ -7,8 +7,8 @@ import os
 import shutil
 import tempfile
 
-from convert import metadata as md
 from convert.verify import keras_runner
+from kseg import identity as md
 
 
 def read_metadata(path):

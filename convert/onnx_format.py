@@ -22,9 +22,9 @@ import os
 
 import numpy as np
 
-from convert import metadata as md
 from convert.io import atomic_output
 from convert.verify import Runner
+from kseg import identity as md
 
 MIN_OPSET, MAX_OPSET = 13, 18  # tf2onnx 1.17 writes opsets up to 18; kseg's ops need >= 13
 METADATA_KEY = "kseg"

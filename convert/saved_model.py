@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 
-from convert import metadata as md
 from convert.verify import Runner, keras_runner
+from kseg import identity as md
 
 
 def serving_function(model, input_size=None):

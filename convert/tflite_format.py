@@ -25,9 +25,9 @@ import warnings
 
 import numpy as np
 
-from convert import metadata as md
 from convert.io import atomic_output
 from convert.verify import Runner
+from kseg import identity as md
 
 QUANTIZE = (None, "dynamic")
 SIGNATURE = "serving_default"

@@ -34,10 +34,7 @@ def build_model(name, *, num_classes=None, input_shape=None, weights=None, backb
             for key, value in spec.layouts.get("torchvision", {}).items():
                 kwargs.setdefault(key, value)
     build_kwargs = dict(kwargs)
-    if num_classes is not None and spec.task != "edges" and num_classes < 2:
-        raise ValueError(
-            f"build_model({name!r}): num_classes must be >= 2 (background counts as a class), got {num_classes}"
-        )
+    spec.task_object.check_num_classes(name, num_classes)
     if num_classes is not None:
         build_kwargs["num_classes"] = num_classes
     if input_shape is not None:

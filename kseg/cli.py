@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
 import sys
 import time
 
+from kseg import cliutil
 
-def _console():
-    from rich.console import Console
-
-    # Piped output (files, grep, CI logs) gets a wide table instead of rich's 80 columns.
-    return Console(width=None if sys.stdout.isatty() else 200)
+# The registry's facts for `kseg models`, written by scripts/gen_model_table.py: listing models
+# reads this file instead of importing every model module (and Keras).
+CATALOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "catalog.json")
 
 
 def _models_table(rows, title):
@@ -28,16 +29,52 @@ def _models_table(rows, title):
     return table
 
 
-def model_rows(task=None):
-    """(name, task, params, default input, paper) for every registered model."""
+def catalog_entries():
+    """The catalogue from the live registry (imports every model, and Keras): the tasks, and for
+    every registered model its name, task, parameters, default input shape and paper."""
     import kseg
+    from kseg.tasks import TASKS
 
-    rows = []
-    for name in kseg.list_models(task):
+    models = []
+    for name in kseg.list_models():
         spec = kseg.get_spec(name)
-        h, w, c = spec.input_shape
-        rows.append((name, spec.task, f"{spec.params:,}", f"{h}x{w}x{c}", spec.paper))
+        models.append({"name": name, "task": spec.task, "params": spec.params,
+                       "input_shape": list(spec.input_shape), "paper": spec.paper})
+    return {"tasks": list(TASKS), "models": models}
+
+
+def load_catalog():
+    """kseg/models/catalog.json (see catalog_entries); no Keras."""
+    with open(CATALOG, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _rows(entries, task=None):
+    rows = []
+    for m in entries:
+        if task is None or m["task"] == task:
+            h, w, c = m["input_shape"]
+            rows.append((m["name"], m["task"], f"{m['params']:,}", f"{h}x{w}x{c}", m["paper"]))
     return rows
+
+
+def model_rows(task=None):
+    """(name, task, params, default input, paper) for every registered model, from the live registry."""
+    return _rows(catalog_entries()["models"], task)
+
+
+def catalog_rows(task=None):
+    """The same rows from the shipped catalogue, without importing Keras (from the live registry
+    when the catalogue is missing, e.g. in a checkout before scripts/gen_model_table.py ran)."""
+    if not os.path.exists(CATALOG):
+        return model_rows(task)
+    return _rows(load_catalog()["models"], task)
+
+
+def _task_names():
+    if not os.path.exists(CATALOG):
+        return ["classification", "segmentation", "edges"]
+    return load_catalog()["tasks"]
 
 
 def cmd_models(args):
@@ -45,8 +82,8 @@ def cmd_models(args):
         import kseg
 
         return run_models(args.run or kseg.list_models(args.task))
-    _console().print(_models_table(model_rows(args.task), "kseg models"))
-    return 0
+    cliutil.console().print(_models_table(catalog_rows(args.task), "kseg models"))
+    return cliutil.OK
 
 
 def run_models(names):
@@ -56,7 +93,7 @@ def run_models(names):
 
     import kseg
 
-    console = _console()
+    console = cliutil.console()
     rng = np.random.default_rng(0)
     results, failed = [], 0
     with Progress(console=console, transient=True) as progress:
@@ -89,7 +126,20 @@ def run_models(names):
         table.add_row(*row)
     console.print(table)
     console.print(f"{len(results) - failed} of {len(results)} models match their reference parameter counts.")
-    return 1 if failed else 0
+    return cliutil.PROBLEMS if failed else cliutil.OK
+
+
+def cmd_demo(args):
+    from kseg.demo import print_summary, run_demo
+    from kseg.train import RecipeError, TrainingSetupError
+
+    try:
+        summary = run_demo(args.out, seed=args.seed, train_images=args.train_images, val_images=args.val_images,
+                           size=args.size, epochs=args.epochs, overrides=args.set, budget_s=args.budget)
+    except (RecipeError, TrainingSetupError) as e:
+        return cliutil.fail(e, "kseg demo")
+    print_summary(summary, cliutil.console())
+    return cliutil.OK
 
 
 def build_parser():
@@ -98,19 +148,37 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list registered models (--run: build and run them)")
-    p.add_argument("--task", choices=["classification", "segmentation", "edges"])
+    p.add_argument("--task", choices=_task_names())
     p.add_argument("--run", nargs="*", metavar="MODEL",
                    help="build and run these models (default: all listed) on one input and check their "
                         "parameter counts")
     p.set_defaults(func=cmd_models)
 
-    # Each feature package owns its subcommands.
+    d = sub.add_parser("demo", help="the main job: synthetic data -> train a small DeepLab-LargeFOV on the "
+                                           "CPU -> evaluate (+CRF) -> predictions, plots, ONNX export (no downloads)")
+    d.add_argument("--out", default="kseg_demo", help="output directory (default ./kseg_demo); an interrupted "
+                                                      "demo resumes there")
+    d.add_argument("--budget", type=float, default=cliutil.DEMO_BUDGET_S, metavar="SECONDS",
+                   help=f"training time limit; training stops after the epoch that would overrun it "
+                        f"(default {cliutil.DEMO_BUDGET_S:.0f})")
+    d.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    d.add_argument("--train-images", type=int, default=cliutil.DEMO_TRAIN_IMAGES)
+    d.add_argument("--val-images", type=int, default=cliutil.DEMO_VAL_IMAGES)
+    d.add_argument("--size", type=int, default=cliutil.DEMO_SIZE,
+                   help=f"side of the square images in pixels (default {cliutil.DEMO_SIZE})")
+    d.add_argument("--seed", type=int, default=cliutil.DEMO_SEED)
+    d.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a value of the synthetic_demo recipe, e.g. --set optimizer.learning_rate=1e-3")
+    d.set_defaults(func=cmd_demo)
+
+    # Each feature package owns its subcommands. Neither its cli module nor its (lazy) __init__
+    # imports TensorFlow: the handlers do, when they run.
     for module in SUBCOMMAND_MODULES:
         importlib.import_module(module).add_parser(sub)
     return parser
 
 
-SUBCOMMAND_MODULES = ("kseg.data.cli", "kseg.train.cli", "convert.cli", "kseg.serving.cli")
+SUBCOMMAND_MODULES = ("kseg.data.cli", "kseg.train.cli", "kseg.inference.cli", "convert.cli", "kseg.serving.cli")
 
 
 def _version():
@@ -123,12 +191,10 @@ def _version():
 
 
 def main(argv=None):
+    """`kseg ...`: the exit code (see kseg.cliutil: 0 ok, 1 problems found, 2 bad usage or input,
+    3 a missing optional dependency). Expected errors print one line, never a traceback."""
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"kseg: error: {e}", file=sys.stderr)
-        return 2
+    return cliutil.run(args.func, args)
 
 
 if __name__ == "__main__":

@@ -118,6 +118,11 @@ def _densecrf():
     return dcrf
 
 
+def check_installed():
+    """Raise ImportError with the pip command when pydensecrf2 is missing (before any long work)."""
+    _densecrf()
+
+
 def available() -> bool:
     """Whether pydensecrf2 can be imported."""
     try:
@@ -138,6 +143,19 @@ def _rgb_uint8(image, where) -> np.ndarray:
         img = np.clip(np.round(img), 0, 255).astype(np.uint8)
     # pydensecrf takes a writable C-contiguous buffer (a PIL image's array is read-only).
     return np.require(img, np.uint8, ("C", "W"))
+
+
+def as_params(crf) -> CRFParams | None:
+    """None/False -> None, True -> the paper's CRFParams(), a 'w1=5,...' string parsed, a CRFParams as is."""
+    if crf is None or crf is False:
+        return None
+    if crf is True:
+        return CRFParams()
+    if isinstance(crf, str):
+        return CRFParams.parse(crf)
+    if not isinstance(crf, CRFParams):
+        raise TypeError(f"crf must be None, True, a CRFParams or a 'w1=...,sigma_alpha=...' string, got {crf!r}")
+    return crf
 
 
 def softmax(logits, axis=-1) -> np.ndarray:

@@ -357,7 +357,8 @@ class ConnectionTableConv2D(keras.layers.Layer):
         k, n = self.kernel_size, len(self._pairs)
         self.in_channels = int(input_shape[-1])
         if self._pairs[:, 0].max() >= self.in_channels:
-            raise ValueError(f"{self.name}: table names input map {self._pairs[:, 0].max()}, input has {self.in_channels}")
+            raise ValueError(f"{self.name}: table names input map {self._pairs[:, 0].max()}, "
+                             f"input has {self.in_channels}")
         self.kernel = self.add_weight(name="kernel", shape=(k, k, n), initializer="glorot_uniform")
         self.bias = self.add_weight(name="bias", shape=(len(self.table),), initializer="zeros")
 

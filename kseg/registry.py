@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import inspect
 from typing import Any, Callable
 
-TASKS = ("classification", "segmentation", "edges")
+from kseg.tasks import TASKS, Task, get_task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +96,11 @@ class ModelSpec:
     backbone_adapt: Callable[[dict, Any, str], dict] | None = None
     description: str = ""
 
+    @property
+    def task_object(self) -> Task:
+        """The task (kseg.tasks) this model's outputs mean: heads, labels, loss, serving, verification."""
+        return get_task(self.task)
+
     def preprocessing_for(self, layout: str | None = None) -> Preprocessing:
         return self.layout_preprocessing.get(layout, self.preprocessing)
 
@@ -134,7 +140,7 @@ def register_model(
 ):
     """Register a builder under `name`. A second registration of a name raises."""
     if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r} for model {name!r}")
+        raise ValueError(f"task must be one of {tuple(TASKS)}, got {task!r} for model {name!r}")
 
     def resolve(p):
         if isinstance(p, Preprocessing):
@@ -176,8 +182,9 @@ def register_model(
 
 
 def _ensure_models_imported():
-    # Importing the model modules runs their @register_model decorators.
-    from kseg import models  # noqa: F401
+    # Importing the model modules runs their @register_model decorators. By name: the registry
+    # sits below the models it lists (models import the registry, never the reverse).
+    importlib.import_module("kseg.models")
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -197,5 +204,5 @@ def list_models(task: str | None = None) -> list[str]:
     """Registered model names, sorted; optionally only those of one task."""
     _ensure_models_imported()
     if task is not None and task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        raise ValueError(f"task must be one of {tuple(TASKS)}, got {task!r}")
     return sorted(n for n, s in _REGISTRY.items() if task is None or s.task == task)

@@ -27,7 +27,7 @@ _CONVERT = """
 import json, sys, time
 import kseg
 from convert import api, formats
-from convert.metadata import build_metadata
+from kseg.identity import build_metadata
 name, fmt, path, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 model = kseg.build_model(name)
 options = {"quantize": "dynamic"} if fmt == "tflite_int8" else {}

@@ -8,7 +8,7 @@ torchvision's layout where one exists), loads kseg's weights into it (kseg's sta
 `kseg.weights.keras_to_torch`, or by layer name), checks that every runtime's outputs equal
 TF's, and only then times:
 
-- inference: batch-1 latency and batch-8 throughput for TF graph mode (kseg.infer's traced
+- inference: batch-1 latency and batch-8 throughput for TF graph mode (kseg.inference's traced
   function), XLA (the same with jit_compile), ONNX Runtime, the TFLite interpreter, PyTorch eager
   (torch.inference_mode);
 - a training step (forward, backward, SGD with momentum) in images/s, TF graph mode vs PyTorch
@@ -507,7 +507,7 @@ def worker(name, cfg, args):
     import keras
 
     import kseg
-    from kseg.infer import Predictor
+    from kseg.inference import Predictor
 
     def log(msg):
         print(f"PHASE {name}: {msg}", flush=True)
@@ -568,7 +568,7 @@ def worker(name, cfg, args):
     state["ref"] = [np.asarray(o) for o in listify(model(x1, training=False))]
     checks["tf_eager"] = {"equal": True, "max_rel_diff": 0.0, "reference": True}
 
-    # --- TF graph mode and XLA: kseg.infer's traced function (one trace for every batch size)
+    # --- TF graph mode and XLA: kseg.inference's traced function (one trace for every batch size)
     def tf_mode(runtime, jit):
         def body():
             pred = Predictor(model, jit_compile=jit)
@@ -671,17 +671,13 @@ def worker(name, cfg, args):
     if "train" not in args.skip:
         tb = cfg["train_batch"]
         xt = rng.uniform(-1, 1, (tb, h, w, c)).astype("float32")
-        if spec.task == "classification":
-            yt = rng.integers(0, num_classes, (tb,))
-        elif spec.task == "segmentation":
-            yt = rng.integers(0, num_classes, (tb, h, w))
-        else:  # edges: a binary edge map for every side output
-            yt = (rng.uniform(size=(tb, h, w, 1)) > 0.9).astype("float32")
+        # Labels per image, label maps, or a binary edge map for every side output (HED).
+        yt = spec.task_object.random_targets(rng, tb, h, w, num_classes)
 
         def tf_train(runtime, jit):
             def body():
                 with Phase(rec, f"train_{runtime}", log):
-                    train[runtime] = train_tf(model, spec.task, xt, yt, jit, budget)
+                    train[runtime] = train_tf(model, spec.task_object, xt, yt, jit, budget)
 
             return body
 
@@ -691,7 +687,7 @@ def worker(name, cfg, args):
         if state["torch"] is not None:
             def torch_train():
                 with Phase(rec, "train_pytorch", log):
-                    train["pytorch"] = train_torch(state["torch"], spec.task, xt, yt, budget)
+                    train["pytorch"] = train_torch(state["torch"], spec.task_object, xt, yt, budget)
 
             guarded("pytorch", torch_train, train)
         for m in train.values():
@@ -708,7 +704,7 @@ def train_tf(model, task, xt, yt, jit, budget):
     import keras
     import tensorflow as tf
 
-    if task == "edges":
+    if task.target_kind == "edge_map":
         bce = keras.losses.BinaryCrossentropy(from_logits=True)
         loss_fn = lambda y, out: tf.add_n([bce(y, o) for o in out])  # noqa: E731
     else:
@@ -740,7 +736,7 @@ def train_torch(module, task, xt, yt, budget):
     module.train()
     opt = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     x = torch.from_numpy(xt.transpose(0, 3, 1, 2).copy())
-    if task == "edges":
+    if task.target_kind == "edge_map":
         y = torch.from_numpy(yt.transpose(0, 3, 1, 2).copy())
         loss_fn = lambda out: sum(F.binary_cross_entropy_with_logits(o, y) for o in out)  # noqa: E731
     else:
@@ -943,7 +939,10 @@ def markdown(result):
                 mark = "" if chk.get(rt, {}).get("equal") else " ✗"
                 ms = 1000 * v["median_s"]
                 ips = v["images_per_s"]
-                text = (f"{ms:.2f}" if ms < 10 else f"{ms:.1f}") if b == 1 else (f"{ips:.2f}" if ips < 100 else f"{ips:.0f}")
+                if b == 1:
+                    text = f"{ms:.2f}" if ms < 10 else f"{ms:.1f}"
+                else:
+                    text = f"{ips:.2f}" if ips < 100 else f"{ips:.0f}"
                 cells.append(text + mark)
         size = "x".join(map(str, r["input"][:2]))
         lines.append(f"| {r['model']} | {size} | {r['flops_per_image'] / 1e9:.3g} | " + " | ".join(cells) + " |")
@@ -959,7 +958,8 @@ def markdown(result):
         lines.append(
             f"| {r['model']} | {r['train_batch']} | " + " | ".join(cells) + " | "
             f"{fmt(s.get('best_tf_vs_pytorch_b1'))}x · {fmt(s.get('best_tf_vs_pytorch_b8'))}x · "
-            f"{fmt(s.get('best_tf_vs_pytorch_train'))}x | {fmt(s.get('onnx_vs_tf_b1'))}x · {fmt(s.get('onnx_vs_tf_b8'))}x | "
+            f"{fmt(s.get('best_tf_vs_pytorch_train'))}x | "
+            f"{fmt(s.get('onnx_vs_tf_b1'))}x · {fmt(s.get('onnx_vs_tf_b8'))}x | "
             f"{fmt(s.get('best_b8_gflops'), '.1f')} ({LABELS.get(s.get('best_b8_runtime'), '–')}) | "
             f"{fmt(100 * s['tf_b8_peak_fraction'] if s.get('tf_b8_peak_fraction') else None, '.0f')}% |")
     lines.append("")
@@ -977,8 +977,8 @@ def markdown(result):
     lines.append("")
     lines.append("One-off costs (s): trace + first call of each mode, exports:")
     lines.append("")
-    lines.append("| model | TF first b1 | XLA compile b1 | XLA compile b8 | TF train first step | PyTorch train first | "
-                 "ONNX export | TFLite export |")
+    lines.append("| model | TF first b1 | XLA compile b1 | XLA compile b8 | TF train first step | "
+                 "PyTorch train first | ONNX export | TFLite export |")
     lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in recs:
         inf, tr, ph = r["inference"], r["train"], r.get("phases", {})
@@ -986,8 +986,10 @@ def markdown(result):
             f"| {r['model']} | {fmt(inf.get('tf', {}).get('b1', {}).get('first_call_s'), '.1f')} | "
             f"{fmt(inf.get('xla', {}).get('b1', {}).get('first_call_s'), '.1f')} | "
             f"{fmt(inf.get('xla', {}).get('b8', {}).get('first_call_s'), '.1f')} | "
-            f"{fmt(tr.get('tf', {}).get('first_call_s'), '.1f')} | {fmt(tr.get('pytorch', {}).get('first_call_s'), '.1f')} | "
-            f"{fmt(ph.get('export_onnx', {}).get('seconds'), '.1f')} | {fmt(ph.get('export_tflite', {}).get('seconds'), '.1f')} |")
+            f"{fmt(tr.get('tf', {}).get('first_call_s'), '.1f')} | "
+            f"{fmt(tr.get('pytorch', {}).get('first_call_s'), '.1f')} | "
+            f"{fmt(ph.get('export_onnx', {}).get('seconds'), '.1f')} | "
+            f"{fmt(ph.get('export_tflite', {}).get('seconds'), '.1f')} |")
     lines.append("")
     lines.append("Targets:")
     lines.append("")
@@ -1025,7 +1027,8 @@ def chart(result, path):
             vals = []
             for r in recs:
                 if key == "train":
-                    a, base = r["train"].get(rt, {}).get("images_per_s"), r["train"].get("pytorch", {}).get("images_per_s")
+                    a = r["train"].get(rt, {}).get("images_per_s")
+                    base = r["train"].get("pytorch", {}).get("images_per_s")
                 else:
                     a = r["inference"].get(rt, {}).get(key, {}).get("images_per_s")
                     base = r["inference"].get("pytorch", {}).get(key, {}).get("images_per_s")
@@ -1036,7 +1039,8 @@ def chart(result, path):
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x" if f"{v:.0e}"[0] in "25" else ""))
+        ax.yaxis.set_minor_formatter(
+            matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x" if f"{v:.0e}"[0] in "25" else ""))
         ax.set_ylabel("speed vs PyTorch (x)")
         ax.set_title(f"{title} (higher is better; PyTorch = 1)")
         ax.legend(fontsize=8, ncol=len(runtimes))
@@ -1072,7 +1076,8 @@ def main(argv=None):
     parser.add_argument("--size", type=int, help="input H = W for the dense-prediction models (classifiers keep "
                                                  "their native size)")
     parser.add_argument("--quick", action="store_true", help="smaller dense inputs, shorter timing, GEMM at 2048 only")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every runtime (default: all cores)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="threads for every runtime (default: all cores)")
     parser.add_argument("--budget", type=float, help="seconds of timed runs per measurement (default 2, quick 0.5)")
     parser.add_argument("--skip", nargs="+", default=[], choices=["xla", "onnxruntime", "tflite", "pytorch", "train"],
                         help="runtimes/phases to leave out")

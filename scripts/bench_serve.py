@@ -252,7 +252,8 @@ def print_table(results):
 
     h, w = results["image_size"]
     table = Table(title=f"kseg serve: {results['model']} {results['options']}, {results['num_classes']} classes, "
-                        f"{h}x{w} JPEGs, max batch {results['max_batch_size']}, timeout {results['batch_timeout_ms']} ms")
+                        f"{h}x{w} JPEGs, max batch {results['max_batch_size']}, "
+                        f"timeout {results['batch_timeout_ms']} ms")
     for column in ("protocol", "signature", "clients", "images/s", "in-process images/s (batch)", "ratio",
                    "p50 ms", "p99 ms", "errors"):
         table.add_column(column, justify="left" if column in ("protocol", "signature") else "right")

@@ -40,7 +40,8 @@ def test_resnet_torchvision_layout_counts(name, trainable):
     # torchvision counts parameters only; BN running statistics are buffers (non-trainable here).
     model = kseg.build_model(name, layout="torchvision")
     assert _trainable(model) == trainable
-    assert not any(getattr(layer, "use_bias", False) for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert not any(layer.use_bias for layer in convs)
 
 
 def test_vgg16_trunk_and_pooling():

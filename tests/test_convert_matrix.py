@@ -19,7 +19,7 @@ import kseg
 from convert import api, formats
 from convert.io import existing_outputs
 from convert.keras_format import save_keras
-from convert.metadata import build_metadata
+from kseg.identity import build_metadata
 
 # Build options that keep a model small or fast where its default top is fixed-size and heavy.
 SMALL = {

@@ -12,10 +12,10 @@ import pytest
 import tensorflow as tf
 
 import kseg
-from convert import metadata as md
 from convert.io import OutputExistsError
 from convert.onnx_format import OnnxConversionError, OnnxFileError, export_onnx, load_onnx, onnx_to_keras
 from convert.verify import keras_runner, make_inputs, verify
+from kseg import identity as md
 
 # name -> (build kwargs, verification input size). Small sizes keep CI fast; odd sizes exercise
 # ceil-mode pooling, crops and "same"-padded argmax pooling.
@@ -71,8 +71,9 @@ def _stray_axis_graph(extra_rank_dim):
     inputs = keras.Input((None, None, 1))
     model = keras.Model(inputs, [keras.layers.Identity(name=n)(inputs) for n in ("side", "fuse")])
     dims = [extra_rank_dim, "batch", "height", "width", 1]
-    const = lambda name, values: helper.make_node(
-        "Constant", [], [name], value=onnx.numpy_helper.from_array(np.array(values, dtype=np.int64)))
+    def const(name, values):
+        return helper.make_node(
+            "Constant", [], [name], value=onnx.numpy_helper.from_array(np.array(values, dtype=np.int64)))
     graph = helper.make_graph(
         # [1, N, H, W, 1] is what tf2onnx leaves (its Reshape of the NCHW map, minus the Squeeze) ...
         [const("shape", [extra_rank_dim, 2, 9, 11, 1]), helper.make_node("Reshape", ["image", "shape"], ["side"]),
@@ -95,8 +96,9 @@ def test_stray_leading_output_axis_is_squeezed_away():
 
     model, proto = _stray_axis_graph(1)
     x = np.random.default_rng(0).normal(size=(2, 9, 11, 1)).astype("float32")
-    run = lambda p: ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"image": x})
+    def run(p):
+        return ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"image": x})
     side, fuse = run(proto)
     assert side.shape == (1, 2, 9, 11, 1)  # the bug
     np.testing.assert_array_equal(fuse, x)

@@ -19,7 +19,7 @@ from convert import api, formats, verify
 from convert.cli import add_parser
 from convert.io import OutputExistsError, atomic_output
 from convert.keras_format import save_keras
-from convert.metadata import build_metadata
+from kseg.identity import build_metadata
 
 SIZE = (64, 64)
 
@@ -71,7 +71,10 @@ FRESH = textwrap.dedent("""
         graph = tf.compat.v1.wrap_function(lambda: tf.compat.v1.import_graph_def(gd, name=""), [])
         y = graph.prune("image:0", "classifier:0")(tf.constant(x)).numpy()
     assert "kseg" not in sys.modules and "convert" not in sys.modules
-    np.testing.assert_allclose(y, np.load(y_path), rtol=0, atol=1e-6 * max(1, np.abs(y).max()))
+    # TF's default Grappler folds BatchNorm into the frozen convs and oneDNN's kernels depend on
+    # the CPU (AVX2 vs AVX-512): reassociated float32 sums through 8 7x7 convs (K <= 3136), measured
+    # 6-7e-7 (AVX2/SSE4.1) and 2.1e-6 (AVX-512) of max|y|. ~84 eps of the scale, as convert's "tf":
+    np.testing.assert_allclose(y, np.load(y_path), rtol=0, atol=1e-5 * max(1, np.abs(y).max()))
     print("OK", y.shape)
 """)
 

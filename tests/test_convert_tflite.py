@@ -8,10 +8,10 @@ import pytest
 import tensorflow as tf
 
 import kseg
-from convert import metadata as md
 from convert.io import OutputExistsError
 from convert.tflite_format import TFLiteFileError, _argmax_pool_builtin, export_tflite, load_tflite
 from convert.verify import keras_runner, verify
+from kseg import identity as md
 
 CASES = {name: ({}, (49, 67)) for name in kseg.list_models()}
 CASES.update({
@@ -66,7 +66,9 @@ def test_crop_and_transposed_conv(tmp_path):
     runner = load_tflite(export_tflite(model, tmp_path / "fcn_head.tflite", metadata={"outputs": ["crop"]}))
     x = np.random.default_rng(0).normal(size=(2, 31, 45, 3)).astype(np.float32)
     ref = np.asarray(model(x))
-    assert np.abs(runner(x)[0] - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+    # XNNPACK vs oneDNN: other kernels, other summation order (measured 1-2e-7 of the scale here);
+    # the cross-runtime bound, 1e-4 of the scale, still 1e3 below a wrong offset or kernel.
+    assert np.abs(runner(x)[0] - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
 
 
 def test_argmax_pooling_rewrite_is_bit_exact():

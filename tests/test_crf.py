@@ -76,7 +76,8 @@ def test_search_grid_spans_the_papers_ranges():
     grid = search_grid()
     assert len(grid) == 6 * 6 * 8 == len(set(grid))
     assert {g.w1 for g in grid} == set(range(5, 11)) and {g.sigma_alpha for g in grid} == set(range(50, 101, 10))
-    assert {g.sigma_beta for g in grid} == set(range(3, 11)) and {(g.w2, g.sigma_gamma, g.iterations) for g in grid} == {(3, 3, 10)}
+    assert {g.sigma_beta for g in grid} == set(range(3, 11))
+    assert {(g.w2, g.sigma_gamma, g.iterations) for g in grid} == {(3, 3, 10)}
     assert PAPER_SEARCH["sigma_alpha"] == (50, 60, 70, 80, 90, 100)
     small = search_grid(CRFParams(iterations=5), w1=[4], sigma_alpha=[121], sigma_beta=[5, 6])
     assert small == [CRFParams(iterations=5), CRFParams(iterations=5, sigma_beta=6)]

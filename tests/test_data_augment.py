@@ -1,11 +1,11 @@
 """Paired augmentation: label values survive, image and label move together, seeds reproduce."""
 
+import data_fixtures as fx
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
-import data_fixtures as fx
 import kseg.data as kd
 from kseg.data.augment import apply_affine, color_jitter
 from kseg.data.pipeline import preprocessing_affine

@@ -3,11 +3,11 @@
 import argparse
 import os
 
+import data_fixtures as fx
 import numpy as np
 import pytest
 from PIL import Image
 
-import data_fixtures as fx
 import kseg.data as kd
 from kseg.data.cli import add_parser
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from data_fixtures import png_bytes
 from PIL import Image
 
-from data_fixtures import png_bytes
 from kseg.data import colorize, overlay, read_label, rgb_to_index, voc_palette, write_label
 from kseg.data import decode as dec
 

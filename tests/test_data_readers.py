@@ -5,13 +5,13 @@ import os
 import pathlib
 import warnings
 
+import data_fixtures as fx
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
-import data_fixtures as fx
 import kseg
 import kseg.data as kd
 
@@ -233,6 +233,18 @@ def test_tfrecord_stores_bytes_keeps_validation_and_the_original_file_name(bad_v
             f.write(original)
     with pytest.raises(FileNotFoundError, match="bad_missing_label.png"):
         kd.write_tfrecord(str(tmp_path / "x.tfrecord"), "voc", bad_voc["root"], split="bad")
+
+
+def test_a_failed_tfrecord_write_leaves_nothing(voc, tmp_path):
+    from kseg.data.layouts import list_source
+    from kseg.data.pipeline import write_tfrecord
+
+    source = list_source("voc", voc["root"], split="trainval")
+    # A label file that vanishes after listing: the write stops part-way.
+    source.labels[-1] = str(tmp_path / "gone.png")
+    with pytest.raises(FileNotFoundError, match="gone.png"):
+        write_tfrecord(source, str(tmp_path / "v.tfrecord"), shards=2, progress=False)
+    assert os.listdir(tmp_path) == []
 
 
 def test_classification_folder_labels_sorted_classes_and_converts_modes(tmp_path):

@@ -4,13 +4,13 @@ size), bilinear frozen upsampling, and ImageNet initialisation by convolutionali
 import keras
 import numpy as np
 import pytest
+from helpers import save_legacy_h5  # noqa: E402
 
 import kseg
 from kseg.layers import BilinearUpsampling
 from kseg.models.fcn import HEADS, _fcn
 from kseg.models.vgg import CFGS, VGG16_CONV_NAMES
 from kseg.weights import WeightsMismatchError, load_backbone
-from helpers import save_legacy_h5  # noqa: E402
 
 VARIANTS = list(HEADS)
 SIZES = [(224, 224), (333, 417), (500, 375)]

@@ -155,7 +155,8 @@ def test_backbone_from_torchvision_resnet(tmp_path):
 def test_keras_applications_resnet_backbone_is_refused():
     spec = kseg.get_spec("fcn_resnet50")
     arrays = {"conv1_conv": [np.zeros((7, 7, 3, 64)), np.zeros(64)]}
-    with pytest.raises(WeightsMismatchError, match=r"r50.h5: keras.applications resnet50 .*torchvision's resnet50 state_dict"):
+    with pytest.raises(WeightsMismatchError,
+                       match=r"r50.h5: keras.applications resnet50 .*torchvision's resnet50 state_dict"):
         spec.backbone_adapt(arrays, None, "r50.h5")
 
 

@@ -12,11 +12,11 @@ from PIL import Image
 
 import kseg
 import kseg.data as kd
+from kseg.cli import build_parser
 from kseg.crf import dense_crf
+from kseg.inference import Predictor, load_inference_model
 from kseg.train import train
-from kseg.train.cli import build_parser
 from kseg.train.fit import plot_samples
-from kseg.train.predict import Predictor, load_inference_model
 
 TINY = textwrap.dedent("""
     model = "deeplab_largefov"
@@ -122,7 +122,7 @@ def test_predict_with_crf_and_a_registry_name_with_weights(tmp_path):
                                      options={"width": 0.125})
     assert inference.preprocessing.kind == "caffe"
     image = np.asarray(Image.open(paths[0]).convert("RGB"))
-    probs = Predictor(inference).probabilities(image)
+    probs = Predictor(inference.model, preprocessing=inference.preprocessing).probabilities(image)
     direct = np.asarray(model(kseg.get_spec("deeplab_largefov").preprocessing.apply(image[None].astype("float32"))))
     np.testing.assert_array_equal(probs.argmax(-1), direct[0].argmax(-1))
     expected = dense_crf(image, probs, w1=5, sigma_alpha=50).argmax(-1)
@@ -207,7 +207,7 @@ def test_crf_search_prints_the_table_and_the_best_setting(run, synth, capsys):
 
 @pytest.mark.parametrize("suffix", [".keras", ".h5"])
 def test_preprocessing_comes_from_conversion_metadata(tmp_path, suffix):
-    from convert import metadata as md
+    from kseg import identity as md
 
     model = kseg.build_model("deeplab_largefov", num_classes=3, width=0.125)
     path = str(tmp_path / f"m{suffix}")

@@ -11,8 +11,7 @@ import pytest
 import tensorflow as tf
 
 import kseg
-from kseg.infer import Predictor, predict, predictor
-from kseg.train import evaluate
+from kseg.inference import Predictor, evaluate, predict, predictor
 
 
 class TraceCounter(keras.layers.Layer):
@@ -134,4 +133,4 @@ def test_evaluate_traces_once_for_all_sizes(small_deeplab):
     sizes = [(33, 33), (25, 41), (33, 33), (17, 17)]
     scores = evaluate(model, _dataset(sizes, per_size=2), num_classes=3, progress=False)
     assert scores["images"] == 8
-    assert counter.traces == 1  # kseg.infer.Predictor: one trace for every size
+    assert counter.traces == 1  # kseg.inference.Predictor: one trace for every size

@@ -6,12 +6,12 @@ import re
 import keras
 import numpy as np
 import pytest
+from helpers import save_legacy_h5  # noqa: E402
 
 import kseg
 from kseg.models.vgg import VGG16_CONV_NAMES
 from kseg.registry import BATCHNORM, CAFFE, UNIT
 from kseg.weights import WeightsMismatchError, load_backbone
-from helpers import save_legacy_h5  # noqa: E402
 
 VGG16_CONV_PARAMS = 14_714_688  # keras.applications.VGG16(include_top=False).count_params()
 

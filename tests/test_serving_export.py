@@ -1,4 +1,5 @@
-"""kseg.serving.export: the TF Serving layout, its signatures, loading without kseg, saved_model_cli, the CLI."""
+"""convert.tf_serving (kseg.serving.export): the TF Serving layout, its signatures, loading without
+kseg, saved_model_cli, the CLI."""
 
 import importlib
 import json
@@ -15,7 +16,7 @@ import tensorflow as tf
 
 import kseg
 from convert.io import OutputExistsError
-from kseg.serving.export import (
+from convert.tf_serving import (
     ExportVerificationError,
     encode_png,
     export,
@@ -199,7 +200,7 @@ def test_bad_exports_are_refused(tmp_path):
 
 
 def test_verification_failure_writes_nothing(tmp_path, monkeypatch):
-    ex = importlib.import_module("kseg.serving.export")  # the package's `export` attribute is the function
+    ex = importlib.import_module("convert.tf_serving")  # the package's `export` attribute is the function
 
     def wrong(model, meta, images):
         return np.zeros(1)

@@ -20,9 +20,9 @@ import pytest
 import tensorflow as tf
 
 import kseg
+from convert.tf_serving import encode_png
 from kseg.serving import Client, export
 from kseg.serving.client import ServingRequestError
-from kseg.serving.export import encode_png
 
 SIZE = (32, 32)
 MAX_BODY = 1 << 20
@@ -176,12 +176,9 @@ def test_32_concurrent_clients_get_correct_answers(served):
 
 
 def test_batcher_merges_requests_across_clients_and_isolates_failures(served):
-    from kseg.serving.server import (
-        Batcher,
-        ServingError,
-        Signature,
-        read_signature_defs,
-    )
+    from kseg.serving.batching import Batcher
+    from kseg.serving.errors import ServingError
+    from kseg.serving.signatures import Signature, read_signature_defs
 
     path = str(served["base"] / "seg" / "1")
     loaded = tf.saved_model.load(path)
@@ -304,8 +301,9 @@ def test_bad_requests_get_tf_serving_errors_and_the_server_keeps_serving(served)
         ("POST", "/v1/models/seg:predict", json.dumps({"inputs": [[["a", "b", "c"]]]}), 400, "DT_FLOAT"),
         ("POST", "/v1/models/seg:predict", json.dumps({"instances": [[[1, 2, 3]], [[1, 2]]]}), 400, "dense"),
         ("POST", "/v1/models/seg:predict", json.dumps({"instances": [[[1e300, 2, 3]]]}), 400, "loss of precision"),
-        ("POST", "/v1/models/seg:predict", json.dumps({"signature_name": "predict_images", "instances": [not_an_image]}),
-         400, "Unknown image file format"),
+        ("POST", "/v1/models/seg:predict",
+         json.dumps({"signature_name": "predict_images", "instances": [not_an_image]}), 400,
+         "Unknown image file format"),
         ("POST", "/v1/models/seg:predict", json.dumps({"signature_name": "predict_images",
                                                        "instances": [{"b64": "@@@"}]}), 400, "base64"),
         ("POST", "/v1/models/seg:predict", json.dumps({"signature_name": "predict_images", "instances": [[1.5]]}),

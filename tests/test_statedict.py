@@ -757,11 +757,12 @@ def test_statedict_module_stands_alone(tmp_path):
                            {"0": np.array([1.5, 2.5], np.float32).tobytes()})
     npz = tmp_path / "w.npz"
     np.savez(npz, w=np.ones(2))
-    module_file = str(REPO / "kseg" / "statedict.py")
+    package = REPO / "kseg" / "statedict"
     code = (
         "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('sd', {module_file!r})\n"
-        "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
+        f"spec = importlib.util.spec_from_file_location('sd', {str(package / '__init__.py')!r}, "
+        f"submodule_search_locations=[{str(package)!r}])\n"
+        "mod = importlib.util.module_from_spec(spec); sys.modules['sd'] = mod; spec.loader.exec_module(mod)\n"
         f"assert mod.load_state_dict({str(pth)!r})['w'].tolist() == [1.5, 2.5]\n"
         f"assert mod.load_state_dict({str(npz)!r})['w'].tolist() == [1.0, 1.0]\n"
         "heavy = ('torch', 'tensorflow', 'keras', 'safetensors', 'kseg')\n"

@@ -1,4 +1,4 @@
-"""The training demo (kseg.train.demo.run_demo) at toy size, its time budget, and the width options.
+"""The training demo (kseg.demo.run_demo) at toy size, its time budget, and the width options.
 
 The full demo (2,000 images, ~6 minutes on 2 idle cores, val mIoU >= 0.70) is the slow test at the end.
 """
@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import kseg
-from kseg.train.demo import TimeBudget, print_summary, run_demo
+from kseg.demo import TimeBudget, print_summary, run_demo
 
 TOY = dict(train_images=8, val_images=2, size=32, epochs=1, width=0.125, predictions=2, verbose=0, progress=False)
 
@@ -49,7 +49,7 @@ def test_demo_writes_scores_predictions_and_plots(toy_demo):
 
 
 def test_a_finished_run_is_cleared_and_an_interrupted_one_kept(tmp_path):
-    from kseg.train.demo import _clear_finished_run
+    from kseg.demo import _clear_finished_run
 
     run = tmp_path / "run"
     assert not _clear_finished_run(str(run))  # nothing there
@@ -76,7 +76,7 @@ def test_demo_again_reuses_the_data_and_starts_training_over_deterministically(t
 
 
 def test_demo_data_is_remade_when_its_parameters_change(tmp_path):
-    from kseg.train.demo import _make_data
+    from kseg.demo import _make_data
 
     data = tmp_path / "data"
     assert _make_data(str(data), seed=0, train_images=2, val_images=1, size=32)

@@ -14,8 +14,9 @@ import pytest
 
 import kseg
 import kseg.data as kd
-from kseg.train import TrainingSetupError, evaluate, load_recipe, train
-from kseg.train.cli import build_parser
+from kseg.cli import build_parser
+from kseg.inference import evaluate
+from kseg.train import TrainingSetupError, train
 
 TINY = textwrap.dedent("""
     model = "deeplab_largefov"
@@ -103,7 +104,8 @@ def test_resume_directory_of_another_model_is_refused(synth, tmp_path):
 def test_cli_parser_maps_flags_to_overrides(tmp_path):
     args = build_parser().parse_args(["train", "--recipe", "synthetic_demo", "--data", "d", "--out", "o",
                                       "--epochs", "3", "--batch-size", "2", "--set", "model_options.width=0.5"])
-    assert (args.recipe, args.epochs, args.batch_size, args.set) == ("synthetic_demo", 3, 2, ["model_options.width=0.5"])
+    assert (args.recipe, args.epochs, args.batch_size, args.set) == \
+           ("synthetic_demo", 3, 2, ["model_options.width=0.5"])
     assert args.func.__name__ == "cmd_train"
     bad = build_parser().parse_args(["train", "--recipe", "synthetic_demo", "--data", "d", "--out", str(tmp_path),
                                      "--set", "optimizer.momentun=0.9"])
@@ -123,7 +125,7 @@ def test_cli_evaluate_prints_table_and_writes_json(synth, tmp_path, capsys):
 
 RUN = textwrap.dedent("""
     import sys
-    from kseg.train.cli import build_parser
+    from kseg.cli import build_parser
     args = build_parser().parse_args(sys.argv[1:])
     sys.exit(args.func(args))
 """)

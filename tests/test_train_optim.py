@@ -28,7 +28,10 @@ def test_fused_sgd_matches_keras_sgd(kwargs):
         weights.append(model.get_weights())
     assert any(np.abs(a - b).max() > 0 for a, b in zip(weights[1], _model(0).get_weights()))  # it trained
     for a, b in zip(*weights):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        # A fused kernel vs Keras' ops: other rounding per update, fed back through 12 steps (0 to
+        # 2.4e-7 max-abs here, depending on oneDNN's ISA). 1e-5 of the tensor's scale (~84 eps);
+        # a missing weight decay or momentum term moves weights by ~1e-2.
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(b).max()))
 
 
 def test_fused_sgd_is_one_kernel_per_variable():

@@ -42,7 +42,8 @@ def test_unknown_key_names_file_and_key(tmp_path):
     bad = tmp_path / "mine.toml"
     bad.write_text('model = "fcn8s"\n[optimizer]\nname = "sgd"\nlearning_rate = 0.1\nmomentun = 0.9\n'
                    '[training]\nbatch_size = 2\nepochs = 1\n[loss]\nname = "sparse_cross_entropy"\n')
-    with pytest.raises(RecipeError, match=r"mine\.toml: \[optimizer\] momentun: unknown key \(did you mean 'momentum'\?\)"):
+    with pytest.raises(RecipeError,
+                       match=r"mine\.toml: \[optimizer\] momentun: unknown key \(did you mean 'momentum'\?\)"):
         load_recipe(bad)
     bad.write_text('model = "fcn8s"\n[optimiser]\nname = "sgd"\n')
     with pytest.raises(RecipeError, match=r"mine\.toml: unknown section \[optimiser\]"):

@@ -64,7 +64,8 @@ def test_xla_option_compiles_and_trains(rng):
     assert model.jit_compile and np.isfinite(hist["loss"]).all()
 
 
-# The same training (a small conv net: BatchNorm would differ per replica by design) from the same initial weights and the same global batches, once on one
+# The same training (a small conv net: BatchNorm would differ per replica by design) from the
+# same initial weights and the same global batches, once on one
 # device and once on 2 logical CPU devices (2 replicas, each half of every batch). The loss is
 # a per-replica mean scaled by 1 / replicas, so the summed gradients equal the global mean's
 # when no pixel is ignored (the labels here have none).

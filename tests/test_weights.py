@@ -118,7 +118,8 @@ def test_dilated_resnet_matches_torchvision(output_stride, dilation, tmp_path, r
 def test_state_dict_export_round_trips_into_torch(rng):
     model = kseg.build_model("alexnet")
     module = ref.AlexNet()
-    module.load_state_dict({k: torch.from_numpy(v) for k, v in keras_to_torch(model, kseg.get_spec("alexnet").torch_map()).items()})
+    state = keras_to_torch(model, kseg.get_spec("alexnet").torch_map())
+    module.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     x = rng.normal(size=(1, 224, 224, 3)).astype("float32")
     assert np.abs(model.predict(x, verbose=0) - _torch_outputs(module, x)).max() <= TOL
 
@@ -140,7 +141,8 @@ def test_wrong_num_classes_for_weights_file(tmp_path):
     source = kseg.build_model("lenet5")
     path = tmp_path / "lenet.weights.h5"
     source.save_weights(path)
-    with pytest.raises(WeightsMismatchError, match=r"lenet.weights.h5.*output: model \[\(84, 3\), \(3,\)\], file \[\(84, 10\), \(10,\)\].*num_classes"):
+    with pytest.raises(WeightsMismatchError, match=r"lenet.weights.h5.*output: model \[\(84, 3\), \(3,\)\], "
+                                                   r"file \[\(84, 10\), \(10,\)\].*num_classes"):
         kseg.build_model("lenet5", num_classes=3, weights=path)
 
 
@@ -168,7 +170,8 @@ def test_state_dict_with_missing_and_unexpected_keys(tmp_path):
     state["classifier.9.weight"] = torch.zeros(2)
     path = tmp_path / "alexnet.pth"
     torch.save(state, path)
-    with pytest.raises(WeightsMismatchError, match=r"alexnet.pth.*missing keys \['features.3.bias'\].*unexpected keys \['classifier.9.weight'\]"):
+    with pytest.raises(WeightsMismatchError, match=r"alexnet.pth.*missing keys \['features.3.bias'\]"
+                                                   r".*unexpected keys \['classifier.9.weight'\]"):
         kseg.build_model("alexnet", weights=path)
 
 

@@ -7,8 +7,8 @@
 A dataset knows no network: this package imports kseg.registry (for preprocessing specs)
 but never kseg.models, kseg.train or kseg.cli.
 
-Names that need TensorFlow (readers, augmentation, the pipeline) load on first use (PEP
-562), so `kseg data synth` / `kseg data check` and palette I/O start without importing it.
+Every name loads its module on first use (PEP 562): `kseg data synth` / `kseg data check` and
+palette I/O start without TensorFlow, and the `kseg` command's parsers without even NumPy.
 """
 
 from __future__ import annotations
@@ -16,21 +16,22 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from kseg.data.check import CheckReport, check_dataset
-from kseg.data.layouts import LAYOUTS, PETS_CLASSES, list_source
-from kseg.data.palette import (
-    IGNORE_LABEL,
-    VOC_CLASSES,
-    colorize,
-    overlay,
-    read_label,
-    rgb_to_index,
-    voc_palette,
-    write_label,
-)
-from kseg.data.synth import SYNTH_CLASSES, make_synthetic
-
 _LAZY = {
+    "CheckReport": "check",
+    "check_dataset": "check",
+    "LAYOUTS": "layouts",
+    "PETS_CLASSES": "layouts",
+    "list_source": "layouts",
+    "IGNORE_LABEL": "palette",
+    "VOC_CLASSES": "palette",
+    "colorize": "palette",
+    "overlay": "palette",
+    "read_label": "palette",
+    "rgb_to_index": "palette",
+    "voc_palette": "palette",
+    "write_label": "palette",
+    "SYNTH_CLASSES": "synth",
+    "make_synthetic": "synth",
     "ClassificationAugment": "augment",
     "SegmentationAugment": "augment",
     "SkipLog": "pipeline",
@@ -49,6 +50,18 @@ _SUBMODULES = {"augment", "check", "cli", "decode", "layouts", "palette", "pipel
 
 if TYPE_CHECKING:  # for static tools; at run time these load lazily
     from kseg.data.augment import ClassificationAugment, SegmentationAugment  # noqa: F401
+    from kseg.data.check import CheckReport, check_dataset  # noqa: F401
+    from kseg.data.layouts import LAYOUTS, PETS_CLASSES, list_source  # noqa: F401
+    from kseg.data.palette import (  # noqa: F401
+        IGNORE_LABEL,
+        VOC_CLASSES,
+        colorize,
+        overlay,
+        read_label,
+        rgb_to_index,
+        voc_palette,
+        write_label,
+    )
     from kseg.data.pipeline import SkipLog, resolve_preprocessing  # noqa: F401
     from kseg.data.readers import (  # noqa: F401
         classification_folder,
@@ -61,6 +74,7 @@ if TYPE_CHECKING:  # for static tools; at run time these load lazily
         voc,
         write_tfrecord,
     )
+    from kseg.data.synth import SYNTH_CLASSES, make_synthetic  # noqa: F401
 
 
 def __getattr__(name):

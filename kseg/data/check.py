@@ -18,8 +18,9 @@ import numpy as np
 from PIL import Image
 
 from kseg.data import spec as rules
-from kseg.data.palette import IGNORE_LABEL, palette_table, voc_palette
 from kseg.data.layouts import list_source
+from kseg.data.palette import IGNORE_LABEL, palette_table, voc_palette
+from kseg.progress import progress as progress_bar
 
 CONVERTED_MODES = {
     "L": "grayscale", "LA": "grayscale+alpha", "1": "1-bit", "I;16": "16-bit grayscale", "I": "32-bit grayscale",
@@ -187,18 +188,24 @@ def _check_pair(image_path, label_path, spec):
 
 
 def check_dataset(root, layout: str = "voc", *, limit: int | None = None, workers: int | None = None,
-                  **list_options) -> CheckReport:
+                  progress=False, **list_options) -> CheckReport:
     """Check every listed file of a dataset; see CheckReport. list_options go to the layout's
-    listing (split=, num_classes=, border=, palette=, ...), as for the readers."""
+    listing (split=, num_classes=, border=, palette=, ...), as for the readers.
+
+    progress: True (or the bar's text) draws a transient progress bar on standard error.
+    """
     source = list_source(layout, root, **list_options)
     report = CheckReport(layout, os.fspath(root), source.class_names)
     report.listed = len(source.images) + len({p for p, _ in source.problems})
     report.errors.extend(source.problems)
     pairs = list(zip(source.images, source.labels))[:limit]
+    text = progress if isinstance(progress, str) else f"checking {os.fspath(root)}"
     # Pillow releases the GIL while decoding, so threads use every core.
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool:
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool, \
+            progress_bar(bool(progress), text, len(pairs)) as advance:
         results = pool.map(lambda p: _check_pair(p[0], p[1], source.spec), pairs)
         for (image_path, label), result in zip(pairs, results):
+            advance()
             report.checked += 1
             report.errors.extend(result["errors"])
             report.warnings.extend(result["warnings"])

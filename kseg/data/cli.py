@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
+import sys
 
-DEFAULT_SPLITS = {"voc": "trainval", "sbd": "train_aug", "pets": "trainval"}
+# `from kseg import cliutil`, not `import kseg.cliutil`: kseg.data's import test forbids "kseg.cli*" names.
+from kseg import cliutil
 
-
-def _size(text):
-    try:
-        parts = [int(v) for v in text.lower().split("x")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be N or HxW, got {text!r}") from None
-    if len(parts) == 1:
-        parts *= 2
-    if len(parts) != 2 or min(parts) < 16:
-        raise argparse.ArgumentTypeError(f"size must be N or HxW with sides >= 16, got {text!r}")
-    return tuple(parts)
+DEFAULT_SPLITS = {"voc": None, "sbd": "train_aug", "pets": "trainval"}  # voc: every list file present
 
 
 def add_parser(subparsers):
@@ -32,7 +23,8 @@ def add_parser(subparsers):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train", type=int, default=200, help="training images (default 200)")
     p.add_argument("--val", type=int, default=50, help="validation images (default 50)")
-    p.add_argument("--size", type=_size, default=(128, 128), help="N or HxW (default 128)")
+    p.add_argument("--size", type=cliutil.size_type(16), default=(128, 128), metavar="HxW",
+                   help=cliutil.size_help("image size (default 128)", 16))
     p.add_argument("--band", type=int, default=1, help="boundary band radius in pixels, 0 for none (default 1)")
     p.add_argument("--max-shapes", type=int, default=4)
     p.set_defaults(func=cmd_synth)
@@ -44,7 +36,8 @@ def add_parser(subparsers):
                                    "files; grayscale/RGBA/CMYK images are reported (readers convert them).")
     p.add_argument("dir", help="dataset root (for --layout edges: the list file)")
     p.add_argument("--layout", default="voc", choices=["voc", "sbd", "pets", "folder", "edges", "classification"])
-    p.add_argument("--split", help="list name or list file (default: trainval for voc and pets, train_aug for sbd)")
+    p.add_argument("--split", help="list name or list file (default: voc: every ImageSets/Segmentation/*.txt "
+                                   "list present, each checked; pets: trainval; sbd: train_aug)")
     p.add_argument("--num-classes", type=int, help="voc/sbd: default 21 or DIR/classes.txt; folder: required "
                                                    "unless DIR/classes.txt exists")
     p.add_argument("--border", default="own", choices=["own", "ignore", "foreground"], help="pets border class")
@@ -82,13 +75,17 @@ def cmd_synth(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from rich.console import Console
-
     from kseg.data.check import check_dataset
 
     options = {}
+    splits = [None]
     if args.layout in ("voc", "sbd", "pets"):
-        options["split"] = args.split or DEFAULT_SPLITS[args.layout]
+        if args.split or DEFAULT_SPLITS[args.layout]:
+            splits = [args.split or DEFAULT_SPLITS[args.layout]]
+        else:
+            from kseg.data.layouts import voc_splits
+
+            splits = voc_splits(args.dir)
     elif args.split:
         raise ValueError(f"--split does not apply to --layout {args.layout}")
     if args.layout in ("voc", "sbd", "folder") and args.num_classes is not None:
@@ -97,17 +94,43 @@ def cmd_check(args) -> int:
         options["border"] = args.border
     if args.layout == "folder":
         options.update(images=args.images, masks=args.masks, palette=args.palette)
-    console = Console()
-    with console.status(f"checking {args.dir}"):
-        report = check_dataset(args.dir, args.layout, limit=args.limit, **options)
-    print_report(report, console, args.max_shown)
-    return 0 if report.ok else 1
+    from rich.console import Console
+
+    console = Console()  # the terminal's width (tests set COLUMNS): long file names stay on one line
+    reports = {}
+    for split in splits:
+        split_options = options if split is None else {**options, "split": split}
+        what = f"{args.dir} ({split})" if split is not None else args.dir
+        # The bar is drawn on a terminal only: piped or captured standard error stays empty.
+        report = check_dataset(args.dir, args.layout, limit=args.limit,
+                               progress=sys.stderr.isatty() and f"checking {what}", **split_options)
+        print_report(report, console, args.max_shown, split=split if len(splits) > 1 else None)
+        reports[split] = report
+    if len(reports) > 1:
+        _print_splits(reports, console)
+    return cliutil.OK if all(r.ok for r in reports.values()) else cliutil.PROBLEMS
 
 
-def print_report(report, console, max_shown: int = 50) -> None:
+def _print_splits(reports, console) -> None:
     from rich.table import Table
 
-    summary = Table(title=f"kseg data check: {report.root} ({report.layout})", show_header=False)
+    table = Table(title="kseg data check: splits")
+    for column in ("split", "pairs listed", "pairs checked", "errors", "warnings"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for split, r in reports.items():
+        errors = f"[{'red' if r.errors else 'green'}]{len(r.errors):,}[/]"
+        table.add_row(split, f"{r.listed:,}", f"{r.checked:,}", errors, f"{len(r.warnings):,}")
+    console.print(table)
+    bad = [s for s, r in reports.items() if not r.ok]
+    console.print(f"[red]errors in {len(bad)} of {len(reports)} splits: {', '.join(bad)}[/]" if bad else
+                  f"[green]no errors in {len(reports)} splits[/]")
+
+
+def print_report(report, console, max_shown: int = 50, split: str | None = None) -> None:
+    from rich.table import Table
+
+    what = report.layout if split is None else f"{report.layout}, split {split}"
+    summary = Table(title=f"kseg data check: {report.root} ({what})", show_header=False)
     summary.add_column()
     summary.add_column(justify="right")
     summary.add_row("pairs listed", f"{report.listed:,}")

@@ -2,8 +2,9 @@
 
 Every check here runs per element in the parallel map, so it must cost little next to
 the JPEG decode: a few byte comparisons on the file header and tail, and one bincount
-over the label (the rules and texts live in kseg.data.spec). A problem is returned as (path, reason) strings instead of raised, so the
-pipeline can either fail with the file's name or skip and count the file.
+over the label (the rules and texts live in kseg.data.spec). A problem is returned as
+(path, reason) strings instead of raised, so the pipeline can either fail with the file's
+name or skip and count the file.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from kseg.data.spec import (  # noqa: F401  (re-exported for the pipeline)
     LabelSpec,
     index_spec,
 )
-
 
 # === byte-level checks ===
 

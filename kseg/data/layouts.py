@@ -11,6 +11,7 @@ import os
 
 from kseg.data.palette import IGNORE_LABEL, VOC_CLASSES, palette_table
 from kseg.data.spec import LabelSpec, index_spec
+from kseg.images import TF_IMAGE_EXTENSIONS
 
 
 @dataclasses.dataclass
@@ -29,7 +30,8 @@ class Source:
     records: list[str] | None = None
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# The suffixes TensorFlow's decoders read (kseg.images keeps both extension lists).
+IMAGE_EXTENSIONS = TF_IMAGE_EXTENSIONS
 
 PETS_CLASSES = {
     # trimap values: 1 = pet, 2 = background, 3 = border / undetermined
@@ -107,6 +109,16 @@ def _find_list(root, split, folders) -> str:
         if os.path.isfile(path):
             return path
     raise FileNotFoundError(f"split {split!r}: none of {tried} exists (or pass a list file's path)")
+
+
+def voc_splits(root) -> list[str]:
+    """The split names of a VOC layout: one per ImageSets/Segmentation/*.txt list file, sorted."""
+    root = _voc_root(root)
+    folder = os.path.join(root, "ImageSets", "Segmentation")
+    names = sorted(n[:-4] for n in os.listdir(folder) if n.endswith(".txt")) if os.path.isdir(folder) else []
+    if not names:
+        raise FileNotFoundError(f"{folder}: no split list files (*.txt); pass --split with a list name or file")
+    return names
 
 
 def list_voc(root, split="train", *, labels="SegmentationClass", num_classes=None) -> Source:

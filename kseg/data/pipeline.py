@@ -20,6 +20,8 @@ from kseg.data import augment as aug_ops
 from kseg.data.decode import read_image, read_pair
 from kseg.data.layouts import Source
 from kseg.data.spec import LabelSpec
+from kseg.identity import resolve_preprocessing
+from kseg.progress import progress as progress_bar
 
 AUTOTUNE = tf.data.AUTOTUNE
 # The element functions use tf.cond explicitly and no Python control flow on tensors, so
@@ -59,24 +61,6 @@ class SkipLog:
 
 
 # === preprocessing from the registry ===
-
-def resolve_preprocessing(preprocessing):
-    """None, a registry Preprocessing, a kind name ("caffe", "torch", ...) or a model name."""
-    from kseg.registry import PREPROCESSING, Preprocessing, get_spec
-
-    if preprocessing is None or isinstance(preprocessing, Preprocessing):
-        return preprocessing
-    if isinstance(preprocessing, str):
-        if preprocessing in PREPROCESSING:
-            return PREPROCESSING[preprocessing]
-        try:
-            return get_spec(preprocessing).preprocessing
-        except ValueError as e:
-            raise ValueError(f"preprocessing={preprocessing!r} is neither a kind "
-                             f"({', '.join(sorted(PREPROCESSING))}) nor a model name: {e}") from None
-    raise TypeError(f"preprocessing must be None, a kseg.Preprocessing, a kind or a model name, "
-                    f"got {type(preprocessing).__name__}")
-
 
 def pad_colour(preprocessing) -> tuple[float, float, float]:
     """The RGB 0..255 colour that preprocessing maps to zero (its mean), else ImageNet's mean.
@@ -412,12 +396,14 @@ def classification_dataset(source: Source, *, image_size, channels=3, augment=No
 
 # === TFRecord export ===
 
-def write_tfrecord(source: Source, path, shards: int = 1) -> list[str]:
+def write_tfrecord(source: Source, path, shards: int = 1, *, progress: bool = True) -> list[str]:
     """Write a listed dataset's raw file bytes to TFRecord shards plus a `.json` sidecar.
 
     The files are stored as they are (JPEG/PNG bytes, not decoded pixels), so the shards are
     no larger than the dataset, reading them needs no per-file open, and the same validation
-    runs on read, still naming the original file.
+    runs on read, still naming the original file. Shards are written under temporary names
+    and renamed, the sidecar last, only when every example is written: an interrupted or
+    failed write leaves nothing behind that reads as a dataset.
     """
     if source.problems:
         shown = "; ".join(f"{p}: {r}" for p, r in source.problems[:5])
@@ -425,34 +411,52 @@ def write_tfrecord(source: Source, path, shards: int = 1) -> list[str]:
     path = os.fspath(path)
     shards = max(1, int(shards))
     names = [path] if shards == 1 else [f"{path}-{i:05d}-of-{shards:05d}" for i in range(shards)]
-    writers = [tf.io.TFRecordWriter(n) for n in names]
+    temps = [f"{n}.{os.getpid()}.tmp" for n in names]
+    writers = [tf.io.TFRecordWriter(t) for t in temps]
     classification = source.spec.kind == "class"
+    done = False
     try:
-        for i, (image, label) in enumerate(zip(source.images, source.labels)):
-            with open(image, "rb") as f:
-                image_bytes = f.read()
-            if classification:
-                label_feature = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)]))
-                label_name = str(label)
-            else:
-                with open(label, "rb") as f:
-                    label_feature = tf.train.Feature(bytes_list=tf.train.BytesList(value=[f.read()]))
-                label_name = label
-            example = tf.train.Example(features=tf.train.Features(feature={
-                "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_bytes])),
-                "image_name": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.encode()])),
-                "label": label_feature,
-                "label_name": tf.train.Feature(bytes_list=tf.train.BytesList(value=[label_name.encode()])),
-            }))
-            writers[i % shards].write(example.SerializeToString())
+        with progress_bar(progress, f"writing {os.path.basename(path)}", len(source.images)) as advance:
+            for i, (image, label) in enumerate(zip(source.images, source.labels)):
+                writers[i % shards].write(_example(image, label, classification).SerializeToString())
+                advance()
+        for w in writers:
+            w.close()
+        for temp, name in zip(temps, names):
+            os.replace(temp, name)
+        done = True
     finally:
         for w in writers:
             w.close()
+        if not done:
+            for temp in temps:
+                if os.path.exists(temp):
+                    os.remove(temp)
     meta = {"format": "kseg.data tfrecord v1", "count": len(source.images), "shards": names,
             "class_names": list(source.class_names), "spec": dataclasses.asdict(source.spec)}
-    with open(path + ".json", "w") as f:
+    with open(path + ".json.tmp", "w") as f:
         json.dump(meta, f, indent=1)
+    os.replace(path + ".json.tmp", path + ".json")
     return names
+
+
+def _example(image, label, classification):
+    """One tf.train.Example: the image file's bytes, its label (class id or label file bytes), names."""
+    with open(image, "rb") as f:
+        image_bytes = f.read()
+    if classification:
+        label_feature = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)]))
+        label_name = str(label)
+    else:
+        with open(label, "rb") as f:
+            label_feature = tf.train.Feature(bytes_list=tf.train.BytesList(value=[f.read()]))
+        label_name = label
+    return tf.train.Example(features=tf.train.Features(feature={
+        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_bytes])),
+        "image_name": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.encode()])),
+        "label": label_feature,
+        "label_name": tf.train.Feature(bytes_list=tf.train.BytesList(value=[label_name.encode()])),
+    }))
 
 
 def read_tfrecord_source(path) -> Source:

@@ -34,7 +34,6 @@ from kseg.data.pipeline import (
 )
 from kseg.data.pipeline import write_tfrecord as _write_tfrecord
 
-
 # === public readers ===
 
 def voc(root, split="train", *, num_classes=None, **options):
@@ -116,9 +115,10 @@ def tfrecord(path, *, image_size=None, channels=None, **options):
     return segmentation_dataset(source, **options)
 
 
-def write_tfrecord(path, layout: str, root, *, shards: int = 1, **list_options) -> list[str]:
+def write_tfrecord(path, layout: str, root, *, shards: int = 1, progress: bool = True,
+                   **list_options) -> list[str]:
     """List a dataset (same layouts and options as the readers) and write its files to TFRecord.
 
     kseg.data.write_tfrecord("voc_train.tfrecord", "voc", "VOCdevkit/VOC2012", split="train")
     """
-    return _write_tfrecord(list_source(layout, root, **list_options), path, shards)
+    return _write_tfrecord(list_source(layout, root, **list_options), path, shards, progress=progress)

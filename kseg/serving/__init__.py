@@ -1,4 +1,5 @@
-"""Serving: TF Serving exports, a TF-Serving-compatible server (`kseg serve`) and its client.
+"""Serving: a TF-Serving-compatible server (`kseg serve`), its client, and the TF Serving export
+(convert.tf_serving, re-exported here).
 
     >>> from kseg.serving import Client, export                      # doctest: +SKIP
     >>> export(model, "models/deeplab")                              # models/deeplab/1
@@ -7,19 +8,16 @@
 The server and client import TensorFlow only when used.
 """
 
-from kseg.serving.export import export, resolve_model
+from kseg import _lazy
 
-__all__ = ["Client", "ModelServer", "export", "resolve_model", "serve"]
+# Loaded on first use: `import kseg.serving` starts neither TensorFlow nor the HTTP/gRPC machinery.
+_EXPORTS = {
+    "Client": "kseg.serving.client",
+    "ModelServer": "kseg.serving.server",
+    "export": "convert.tf_serving",
+    "resolve_model": "convert.tf_serving",
+    "serve": "kseg.serving.server",
+}
+__getattr__, __dir__ = _lazy.exports(__name__, _EXPORTS)
 
-
-def __getattr__(name):
-    # Lazy: `import kseg.serving` for export does not start the HTTP/gRPC machinery.
-    if name == "Client":
-        from kseg.serving.client import Client
-
-        return Client
-    if name in ("ModelServer", "serve"):
-        from kseg.serving import server
-
-        return getattr(server, name)
-    raise AttributeError(f"module 'kseg.serving' has no attribute {name!r}")
+__all__ = list(_EXPORTS)

@@ -10,13 +10,7 @@ import json
 import os
 import sys
 
-
-def _size(text):
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW such as 321x321, got {text!r}") from None
-    return h, w
+from kseg import cliutil
 
 
 def _option(text):
@@ -35,7 +29,8 @@ def add_parser(subparsers):
     p.add_argument("model", help="a model file (any format `kseg convert` reads) or a registered model name")
     p.add_argument("--serving", required=True, metavar="BASE/NAME", help="TF Serving model directory")
     p.add_argument("--version", type=int, help="version directory (default: one more than the highest present)")
-    p.add_argument("--image-size", type=_size, help="HxW predict_images resizes to (default: the model's input size)")
+    p.add_argument("--image-size", type=cliutil.parse_size, metavar="HxW",
+                   help=cliutil.size_help("the size predict_images resizes to (default: the model's input size)"))
     p.add_argument("--arch", dest="arch", help="kseg architecture for weights-only files")
     p.add_argument("--num-classes", type=int, help="build option (registered names and --arch)")
     p.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
@@ -66,15 +61,8 @@ def add_parser(subparsers):
     return subparsers
 
 
-def build_parser():
-    """A standalone `kseg`-like parser with only these commands (for tests and scripts)."""
-    parser = argparse.ArgumentParser(prog="kseg")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    return parser
-
-
 def cmd_export(args):
-    from kseg.serving.export import export, resolve_model
+    from convert.tf_serving import export, resolve_model
 
     build_kwargs = dict(args.option)
     if args.num_classes is not None:
@@ -88,13 +76,14 @@ def cmd_export(args):
     if args.weights is None and not os.path.exists(args.model):
         print(f"kseg export: note: {args.model} has freshly initialised weights (no --weights)", file=sys.stderr)
     path = export(model, args.serving, version=args.version, image_size=args.image_size,
-                  preprocessing=args.preprocessing, class_names=class_names, force=args.force)
+                  preprocessing=args.preprocessing, class_names=class_names, force=args.force,
+                  progress=sys.stderr.isatty())
     if args.json:
         print(json.dumps({"path": path, "model": model.name}))
     else:
         print(f"wrote {path} (signatures serving_default, predict_images, label_images, raw_outputs); "
               f"serve it with: kseg serve {_base_of(args.serving)}")
-    return 0
+    return cliutil.OK
 
 
 def _base_of(path):
@@ -114,7 +103,7 @@ def cmd_serve(args):
             grpc_port = int(port)
         except ValueError:
             print(f"kseg serve: error: --port must be a number, 'auto' or 'off', got {port!r}", file=sys.stderr)
-            return 2
+            return cliutil.USAGE
     return serve(args.base, host=args.host, rest_port=args.rest_api_port, grpc_port=grpc_port,
                  max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
                  num_batch_threads=args.num_batch_threads, max_body_bytes=args.max_body_bytes,

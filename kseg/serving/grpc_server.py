@@ -19,7 +19,7 @@ from concurrent import futures
 
 import numpy as np
 
-from kseg.serving.server import DEFAULT_SIGNATURE, ServingError
+from kseg.serving.errors import DEFAULT_SIGNATURE, ServingError
 
 log = logging.getLogger("kseg.serving")
 

@@ -6,44 +6,44 @@
                   metrics=[kseg.train.ConfusionMatrixMetric(21)])              # mean_iou, ...
     model.fit(kseg.data.voc(root, "train", augment=True, batch_size=8), epochs=...)
 
-kseg.train imports kseg.models (through build_model), kseg.data and kseg.registry; only the
-CLI imports kseg.train.
+kseg.train only trains: evaluation and prediction are kseg.inference. It imports kseg.models
+(through build_model), kseg.data, kseg.tasks and kseg.registry; never kseg.inference or kseg.serving.
 """
 
-from kseg.train.fit import (
-    TrainingSetupError,
-    callbacks,
-    check_setup,
-    compile_segmentation,
-    datasets,
-    evaluate,
-    learning_rate,
-    make_optimizer,
-    train,
-)
-from kseg.train.losses import (
-    BalancedSigmoidCrossEntropy,
-    SparseCrossEntropy,
-    SparseFocalLoss,
-    hed_losses,
-    resize_labels_nearest,
-    stride8_model,
-)
-from kseg.train.metrics import (
-    ConfusionMatrixMetric,
-    confusion_matrix,
-    edge_ods_ois,
-    iou_table,
-    scores_from_confusion,
-)
-from kseg.train.optim import FusedSGD
-from kseg.train.recipes import Recipe, RecipeError, apply_overrides, list_recipes, load_recipe
-from kseg.train.strategy import float32_outputs, multi_worker_fit, set_precision, strategy
+from kseg import _lazy
 
-__all__ = [
-    "BalancedSigmoidCrossEntropy", "ConfusionMatrixMetric", "FusedSGD", "Recipe", "RecipeError", "SparseCrossEntropy",
-    "SparseFocalLoss", "TrainingSetupError", "apply_overrides", "callbacks", "check_setup",
-    "compile_segmentation", "confusion_matrix", "datasets", "edge_ods_ois", "evaluate", "float32_outputs",
-    "hed_losses", "iou_table", "learning_rate", "list_recipes", "load_recipe", "make_optimizer", "multi_worker_fit",
-    "resize_labels_nearest", "scores_from_confusion", "set_precision", "stride8_model", "strategy", "train",
-]
+# Each public name loads its module (and TensorFlow) on first use; `import kseg.train` alone is free.
+_EXPORTS = {
+    "TrainingSetupError": "kseg.train.fit",
+    "callbacks": "kseg.train.fit",
+    "check_setup": "kseg.train.fit",
+    "compile_segmentation": "kseg.train.fit",
+    "datasets": "kseg.train.fit",
+    "learning_rate": "kseg.train.fit",
+    "make_optimizer": "kseg.train.fit",
+    "train": "kseg.train.fit",
+    "BalancedSigmoidCrossEntropy": "kseg.tasks.losses",
+    "SparseCrossEntropy": "kseg.tasks.losses",
+    "SparseFocalLoss": "kseg.tasks.losses",
+    "hed_losses": "kseg.tasks.losses",
+    "resize_labels_nearest": "kseg.tasks.losses",
+    "stride8_model": "kseg.tasks.losses",
+    "ConfusionMatrixMetric": "kseg.tasks.metrics",
+    "confusion_matrix": "kseg.tasks.metrics",
+    "edge_ods_ois": "kseg.tasks.metrics",
+    "iou_table": "kseg.tasks.metrics",
+    "scores_from_confusion": "kseg.tasks.metrics",
+    "FusedSGD": "kseg.train.optim",
+    "Recipe": "kseg.train.recipes",
+    "RecipeError": "kseg.train.recipes",
+    "apply_overrides": "kseg.train.recipes",
+    "list_recipes": "kseg.train.recipes",
+    "load_recipe": "kseg.train.recipes",
+    "float32_outputs": "kseg.train.distribute",
+    "multi_worker_fit": "kseg.train.distribute",
+    "set_precision": "kseg.train.distribute",
+    "strategy": "kseg.train.distribute",
+}
+__getattr__, __dir__ = _lazy.exports(__name__, _EXPORTS)
+
+__all__ = list(_EXPORTS)

@@ -19,11 +19,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kseg.train import losses as losses_mod
-from kseg.train.metrics import ConfusionMatrixMetric, iou_table, scores_from_confusion
+import kseg.data as kd
+from kseg.api import build_model
+from kseg.data.check import check_dataset
+from kseg.data.palette import colorize, voc_palette
+from kseg.identity import RUN_FILE, identify, resolve_preprocessing
+from kseg.registry import get_spec
+from kseg.tasks import get_task
+from kseg.tasks import losses as losses_mod
+from kseg.train.distribute import float32_outputs, multi_worker_fit, set_precision
+from kseg.train.distribute import strategy as make_strategy
+from kseg.train.optim import FusedSGD
 from kseg.train.recipes import Recipe, apply_overrides, load_recipe
-
-RUN_FILE = "kseg_run.json"
 
 
 class TrainingSetupError(ValueError):
@@ -65,8 +72,6 @@ def make_optimizer(recipe: Recipe, steps_per_epoch=None, total_steps=None):
     # wd * w to the gradient as Caffe does; with momentum the two differ slightly.
     wd = o.get("weight_decay") or None
     if o["name"] == "sgd":
-        from kseg.train.optim import FusedSGD
-
         return FusedSGD(lr, momentum=o.get("momentum", 0.0), weight_decay=wd)
     if o["name"] == "adam":
         return keras.optimizers.Adam(lr, weight_decay=wd)
@@ -91,8 +96,6 @@ def compile_segmentation(model, recipe, *, steps_per_epoch=None, total_steps=Non
     whose output is the stride-8 logits (same weights). Outputs that are not float32 (mixed
     precision) are cast to float32 first.
     """
-    from kseg.train.strategy import float32_outputs, multi_worker_fit
-
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if recipe.loss.get("stride8"):
         model = losses_mod.stride8_model(model)
@@ -101,7 +104,8 @@ def compile_segmentation(model, recipe, *, steps_per_epoch=None, total_steps=Non
     loss = make_loss(recipe)
     metrics = None
     if not isinstance(loss, list):
-        metrics = [ConfusionMatrixMetric(num_classes, resize_labels=recipe.loss.get("stride8", False))]
+        task = get_spec(recipe.model).task_object
+        metrics = task.metrics(num_classes, resize_labels=recipe.loss.get("stride8", False))
     model.compile(optimizer=make_optimizer(recipe, steps_per_epoch, total_steps), loss=loss, metrics=metrics,
                   jit_compile=jit_compile)
     return multi_worker_fit(model)
@@ -136,16 +140,18 @@ def callbacks(recipe, out_dir, *, monitor="val_mean_iou", tensorboard="auto"):
 
 def datasets(recipe: Recipe, data_dir, *, batch_size=None, seed=0):
     """(train, val) tf.data from the recipe's [data] section; val is unbatched-size (batch 1) unless resized."""
-    import kseg.data as kd
-
     d = recipe.data
     layout = d.get("layout", "voc")
     readers = {"voc": kd.voc, "sbd": kd.sbd, "synthetic": kd.synthetic, "pets": kd.pets, "folder": kd.folder}
     if layout not in readers:
         raise TrainingSetupError(f"{recipe.source}: kseg train reads segmentation layouts {sorted(readers)}; "
                                  f"{layout!r} datasets are built with kseg.data in Python for now")
+    task = get_spec(recipe.model).task_object
+    if layout not in task.data_layouts:
+        raise TrainingSetupError(f"{recipe.source}: {recipe.model} is a {task.name} model; its data layouts are "
+                                 f"{', '.join(task.data_layouts)}, not {layout!r}")
     reader = readers[layout]
-    prep = d.get("preprocessing", recipe.model)
+    prep = input_preprocessing(recipe)
     crop = d.get("crop") or None
     scale = d.get("scale") or None
     jitter = 0.0 if not d.get("color_jitter") else None
@@ -168,6 +174,13 @@ def datasets(recipe: Recipe, data_dir, *, batch_size=None, seed=0):
     except (FileNotFoundError, OSError) as e:
         raise TrainingSetupError(f"cannot read {layout} data at {data_dir}: {e}") from None
     return train, val
+
+
+def input_preprocessing(recipe: Recipe):
+    """What the recipe's images go through: its [data] preprocessing, else its model's (weight layout's)."""
+    if recipe.data.get("preprocessing"):
+        return resolve_preprocessing(recipe.data["preprocessing"])
+    return identify(recipe.model, dict(recipe.model_options)).preprocessing
 
 
 def _count(ds, limit=None):
@@ -201,10 +214,12 @@ def check_setup(model, train, val, out_dir, run_info):
     if os.path.exists(path):
         with open(path) as f:
             previous = json.load(f)
-        if {k: previous.get(k) for k in ("model", "model_kwargs")} != {k: run_info[k] for k in ("model", "model_kwargs")}:
+        keys = ("model", "model_kwargs")
+        if {k: previous.get(k) for k in keys} != {k: run_info[k] for k in keys}:
             raise TrainingSetupError(
                 f"{out_dir} holds a run of {previous.get('model')} {previous.get('model_kwargs')}, not "
-                f"{run_info['model']} {run_info['model_kwargs']}: use another --out directory, or delete it to start over"
+                f"{run_info['model']} {run_info['model_kwargs']}: use another --out directory, "
+                "or delete it to start over"
             )
 
 
@@ -219,9 +234,6 @@ def train(recipe, data_dir, out_dir, *, epochs=None, batch_size=None, overrides=
     Running the same call again after an interruption resumes from the last completed epoch.
     `init(model)` may modify the fresh model before training (e.g. re-initialise it).
     """
-    import kseg
-    from kseg.train.strategy import set_precision, strategy as make_strategy
-
     overrides = dict(overrides or {})
     if epochs is not None:
         overrides["training.epochs"] = int(epochs)
@@ -241,7 +253,7 @@ def train(recipe, data_dir, out_dir, *, epochs=None, batch_size=None, overrides=
     strategy = strategy or make_strategy()
     run_info = {"model": recipe.model, "model_kwargs": dict(recipe.model_options), "recipe": recipe.name}
     with strategy.scope():
-        model = kseg.build_model(recipe.model, **recipe.model_options)
+        model = build_model(recipe.model, **recipe.model_options)
         with _naming_undecodable(recipe, data_dir):
             check_setup(model, train_ds, val_ds, out_dir, run_info)
         if init is not None:
@@ -266,7 +278,7 @@ def train(recipe, data_dir, out_dir, *, epochs=None, batch_size=None, overrides=
     model.save(os.path.join(out_dir, "final.keras"))
     logs = {k: [float(v) for v in vs] for k, vs in history.history.items()}
     samples = plot_samples(model, val_ds, os.path.join(out_dir, SAMPLES_FILE),
-                           preprocessing=recipe.data.get("preprocessing", recipe.model))
+                           preprocessing=input_preprocessing(recipe))
     return {"model": model, "history": logs, "train_seconds": seconds, "epochs": epochs_, "out_dir": out_dir,
             "val_mean_iou": logs.get("val_mean_iou", [None])[-1] if logs.get("val_mean_iou") else None,
             "samples": samples}
@@ -296,8 +308,6 @@ def _undecodable_files(error, recipe, data_dir):
     """After a decoder error in fit: the dataset's files that cannot be decoded, found with the checker."""
     if not any(phrase in str(error) for phrase in _DECODER_ERRORS):
         return []
-    from kseg.data.check import check_dataset
-
     d = recipe.data
     layout = {"synthetic": "voc"}.get(d.get("layout", "voc"), d.get("layout", "voc"))
     bad = []
@@ -355,9 +365,7 @@ def plot_samples(model, dataset, path, *, count=4, preprocessing=None, class_nam
     except ImportError:
         print(f"note: matplotlib is not installed, so {path} was not drawn (pip install matplotlib)", file=sys.stderr)
         return None
-    from kseg.data.palette import colorize, voc_palette
-    from kseg.data.pipeline import resolve_preprocessing
-    from kseg.train.predict import main_output
+    main_output = get_task("segmentation").main_output
 
     prep = resolve_preprocessing(preprocessing)
     names = class_names or getattr(dataset, "class_names", None)
@@ -397,77 +405,3 @@ def plot_samples(model, dataset, path, *, count=4, preprocessing=None, class_nam
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
-
-
-# === evaluate ===
-
-
-def evaluate(model, dataset, *, num_classes=None, class_names=None, progress=True, crf=None,
-             preprocessing=None) -> dict:
-    """Score a segmentation model on a (image, label) dataset at the labels' own resolution.
-
-    Returns {"pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou", "per_class": [...],
-    "confusion": [[...]], "images": N}. Batch-1 datasets of unpadded images give original-size scores.
-
-    `preprocessing` (a kseg.Preprocessing, kind or model name) is applied to the dataset's images
-    before the model; pass it with a raw dataset (a kseg.data reader without preprocessing=).
-    `crf` (True, a kseg.crf.CRFParams or a "w1=5,sigma_alpha=80" string) refines each image's
-    probabilities with the dense CRF, which needs the raw colours, so it requires a raw dataset.
-    The scores are then the CRF's, with the network's own under "before_crf" and the
-    setting under "crf".
-
-        raw = kseg.data.synthetic(root, "val", batch_size=1)
-        evaluate(model, raw, preprocessing="deeplab_largefov", crf=True)["before_crf"]["mean_iou"]
-    """
-    from kseg.data.pipeline import resolve_preprocessing
-    from kseg.infer import predictor
-    from kseg.train.predict import _crf_params, _progress, main_output
-
-    num_classes = num_classes or main_output(model.outputs).shape[-1]
-    names = class_names or getattr(dataset, "class_names", None)
-    names = names if names and len(names) == num_classes else None
-    params = _crf_params(crf)
-    total = dataset.cardinality().numpy()
-    total = int(total) if total >= 0 else None
-    if params is not None:
-        return _evaluate_crf(model, dataset, params, preprocessing, num_classes, names, progress, total)
-    prep = resolve_preprocessing(preprocessing)
-    metric = ConfusionMatrixMetric(num_classes)
-
-    run = predictor(model)  # one trace for every batch and image size
-
-    def predict(x):
-        # FCN's aux and DeepLab's stride-8 logits follow the main, full-size output.
-        return main_output(run(prep.apply(x) if prep is not None else x))
-
-    images = 0
-    with _progress(progress, "evaluating", total) as advance:
-        for x, y in dataset:
-            metric.update_state(y, predict(x))
-            images += int(x.shape[0])
-            advance()
-    cm = metric.confusion()
-    return {**scores_from_confusion(cm), "per_class": iou_table(cm, names), "confusion": cm.tolist(), "images": images}
-
-
-def _evaluate_crf(model, dataset, params, preprocessing, num_classes, names, progress, total):
-    from kseg.crf import _densecrf, dense_crf
-    from kseg.data.pipeline import resolve_preprocessing
-    from kseg.train.metrics import confusion_matrix
-    from kseg.train.predict import InferenceModel, Predictor, _progress, raw_pairs
-
-    _densecrf()  # the install hint before any work
-    predictor = Predictor(InferenceModel(model, resolve_preprocessing(preprocessing), "model"))
-    before = np.zeros((num_classes, num_classes), np.int64)
-    after = np.zeros_like(before)
-    images = 0
-    with _progress(progress, "evaluating + CRF", total) as advance:
-        for image, label in raw_pairs(dataset):
-            probs = predictor.probabilities(image)
-            before += confusion_matrix(label, probs.argmax(-1), num_classes)
-            after += confusion_matrix(label, dense_crf(image, probs, params).argmax(-1), num_classes)
-            images += 1
-            advance()
-    return {**scores_from_confusion(after), "per_class": iou_table(after, names), "confusion": after.tolist(),
-            "images": images, "crf": str(params), "before_crf": {**scores_from_confusion(before),
-                                                                 "per_class": iou_table(before, names)}}

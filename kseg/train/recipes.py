@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import difflib
 import os
+
 import tomllib
 
 RECIPE_DIR = os.path.join(os.path.dirname(__file__), "recipes")

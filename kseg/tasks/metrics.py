@@ -24,7 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kseg.train.losses import IGNORE_LABEL, resize_labels_nearest
+from kseg.tasks.losses import IGNORE_LABEL, resize_labels_nearest
 
 SCORES = ("pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou")
 
@@ -195,7 +195,8 @@ def edge_ods_ois(predictions, ground_truths, thresholds=99, max_dist=0.0075, tol
     threshold, F from the counts summed at those thresholds (the benchmark's definitions).
     """
     if len(predictions) != len(ground_truths) or not len(predictions):
-        raise ValueError(f"need as many predictions as ground truths (>0), got {len(predictions)} and {len(ground_truths)}")
+        raise ValueError(f"need as many predictions as ground truths (>0), "
+                         f"got {len(predictions)} and {len(ground_truths)}")
     ts = np.linspace(0, 1, thresholds + 2)[1:-1] if np.isscalar(thresholds) else np.asarray(thresholds, float)
     # counts[image, threshold] = (matched predicted, predicted, matched gt, gt)
     counts = np.zeros((len(predictions), len(ts), 4))

@@ -8,7 +8,7 @@ batch and the model's free spatial dimensions left unknown, so every size after 
 runs the same graph (XLA, with jit_compile=True, still compiles per shape, in its own cache).
 
     >>> import numpy as np, kseg
-    >>> from kseg.infer import predictor
+    >>> from kseg.inference import predictor
     >>> model = kseg.build_model("deeplab_largefov", num_classes=3, width=0.125)
     >>> predict = predictor(model)
     >>> [predict(np.zeros((n, s, s, 3), "float32")).shape for n, s in ((1, 33), (2, 33), (1, 41))]
@@ -18,12 +18,20 @@ runs the same graph (XLA, with jit_compile=True, still compiles per shape, in it
 
 `predictor(model)` caches its Predictor on the model, so library code (evaluation, serving,
 benchmarks) shares one trace; `predict(model, images, batch_size=8)` returns NumPy arrays.
+
+With `preprocessing=` the Predictor takes raw RGB 0..255 images and preprocesses them inside
+the graph; `probabilities(image)` gives one image's class probabilities at its own size
+(a fixed-input model, or `size=`, predicts on a resized copy and the logits are resized back,
+bilinearly, before the softmax, as DeepLab upsamples its scores).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
+
+from kseg.crf import softmax
+from kseg.identity import resolve_preprocessing
 
 __all__ = ["Predictor", "predict", "predictor"]
 
@@ -39,7 +47,7 @@ class Predictor:
     Outputs are TF tensors, a list for multi-output models.
     """
 
-    def __init__(self, model, *, jit_compile: bool = False):
+    def __init__(self, model, *, preprocessing=None, size=None, jit_compile: bool = False):
         inputs = getattr(model, "inputs", None)
         if not inputs or len(inputs) != 1:
             raise ValueError(f"{getattr(model, 'name', model)!r}: a Predictor runs single-input Keras models")
@@ -47,9 +55,13 @@ class Predictor:
         self.model = model
         self.jit_compile = bool(jit_compile)
         self.input_spec = tf.TensorSpec((None, *spec.shape[1:]), spec.dtype or tf.float32, name="image")
+        self.preprocessing = prep = resolve_preprocessing(preprocessing)
+        fixed = tuple(spec.shape[1:3])
+        # The size probabilities() predicts at: the model's fixed size, else `size`, else the image's own.
+        self.size = fixed if None not in fixed else (tuple(size) if size else None)
 
         def call(x):
-            return model(x, training=False)
+            return model(prep.apply(x) if prep is not None else x, training=False)
 
         self._fn = tf.function(call, input_signature=[self.input_spec], jit_compile=self.jit_compile)
         self._concrete = None  # traced on the first call, not at construction
@@ -67,6 +79,32 @@ class Predictor:
         # quarter of a small model's call).
         return self._concrete(x)
 
+    def probabilities(self, image) -> np.ndarray:
+        """One RGB image (uint8 or float 0..255, [H, W, 3]) -> float32 class probabilities [H, W, C].
+
+        The main output (the first: FCN's aux and DeepLab's stride-8 logits come after it) at the
+        image's own size. Pass preprocessing= to the Predictor: the image goes in raw.
+        """
+        img = np.asarray(image)
+        if img.ndim != 3 or img.shape[-1] != 3:
+            raise ValueError(f"expected an RGB image [H, W, 3], got shape {img.shape}")
+        h, w = img.shape[:2]
+        x = tf.convert_to_tensor(img[None].astype(np.float32))
+        if self.size is not None:
+            x = tf.image.resize(x, self.size, method="bilinear")
+        out = self(x)
+        out = tf.cast(out[0] if isinstance(out, (list, tuple)) else out, tf.float32)
+        if self.size is not None:
+            out = tf.image.resize(out, (h, w), method="bilinear")
+        out = np.asarray(out[0])
+        if out.shape[-1] < 2:
+            raise ValueError(f"{self.model.name} outputs {out.shape[-1]} channel(s); class probabilities need "
+                             "per-class scores (a segmentation model)")
+        # Models output logits; one ending in a softmax already gives probabilities.
+        if out.min() >= 0 and np.allclose(out.sum(-1), 1.0, atol=1e-3):
+            return out
+        return softmax(out)
+
     @property
     def tracing_count(self) -> int:
         """How many times the graph was traced (1 after the first call, whatever the later sizes)."""
@@ -78,7 +116,7 @@ class Predictor:
         return self._fn
 
 
-def predictor(model, *, jit_compile: bool = False) -> Predictor:
+def predictor(model, *, preprocessing=None, jit_compile: bool = False) -> Predictor:
     """The model's shared Predictor (created on first use, then cached on the model)."""
     cache = getattr(model, _CACHE_ATTR, None)
     if cache is None:
@@ -86,9 +124,10 @@ def predictor(model, *, jit_compile: bool = False) -> Predictor:
         # Keras tracks attributes it is given; a plain dict set through object.__setattr__ stays
         # out of the model's config, weights and saved files.
         object.__setattr__(model, _CACHE_ATTR, cache)
-    key = bool(jit_compile)
+    prep = resolve_preprocessing(preprocessing)
+    key = (bool(jit_compile), prep)
     if key not in cache:
-        cache[key] = Predictor(model, jit_compile=jit_compile)
+        cache[key] = Predictor(model, preprocessing=prep, jit_compile=jit_compile)
     return cache[key]
 
 

@@ -1,6 +1,6 @@
 """The training demo (`kseg demo`): synthetic data -> small DeepLab-LargeFOV on CPU -> scores -> PNGs -> ONNX.
 
-    from kseg.train.demo import run_demo, print_summary
+    from kseg.demo import run_demo, print_summary
     summary = run_demo("demo_out")      # {"val_mean_iou": ..., "seconds": ..., "per_class": [...], ...}
     print_summary(summary)
 
@@ -33,12 +33,19 @@ import time
 import keras
 import numpy as np
 
+import kseg.data as kd
+from convert.api import convert
+
+# The defaults live in kseg.cliutil, where `kseg demo --help` reads them without importing Keras.
+from kseg.cliutil import DEMO_BUDGET_S as BUDGET_S
+from kseg.cliutil import DEMO_SEED as SEED
+from kseg.cliutil import DEMO_SIZE as SIZE
+from kseg.cliutil import DEMO_TRAIN_IMAGES as TRAIN_IMAGES
+from kseg.cliutil import DEMO_VAL_IMAGES as VAL_IMAGES
+from kseg.inference import evaluate
+from kseg.train import apply_overrides, load_recipe, train
+
 RECIPE = "synthetic_demo"
-SEED = 0
-TRAIN_IMAGES = 2000
-VAL_IMAGES = 100
-SIZE = 128
-BUDGET_S = 520.0
 
 
 class TimeBudget(keras.callbacks.Callback):
@@ -129,8 +136,6 @@ def _grid(rows, path):
 
 def _make_data(data_dir, *, seed, train_images, val_images, size):
     """The synthetic set in data_dir, reused when it was made with the same parameters."""
-    import kseg.data as kd
-
     info_path = os.path.join(data_dir, "synth.json")
     want = {"seed": seed, "train": train_images, "val": val_images, "size": [size, size]}
     if os.path.exists(info_path):
@@ -169,9 +174,6 @@ def run_demo(out_dir, *, seed=SEED, train_images=TRAIN_IMAGES, val_images=VAL_IM
         >>> sorted(s)[:3], 0 <= s["val_mean_iou"] <= 1                              # doctest: +SKIP
         (['budget_s', 'cpus', 'curves'], True)
     """
-    import kseg.data as kd
-    from kseg.train.fit import evaluate, train
-    from kseg.train.recipes import apply_overrides, load_recipe
 
     if min(train_images, val_images) < 1:
         raise ValueError(f"the demo needs at least one training and one validation image, got "
@@ -260,18 +262,15 @@ def _export_onnx(checkpoint, path, images):
     """model.onnx from the trained model, verified against Keras on validation images; None without the extra."""
     if not (_installed("tf2onnx") and _installed("onnxruntime")):
         return None
-    from convert.api import convert
-
     t = time.perf_counter()
     report = convert(checkpoint, path, force=True, images=images)
     return {"path": path, "verified": report["summary"], "seconds": round(time.perf_counter() - t, 1)}
 
 
 def _read_rgb(path):
-    from PIL import Image
+    from kseg.images import read_image
 
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    return read_image(path)
 
 
 def _save_rgb(path, array):

@@ -24,7 +24,7 @@ entry describing the signatures) is `assets/kseg.json`. Every variable is reacha
 
 Example:
     >>> import kseg
-    >>> from kseg.serving import export
+    >>> from convert.tf_serving import export
     >>> model = kseg.build_model("deeplab_largefov", num_classes=5, width=0.125)
     >>> path = export(model, "/tmp/models/deeplab", image_size=(64, 64))  # doctest: +SKIP
     >>> path                                                               # doctest: +SKIP
@@ -35,10 +35,18 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 
-from convert import metadata as md
+from convert import saved_model as saved_model_format
+from convert.api import as_kseg_model, load_keras
 from convert.io import atomic_output
 from convert.saved_model import serving_function, serving_version_dir
+from kseg import identity as md
+from kseg.api import build_model
+from kseg.identity import resolve_preprocessing
+from kseg.progress import stages
+from kseg.registry import PREPROCESSING, list_models
+from kseg.tasks import get_task
 
 SIGNATURES = ("serving_default", "predict_images", "label_images", "raw_outputs")
 LABEL_PAD = -1
@@ -51,37 +59,14 @@ class ExportVerificationError(ValueError):
 
 
 def _task_and_head(model, meta):
-    """(task, output index, activation) for the serving head of a kseg (or plain Keras) model."""
-    import kseg
-
-    name = meta.get("architecture")
-    kwargs = meta.get("build_kwargs") or {}
-    outputs = list(model.output_names)
-    if name:
-        task = kseg.get_spec(name).task
-    else:
-        task = "classification" if len(model.outputs[0].shape) == 2 else "segmentation"
-    if task == "classification":
-        if len(model.outputs[0].shape) != 2:
-            raise ValueError(f"{model.name}: a classifier without its top (output shape {model.outputs[0].shape}) "
-                             "has no classes to serve; build it with include_top=True")
-        activation = kwargs.get("classifier_activation")
-        if kwargs.get("rbf_output"):
-            # LeNet-5's RBF units output a penalty per class: the lowest is the prediction.
-            return task, 0, "softmax_negated"
-        if activation in (None, "linear"):
-            return task, 0, "softmax"
-        if activation == "softmax":
-            return task, 0, None
-        raise ValueError(f"{model.name}: classifier_activation={activation!r}; serving exports need logits "
-                         "(None) or softmax outputs")
-    if task == "edges":
-        # HED: side outputs then the fused map; the fused one is the paper's prediction.
-        index = outputs.index("fuse") if "fuse" in outputs else len(outputs) - 1
-        return task, index, "sigmoid"
-    # Segmentation: the first output is the full-resolution prediction (DeepLab's stride-8 map
-    # and FCN-ResNet's aux head come after it).
-    return task, 0, "softmax"
+    """(task, Head) of the serving head of a kseg (or plain Keras) model."""
+    task = md.task_of(model)
+    try:
+        head = task.head(list(model.output_names), md.of_metadata(meta).options,
+                         output_rank=len(model.outputs[0].shape))
+    except ValueError as e:
+        raise ValueError(f"{model.name}: {e}") from None
+    return task, head
 
 
 def _network_size(model, meta, image_size):
@@ -97,29 +82,20 @@ def _network_size(model, meta, image_size):
         if h < 1 or w < 1:
             raise ValueError(f"image_size must be positive, got {image_size}")
         return h, w
-    name = meta.get("architecture")
-    if name:
-        import kseg
-
-        h, w, _ = kseg.get_spec(name).input_shape
+    spec = md.of_metadata(meta).spec
+    if spec is not None:
+        h, w, _ = spec.input_shape
         if h and w:
             return int(h), int(w)
     raise ValueError(f"{model.name} accepts any input size; pass image_size=(height, width) for predict_images")
 
 
 def _preprocessing(meta, preprocessing):
-    from kseg.registry import PREPROCESSING, Preprocessing
-
-    if isinstance(preprocessing, Preprocessing):
-        return preprocessing
-    if isinstance(preprocessing, str):
-        if preprocessing in PREPROCESSING:
-            return PREPROCESSING[preprocessing]
-        import kseg
-
-        return kseg.get_spec(preprocessing).preprocessing
-    if meta.get("preprocessing"):
-        return Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocessing"].items()})
+    if preprocessing is not None:
+        return resolve_preprocessing(preprocessing)
+    known = md.of_metadata(meta).preprocessing
+    if known is not None:
+        return known
     raise ValueError("the model has no kseg metadata, so its preprocessing is unknown; pass preprocessing= "
                      f"(one of {sorted(PREPROCESSING)} or a registry model name)")
 
@@ -130,7 +106,8 @@ def build_module(model, *, image_size=None, preprocessing=None, class_names=None
     import tensorflow as tf
 
     meta = md.build_metadata(model, class_names=class_names)
-    task, index, activation = _task_and_head(model, meta)
+    task, head_ = _task_and_head(model, meta)
+    index, activation = head_.output_index, head_.activation
     pre = _preprocessing(meta, preprocessing)
     height, width = _network_size(model, meta, image_size)
     channels = int(model.input_shape[-1])
@@ -148,16 +125,12 @@ def build_module(model, *, image_size=None, preprocessing=None, class_names=None
             probs = tf.sigmoid(out)
         else:
             probs = tf.identity(out)
-        if task == "edges":
-            labels = tf.cast(probs[..., 0] > 0.5, tf.int32)
-        else:
-            labels = tf.argmax(probs, axis=-1, output_type=tf.int32)
-        return probs, labels
+        return probs, task.labels(probs)
 
     @tf.function(input_signature=[tf.TensorSpec([None, *input_hw, channels], tf.float32, name="images")])
     def serve(images):
         probs, labels = head(images)
-        key = "classes" if task == "classification" else "label_map"
+        key = task.serving_key
         return {"probabilities": tf.identity(probs, name="probabilities"), key: tf.identity(labels, name=key)}
 
     def decode(data):
@@ -176,19 +149,15 @@ def build_module(model, *, image_size=None, preprocessing=None, class_names=None
             fn_output_signature=(tf.TensorSpec([height, width, channels], tf.float32), tf.TensorSpec([2], tf.int32)))
         probs, labels = head(images)
         sizes = tf.identity(sizes, name="image_size")
-        if task == "classification":
-            return {"classes": tf.identity(labels, name="classes"),
+        if not task.dense:
+            return {task.serving_key: tf.identity(labels, name=task.serving_key),
                     "probabilities": tf.identity(probs, name="probabilities"), "image_size": sizes}
         # Interpolate the probabilities (not the labels) back to each image's size, then decide.
         max_hw = tf.reduce_max(tf.concat([sizes, tf.zeros([1, 2], tf.int32)], axis=0), axis=0)
 
         def at_original_size(args):
             p, size = args
-            p = tf.image.resize(p, size, method="bilinear")
-            if task == "edges":
-                lab = tf.cast(p[..., 0] > 0.5, tf.int32)
-            else:
-                lab = tf.argmax(p, axis=-1, output_type=tf.int32)
+            lab = task.labels(tf.image.resize(p, size, method="bilinear"))
             pad = tf.stack([[0, max_hw[0] - size[0]], [0, max_hw[1] - size[1]]])
             return tf.pad(lab, pad, constant_values=LABEL_PAD)
 
@@ -214,7 +183,7 @@ def build_module(model, *, image_size=None, preprocessing=None, class_names=None
     module.label_images = label_images
     module.raw_outputs = serving_function(model)
     meta["serving"] = {
-        "task": task,
+        "task": task.name,
         "image_size": [height, width],
         "channels": channels,
         "output_index": index,
@@ -227,7 +196,7 @@ def build_module(model, *, image_size=None, preprocessing=None, class_names=None
 
 
 def export(model, path, *, version=None, image_size=None, preprocessing=None, class_names=None, force=False,
-           verify=True, max_image_pixels=MAX_IMAGE_PIXELS) -> str:
+           verify=True, max_image_pixels=MAX_IMAGE_PIXELS, progress=False) -> str:
     """Export a Keras model to TF Serving's layout: `path` is BASE/NAME; returns BASE/NAME/VERSION.
 
     version: the version directory (default: one more than the highest present, 1 if none).
@@ -236,16 +205,37 @@ def export(model, path, *, version=None, image_size=None, preprocessing=None, cl
     (a kind such as "caffe", a model name, or a kseg.Preprocessing); needed only for models
     without kseg metadata. The version directory is written next to its destination,
     verified against the Keras model (verify=True), and renamed into place in one step, so
-    a server polling BASE/NAME never sees a half-written version.
+    a server polling BASE/NAME never sees a half-written version. progress=True shows the
+    current step on standard error.
     """
-    module, meta = build_module(model, image_size=image_size, preprocessing=preprocessing,
-                                class_names=class_names, max_image_pixels=max_image_pixels)
-    out = serving_version_dir(path, version)
-    with atomic_output(out, force=force) as tmp:
-        write_module(module, meta, tmp)
-        if verify:
-            verify_export(tmp, model, meta)
+    with stages(progress, f"exporting {model.name}") as stage:
+        stage("tracing the signatures")
+        module, meta = build_module(model, image_size=image_size, preprocessing=preprocessing,
+                                    class_names=class_names, max_image_pixels=max_image_pixels)
+        out = serving_version_dir(path, version)
+        with atomic_output(out, force=force) as tmp:
+            stage(f"writing {out}")
+            write_module(module, meta, tmp)
+            if verify:
+                stage("verifying against the Keras model")
+                verify_export(tmp, model, meta)
     return out
+
+
+def save_format(model, path, *, metadata=None, input_size=None, **_):
+    """kseg.serving's export: image-level signatures (preprocessing in the graph) + raw_outputs.
+
+    A model with no servable head (a classifier without its top, a plain Keras model whose
+    preprocessing is unknown) gets the plain SavedModel's serving_default, with a warning.
+    """
+    try:
+        module, meta = build_module(model, image_size=input_size, class_names=(metadata or {}).get("class_names"))
+    except ValueError as e:
+        warnings.warn(f"{path}: {e}; writing serving_default with the model's own outputs only", stacklevel=2)
+        saved_model_format.save(model, path, metadata=metadata, input_size=input_size)
+        return
+    write_module(module, meta, path)
+    verify_export(path, model, meta)
 
 
 def write_module(module, meta, directory):
@@ -273,11 +263,8 @@ def reference_outputs(model, meta, images):
     """In-process `serving_default` outputs of the Keras model for an RGB 0..255 float batch."""
     import numpy as np
 
-    from kseg.registry import Preprocessing
-
     serving = meta["serving"]
-    pre = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocessing"].items()}) \
-        if meta.get("preprocessing") else None
+    pre = md.of_metadata(meta).preprocessing
     x = pre.apply(np.asarray(images, np.float32)) if pre else np.asarray(images, np.float32)
     out = model(x, training=False)
     out = np.asarray(out[serving["output_index"]] if isinstance(out, (list, tuple)) else out)
@@ -319,7 +306,7 @@ def verify_export(directory, model, meta, seed=0):
     if not err <= 1e-4:
         raise ExportVerificationError(f"{directory}: predict_images probabilities differ from the Keras model "
                                       f"by {err:.3g} (allowed 1e-4); nothing was written")
-    if meta["serving"]["task"] != "classification":
+    if get_task(meta["serving"]["task"]).dense:
         sizes = out["image_size"].numpy().tolist()
         if sizes != [[h, w], [h, w]] or tuple(out["label_map"].shape) != (2, h, w):
             raise ExportVerificationError(f"{directory}: predict_images returned label maps of shape "
@@ -328,17 +315,13 @@ def verify_export(directory, model, meta, seed=0):
 
 def resolve_model(source, *, model=None, build_kwargs=None, weights=None, unsafe=False):
     """A Keras model from a file (any format `kseg convert` reads) or a registry name (built fresh)."""
-    import kseg
-
     source = os.fspath(source)
     if os.path.exists(source) or os.path.exists(source + ".index"):
-        from convert.api import as_kseg_model, load_keras
-
         keras_model = load_keras(source, model=model, build_kwargs=build_kwargs, unsafe=unsafe)
         if model is not None and md.model_info(keras_model) is None:
             keras_model = as_kseg_model(keras_model, model, build_kwargs, source)
         return keras_model
-    if source in kseg.list_models():
-        return kseg.build_model(source, weights=weights, **(build_kwargs or {}))
+    if source in list_models():
+        return build_model(source, weights=weights, **(build_kwargs or {}))
     raise FileNotFoundError(f"{source}: neither a model file nor a registered model name "
-                            f"(`kseg models` lists {len(kseg.list_models())})")
+                            f"(`kseg models` lists {len(list_models())})")

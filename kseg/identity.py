@@ -1,0 +1,341 @@
+"""Model identity: what a model is (architecture, build options, weight layout, preprocessing,
+input size, classes), whatever form it comes in, and the metadata kseg writes into every format.
+
+`identify(x)` is the one answer for a registry name (+ build options), a model built by
+`kseg.build_model`, a model file of any format kseg writes, or a metadata dict:
+
+    >>> from kseg.identity import identify
+    >>> identify("resnet50", layout="torchvision").preprocessing.kind
+    'torch'
+
+The weight layout (keras.applications vs torchvision), not the architecture's name, decides
+the preprocessing. Every reader, trainer, predictor, converter and exporter asks here.
+
+The metadata is one JSON dict (see build_metadata) stored as: a `kseg.json` member of a
+`.keras` zip, the `kseg_metadata` attribute of an HDF5 file, `assets/kseg.json` in a
+SavedModel, a `safetensors` header entry, and a `<path>.kseg.json` sidecar for frozen graphs
+and checkpoints. Training runs write `kseg_run.json` next to their checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import zipfile
+
+from kseg.api import build_model, model_info
+from kseg.registry import PREPROCESSING, ModelSpec, Preprocessing, get_spec
+from kseg.tasks import Task, get_task
+
+KERAS_MEMBER = "kseg.json"
+H5_ATTR = "kseg_metadata"
+SAVED_MODEL_ASSET = os.path.join("assets", "kseg.json")
+SIDECAR_SUFFIX = ".kseg.json"
+# Written by kseg.train next to a run's checkpoints: the recipe, model and build options.
+RUN_FILE = "kseg_run.json"
+
+
+# --- identity ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """What a model is. `architecture` is None for a plain Keras model kseg did not build."""
+
+    architecture: str | None = None
+    build_kwargs: dict = dataclasses.field(default_factory=dict)
+    layout: str | None = None  # the weight layout: None (the spec's default) or a key of spec.layouts
+    preprocessing: Preprocessing | None = None
+    input_shape: tuple | None = None  # (H, W, C); None dims accept any size
+    num_classes: int | None = None
+    class_names: tuple | None = None
+    source: str = ""  # where the answer came from: a registry name, "model", a file
+
+    @property
+    def spec(self) -> ModelSpec | None:
+        return get_spec(self.architecture) if self.architecture else None
+
+    @property
+    def options(self) -> dict:
+        """Every build option: the builder's defaults updated with build_kwargs ({} for a plain model)."""
+        if self.spec is None:
+            return dict(self.build_kwargs)
+        defaults = {k: p.default for k, p in inspect.signature(self.spec.builder).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        return {**defaults, **self.build_kwargs}
+
+    @property
+    def task(self) -> str | None:
+        """The task's name (see kseg.tasks), None when the architecture is unknown."""
+        return self.spec.task if self.architecture else None
+
+
+def resolve_preprocessing(value) -> Preprocessing | None:
+    """None, a Preprocessing, a kind ("caffe", "torch", ...), a registry model name or a metadata dict."""
+    if value is None or isinstance(value, Preprocessing):
+        return value
+    if isinstance(value, dict):
+        return Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+    if isinstance(value, str):
+        if value in PREPROCESSING:
+            return PREPROCESSING[value]
+        try:
+            return get_spec(value).preprocessing
+        except ValueError as e:
+            raise ValueError(f"preprocessing={value!r} is neither a kind ({', '.join(sorted(PREPROCESSING))}) "
+                             f"nor a model name: {e}") from None
+    raise TypeError(f"preprocessing must be None, a kseg.Preprocessing, a kind or a model name, "
+                    f"got {type(value).__name__}")
+
+
+def layout_of(spec: ModelSpec, build_kwargs: dict) -> str | None:
+    """The weight layout a model built with `build_kwargs` has: the spec's layout whose options it matches."""
+    defaults = {k: p.default for k, p in inspect.signature(spec.builder).parameters.items()}
+    built = {**defaults, **(build_kwargs or {})}
+    return next((name for name, options in spec.layouts.items()
+                 if options and all(built.get(k) == v for k, v in options.items())), None)
+
+
+def of_name(name: str, build_kwargs: dict | None = None, *, class_names=None) -> Identity:
+    """The identity of `kseg.build_model(name, **build_kwargs)`, without building it."""
+    spec = get_spec(name)
+    kwargs = dict(build_kwargs or {})
+    layout = layout_of(spec, kwargs)
+    shape = kwargs.get("input_shape")
+    return Identity(name, kwargs, layout, spec.preprocessing_for(layout),
+                    tuple(shape) if shape is not None else spec.input_shape,
+                    kwargs.get("num_classes", spec.num_classes), _tuple(class_names), name)
+
+
+def of_model(model, *, class_names=None) -> Identity:
+    """The identity of a built Keras model (a plain one has no architecture or preprocessing)."""
+    info = model_info(model)
+    shape = tuple(model.input_shape[1:])
+    last = model.outputs[-1].shape[-1]
+    if info is None:
+        return Identity(None, {}, None, None, shape, int(last) if last is not None else None,
+                        _tuple(class_names), "model")
+    named = of_name(info["name"], info["kwargs"], class_names=class_names)
+    return dataclasses.replace(named, input_shape=shape, source="model")
+
+
+def of_metadata(meta: dict, source: str = "metadata") -> Identity:
+    """The identity recorded in kseg metadata (what build_metadata wrote)."""
+    meta = meta or {}
+    name = meta.get("architecture")
+    kwargs = dict(meta.get("build_kwargs") or {})
+    shape = meta.get("input_shape")
+    spec = get_spec(name) if name else None
+    return Identity(
+        name, kwargs, layout_of(spec, kwargs) if spec else None, resolve_preprocessing(meta.get("preprocessing")),
+        tuple(shape) if shape is not None else (spec.input_shape if spec else None),
+        meta.get("num_classes"), _tuple(meta.get("class_names")), source)
+
+
+def of_file(path) -> Identity | None:
+    """The identity a model file records: a training run's kseg_run.json next to it, else the
+    file's kseg metadata; None when it records neither."""
+    path = os.fspath(path)
+    run_file = os.path.join(os.path.dirname(os.path.abspath(path)), RUN_FILE)
+    if os.path.isfile(path) and os.path.exists(run_file):
+        run = read_json(run_file)
+        kwargs = dict(run.get("model_kwargs") or {})
+        ident = of_name(run["model"], kwargs) if run.get("model") else Identity(source=run_file)
+        prep = (run.get("recipe_values") or {}).get("data", {}).get("preprocessing")
+        if prep:
+            ident = dataclasses.replace(ident, preprocessing=resolve_preprocessing(prep))
+        return dataclasses.replace(ident, source=run_file)
+    meta = read_metadata(path)
+    return of_metadata(meta, path) if meta is not None else None
+
+
+def task_of(model) -> Task:
+    """The task a Keras model's outputs mean: its kseg architecture's; for a plain Keras model, a
+    guess from the first output (one row per image: classification; a map: segmentation)."""
+    ident = of_model(model)
+    if ident.spec is not None:
+        return ident.spec.task_object
+    return get_task("classification" if len(model.outputs[0].shape) == 2 else "segmentation")
+
+
+def identify(obj, build_kwargs: dict | None = None, *, class_names=None) -> Identity | None:
+    """The Identity of a registry name (+ build kwargs), a Keras model, a model file or a metadata dict."""
+    if isinstance(obj, Identity):
+        return obj
+    if isinstance(obj, dict):
+        return of_metadata(obj)
+    if isinstance(obj, (str, os.PathLike)):
+        text = os.fspath(obj)
+        if os.path.exists(text) or os.path.exists(text + ".index"):
+            return of_file(text)
+        return of_name(text, build_kwargs, class_names=class_names)
+    return of_model(obj, class_names=class_names)
+
+
+def _tuple(values):
+    return tuple(values) if values is not None else None
+
+
+# --- the metadata dict ------------------------------------------------------------------
+
+
+def build_metadata(model, *, class_names=None) -> dict:
+    """Architecture, build kwargs, classes, preprocessing, input size and outputs of a Keras model."""
+    from kseg import __version__
+
+    ident = of_model(model)
+    info = model_info(model)
+    return {
+        "kseg_version": __version__,
+        "architecture": ident.architecture,
+        "build_kwargs": dict(info["kwargs"]) if info else {},
+        "num_classes": ident.num_classes,
+        "class_names": list(class_names) if class_names is not None else None,
+        "preprocessing": ident.preprocessing.to_dict() if ident.preprocessing else None,
+        "input_shape": [d for d in model.input_shape[1:]],
+        "outputs": list(model.output_names),
+    }
+
+
+def read_metadata(path) -> dict | None:
+    """The kseg metadata a file or directory of any format kseg writes carries, else None."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "saved_model.pb")):
+            return read_saved_model(path)
+        versions = sorted((int(n) for n in os.listdir(path) if n.isdigit()
+                           and os.path.isfile(os.path.join(path, n, "saved_model.pb"))), reverse=True)
+        return read_saved_model(os.path.join(path, str(versions[0]))) if versions else read_sidecar(path)
+    if os.path.exists(sidecar_path(path)):
+        return read_sidecar(path)
+    if not os.path.isfile(path):
+        return read_sidecar(path)  # a checkpoint prefix
+    if zipfile.is_zipfile(path):
+        return read_keras(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head == b"\x89HDF\r\n\x1a\n":
+        return read_h5(path)
+    if path.lower().endswith(".safetensors"):
+        return read_safetensors(path)
+    return None
+
+
+def read_safetensors(path) -> dict | None:
+    import safetensors
+
+    try:
+        with safetensors.safe_open(os.fspath(path), "np") as f:
+            text = (f.metadata() or {}).get("kseg")
+    except Exception:
+        return None
+    return _loads(text, f"{path}[kseg]") if text else None
+
+
+def _loads(text, where):
+    try:
+        meta = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{where}: kseg metadata is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where}: kseg metadata is not a JSON object")
+    return meta
+
+
+# --- .keras (zip member) ---------------------------------------------------------------
+
+
+def write_keras(path, metadata):
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr(KERAS_MEMBER, json.dumps(metadata, indent=1))
+
+
+def read_keras(path):
+    with zipfile.ZipFile(path) as zf:
+        if KERAS_MEMBER not in zf.namelist():
+            return None
+        return _loads(zf.read(KERAS_MEMBER).decode("utf8"), f"{path}:{KERAS_MEMBER}")
+
+
+# --- HDF5 (.h5, .weights.h5) ----------------------------------------------------------
+
+
+def write_h5(path, metadata):
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        f.attrs[H5_ATTR] = json.dumps(metadata)
+
+
+def read_h5(path):
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        value = f.attrs.get(H5_ATTR)
+    if value is None:
+        return None
+    return _loads(value.decode("utf8") if isinstance(value, bytes) else value, f"{path}[{H5_ATTR}]")
+
+
+# --- SavedModel assets ----------------------------------------------------------------
+
+
+def write_saved_model(directory, metadata):
+    os.makedirs(os.path.join(directory, "assets"), exist_ok=True)
+    with open(os.path.join(directory, SAVED_MODEL_ASSET), "w") as f:
+        json.dump(metadata, f, indent=1)
+
+
+def read_saved_model(directory):
+    path = os.path.join(directory, SAVED_MODEL_ASSET)
+    return read_json(path) if os.path.exists(path) else None
+
+
+# --- sidecars (frozen graphs, checkpoints) --------------------------------------------
+
+
+def sidecar_path(path) -> str:
+    return os.fspath(path) + SIDECAR_SUFFIX
+
+
+def write_sidecar(path, metadata):
+    with open(sidecar_path(path), "w") as f:
+        json.dump(metadata, f, indent=1)
+
+
+def read_sidecar(path):
+    side = sidecar_path(path)
+    return read_json(side) if os.path.exists(side) else None
+
+
+def read_json(path):
+    with open(path) as f:
+        return _loads(f.read(), path)
+
+
+# --- rebuilding a kseg architecture ---------------------------------------------------
+
+
+def rebuild(metadata, path, *, model=None, build_kwargs=None):
+    """A fresh kseg model for the weights in `path`: the architecture named by `model` or the metadata."""
+    meta = metadata or {}
+    name = model or meta.get("architecture")
+    if not name:
+        raise ValueError(
+            f"{path}: holds weights only and names no kseg architecture; pass the architecture "
+            "(--model NAME / model=NAME; `kseg models` lists them)"
+        )
+    kwargs = dict(meta.get("build_kwargs") or {}) if meta.get("architecture") == name else {}
+    kwargs.update(build_kwargs or {})
+    if "input_shape" in kwargs and kwargs["input_shape"] is not None:
+        kwargs["input_shape"] = tuple(kwargs["input_shape"])
+    return build_model(name, **kwargs)
+
+
+def attach(model, metadata):
+    """Record a file's kseg architecture on a loaded model, so re-saving keeps the metadata."""
+    if metadata and metadata.get("architecture") and getattr(model, "_kseg_info", None) is None:
+        model._kseg_info = {"name": metadata["architecture"], "kwargs": dict(metadata.get("build_kwargs") or {})}
+    return model

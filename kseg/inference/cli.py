@@ -1,0 +1,222 @@
+"""`kseg evaluate`, `predict` and `crf-search`: parsing and printing around kseg.inference.
+
+kseg/cli.py wires these in with `add_parser(subparsers)`; each sub-command's handler is in
+`args.func`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from kseg import cliutil
+
+# A missing file, a bad setting or a missing optional dependency: a one-line message, no traceback.
+_EXPECTED = (*cliutil.INPUT_ERRORS, ImportError)
+
+
+def add_parser(subparsers):
+    """Register `evaluate`, `predict` and `crf-search` on an argparse sub-parser collection."""
+    e = subparsers.add_parser("evaluate", help="score a saved model on a dataset (FCN metrics, per-class IoU)")
+    _model_args(e)
+    e.add_argument("--data", required=True, help="dataset root")
+    e.add_argument("--layout", default="voc", choices=("voc", "sbd", "synthetic", "pets"))
+    e.add_argument("--split", default="val")
+    e.add_argument("--crf", nargs="?", const="paper", metavar="SETTINGS",
+                   help="refine with the dense CRF: the paper's defaults, or e.g. w1=5,sigma_alpha=80,sigma_beta=3")
+    e.add_argument("--json", dest="json_out", help="write the scores here (default: next to the model)")
+    e.set_defaults(func=cmd_evaluate)
+
+    p = subparsers.add_parser("predict", help="label maps (palette PNGs) and colour overlays for image files")
+    _model_args(p)
+    p.add_argument("images", nargs="+", help="image files or directories of images")
+    p.add_argument("--out", required=True, help="output directory: STEM.png (class indices) and STEM_overlay.png")
+    p.add_argument("--crf", nargs="?", const="paper", metavar="SETTINGS",
+                   help="refine with the dense CRF: the paper's defaults, or e.g. w1=5,sigma_alpha=80,sigma_beta=3")
+    p.add_argument("--size", type=cliutil.parse_size, metavar="HxW",
+                   help=cliutil.size_help("predict on a resized copy (outputs stay at the original size; "
+                                          "fixed-input models always resize)"))
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.set_defaults(func=cmd_predict)
+
+    c = subparsers.add_parser("crf-search", help="cross-validate the dense CRF's settings over the paper's ranges")
+    _model_args(c)
+    c.add_argument("--data", required=True, help="dataset root")
+    c.add_argument("--layout", default="voc", choices=("voc", "sbd", "synthetic", "pets"))
+    c.add_argument("--split", default="val")
+    c.add_argument("--images", type=int, default=100, help="first N images of the split (default 100, the paper's)")
+    c.add_argument("--w1", type=_values, help="appearance kernel weights, e.g. 5:10 or 4,5 (default 5:10)")
+    c.add_argument("--sigma-alpha", type=_values, help="its spatial std, e.g. 50:100:10 (default)")
+    c.add_argument("--sigma-beta", type=_values, help="its colour std, e.g. 3:10 (default)")
+    c.add_argument("--base", default="paper", metavar="SETTINGS",
+                   help="the fixed values (default: the paper's w2=3, sigma_gamma=3, iterations=10)")
+    c.add_argument("--top", type=int, default=10, help="rows to print (default 10)")
+    c.add_argument("--json", dest="json_out", help="write every setting's scores here (default: next to the model)")
+    c.set_defaults(func=cmd_crf_search)
+    return subparsers
+
+
+def scores_table(scores, title):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column, justify in (("class", "left"), ("IoU", "right"), ("accuracy", "right"), ("pixels", "right")):
+        table.add_column(column, justify=justify, no_wrap=True)
+    def fmt(v):
+        return "-" if v is None else f"{100 * v:.2f}"
+
+    for row in scores["per_class"]:
+        table.add_row(row["class"], fmt(row["iou"]), fmt(row["accuracy"]), f"{row['pixels']:,}")
+    table.add_section()
+    for key in ("mean_iou", "pixel_accuracy", "mean_accuracy", "fw_iou"):
+        table.add_row(key, f"{100 * scores[key]:.2f}", "", "")
+    return table
+
+
+def _model_args(p):
+    p.add_argument("model", help="a .keras file (e.g. best.keras from kseg train) or a registry name with --weights")
+    p.add_argument("--weights", help="weights for a registry name (.h5, .weights.h5, .keras, .pth, .safetensors)")
+    p.add_argument("--num-classes", type=int, help="output classes of a registry-name model")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="build option of a registry-name model, e.g. --option width=0.25 (repeatable)")
+    p.add_argument("--preprocessing",
+                   help="a preprocessing kind or model name (default: the run's kseg_run.json, the file's metadata "
+                        "or the registry spec)")
+
+
+def _values(text):
+    """'5:10' (inclusive, step 1), '50:100:10' or '3,5,8' -> a list of numbers."""
+    try:
+        if ":" in text:
+            parts = [float(v) for v in text.split(":")]
+            if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] <= 0) or parts[1] < parts[0]:
+                raise ValueError
+            start, stop, step = parts[0], parts[1], parts[2] if len(parts) == 3 else 1.0
+            count = int(round((stop - start) / step)) + 1
+            values = [start + i * step for i in range(count)]
+        else:
+            values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected START:STOP[:STEP] or a comma list of numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"no values in {text!r}")
+    return [int(v) if float(v).is_integer() else v for v in values]
+
+
+def _option_values(items):
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def _load(args):
+    from kseg.inference import load_inference_model
+
+    return load_inference_model(args.model, weights=args.weights, num_classes=args.num_classes,
+                                preprocessing=args.preprocessing, options=_option_values(args.option))
+
+
+def _default_out(args, suffix):
+    base = args.model if os.path.isfile(args.model) else (args.weights or args.model)
+    return os.path.splitext(base)[0] + suffix
+
+
+def _raw_data(args):
+    import kseg.data as kd
+
+    reader = {"voc": kd.voc, "sbd": kd.sbd, "synthetic": kd.synthetic, "pets": kd.pets}[args.layout]
+    # Raw RGB: the model's preprocessing is applied before the network, the CRF sees the colours.
+    return reader(args.data, args.split, batch_size=1)
+
+
+def _fail(command, e):
+    return cliutil.fail(e, f"kseg {command}")
+
+
+def cmd_evaluate(args):
+    from kseg.inference import evaluate
+
+    try:
+        inference = _load(args)
+        ds = _raw_data(args)
+        scores = evaluate(inference.model, ds, preprocessing=inference.preprocessing, crf=args.crf)
+    except _EXPECTED as e:
+        return _fail("evaluate", e)
+    name = os.path.basename(args.model)
+    cliutil.console().print(scores_table(scores, f"{name} on {args.data} ({args.split}, {scores['images']} images)"))
+    if args.crf:
+        before = scores["before_crf"]
+        print(f"dense CRF: {scores['crf']}")
+        print(f"mean IoU {100 * before['mean_iou']:.2f} without CRF -> {100 * scores['mean_iou']:.2f} with CRF; "
+              f"pixel accuracy {100 * before['pixel_accuracy']:.2f} -> {100 * scores['pixel_accuracy']:.2f}")
+    out = args.json_out or _default_out(args, f"_{args.split}{'_crf' if args.crf else ''}_scores.json")
+    with open(out, "w") as f:
+        json.dump(scores, f, indent=1)
+    print(f"scores written to {out}")
+    return cliutil.OK
+
+
+def cmd_predict(args):
+    from kseg.inference import predict_images
+
+    try:
+        inference = _load(args)
+        results = predict_images(inference, args.images, args.out, crf=args.crf, size=args.size, alpha=args.alpha,
+                                 overwrite=args.force)
+    except _EXPECTED as e:
+        return _fail("predict", e)
+    crf = f" (dense CRF {args.crf})" if args.crf else ""
+    print(f"wrote {len(results)} label maps (STEM.png) and overlays (STEM_overlay.png) to {args.out}{crf}")
+    return cliutil.OK
+
+
+def crf_search_table(result, top):
+    from rich.table import Table
+
+    table = Table(title=f"dense CRF search on {result['images']} images: best {min(top, len(result['results']))} "
+                        f"of {len(result['results'])} settings")
+    for column in ("w1", "sigma_alpha", "sigma_beta", "mean IoU", "pixel acc.", "vs no CRF"):
+        table.add_column(column, justify="right", no_wrap=True)
+    base = result["baseline"]
+    for row in result["results"][:top]:
+        p = row["params"]
+        table.add_row(f"{p['w1']:g}", f"{p['sigma_alpha']:g}", f"{p['sigma_beta']:g}", f"{100 * row['mean_iou']:.2f}",
+                      f"{100 * row['pixel_accuracy']:.2f}", f"{100 * (row['mean_iou'] - base['mean_iou']):+.2f}")
+    table.add_section()
+    table.add_row("no CRF", "", "", f"{100 * base['mean_iou']:.2f}", f"{100 * base['pixel_accuracy']:.2f}", "")
+    return table
+
+
+def cmd_crf_search(args):
+    from kseg.crf import CRFParams, check_installed, search_grid
+    from kseg.inference import crf_search
+
+    try:
+        check_installed()
+        grid = search_grid(CRFParams.parse(args.base), w1=args.w1, sigma_alpha=args.sigma_alpha,
+                           sigma_beta=args.sigma_beta)
+        if args.images < 1:
+            raise ValueError(f"--images must be >= 1, got {args.images}")
+        inference = _load(args)
+        result = crf_search(inference, _raw_data(args), grid, images=args.images)
+    except _EXPECTED as e:
+        return _fail("crf-search", e)
+    cliutil.console().print(crf_search_table(result, args.top))
+    best = result["best"]
+    print(f"best: --crf {best['crf']}  (mean IoU {100 * best['mean_iou']:.2f} vs "
+          f"{100 * result['baseline']['mean_iou']:.2f} without CRF)")
+    out = args.json_out or _default_out(args, f"_{args.split}_crf_search.json")
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"all {len(result['results'])} settings written to {out}")
+    return cliutil.OK

@@ -1,0 +1,132 @@
+"""Evaluation as the papers measured it, and the dense CRF's cross-validation.
+
+    raw = kseg.data.synthetic(root, "val", batch_size=1)
+    evaluate(model, raw, preprocessing="deeplab_largefov", crf=True)["before_crf"]["mean_iou"]
+
+`evaluate` scores a segmentation model at the labels' own resolution (one traced graph for
+every image size); `crf_search` scores a grid of CRF settings on the first images of a split,
+running the network once per image. `kseg evaluate` and `kseg crf-search` are the faces.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kseg.crf import as_params, check_installed, dense_crf
+from kseg.identity import identify, resolve_preprocessing, task_of
+from kseg.inference.loading import InferenceModel
+from kseg.inference.traced import Predictor, predictor
+from kseg.progress import progress as progress_bar
+from kseg.tasks.metrics import confusion_matrix, iou_table, scores_from_confusion
+
+
+def evaluate(model, dataset, *, num_classes=None, class_names=None, progress=True, crf=None,
+             preprocessing=None) -> dict:
+    """Score a model on an (image, label) dataset as its task measures it.
+
+    Segmentation (at the labels' own resolution; batch-1 datasets of unpadded images give
+    original-size scores): {"pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou",
+    "per_class": [...], "confusion": [[...]]}; classification: {"top1", "top5"}; edges: BSDS
+    {"ods", "ods_threshold", "ois"}. Always "images": N. The task is the model's kseg
+    architecture's (kseg.identity.task_of).
+
+    `preprocessing` (a kseg.Preprocessing, kind or model name) is applied to the dataset's images
+    before the model; pass it with a raw dataset (a kseg.data reader without preprocessing=).
+    `crf` (True, a kseg.crf.CRFParams or a "w1=5,sigma_alpha=80" string) refines each image's
+    probabilities with the dense CRF, which needs the raw colours, so it requires a raw dataset
+    (segmentation only). The scores are then the CRF's, with the network's own under
+    "before_crf" and the setting under "crf".
+
+        raw = kseg.data.synthetic(root, "val", batch_size=1)
+        evaluate(model, raw, preprocessing="deeplab_largefov", crf=True)["before_crf"]["mean_iou"]
+    """
+    task = task_of(model)
+    head = task.head(list(model.output_names), identify(model).options, output_rank=len(model.outputs[0].shape))
+    num_classes = num_classes or model.outputs[head.output_index].shape[-1]
+    names = class_names or getattr(dataset, "class_names", None)
+    names = names if names and len(names) == num_classes else None
+    params = as_params(crf)
+    total = dataset.cardinality().numpy()
+    total = int(total) if total >= 0 else None
+    if params is not None:
+        if task.target_kind != "class_map":
+            raise ValueError(f"{model.name} is a {task.name} model; the dense CRF refines per-pixel class scores")
+        return _evaluate_crf(model, dataset, params, preprocessing, num_classes, names, progress, total)
+    scores = task.evaluator(num_classes, head, names)
+    run = predictor(model, preprocessing=resolve_preprocessing(preprocessing))  # one trace for every size
+    images = 0
+    with progress_bar(progress, "evaluating", total) as advance:
+        for x, y in dataset:
+            scores.update(y, run(x))
+            images += int(x.shape[0])
+            advance()
+    return {**scores.result(), "images": images}
+
+
+def _evaluate_crf(model, dataset, params, preprocessing, num_classes, names, progress, total):
+    check_installed()  # the install hint before any work
+    predictor = Predictor(model, preprocessing=preprocessing)
+    before = np.zeros((num_classes, num_classes), np.int64)
+    after = np.zeros_like(before)
+    images = 0
+    with progress_bar(progress, "evaluating + CRF", total) as advance:
+        for image, label in raw_pairs(dataset):
+            probs = predictor.probabilities(image)
+            before += confusion_matrix(label, probs.argmax(-1), num_classes)
+            after += confusion_matrix(label, dense_crf(image, probs, params).argmax(-1), num_classes)
+            images += 1
+            advance()
+    return {**scores_from_confusion(after), "per_class": iou_table(after, names), "confusion": after.tolist(),
+            "images": images, "crf": str(params), "before_crf": {**scores_from_confusion(before),
+                                                                 "per_class": iou_table(before, names)}}
+
+
+def crf_search(inference: InferenceModel, dataset, grid, *, images=100, progress=True) -> dict:
+    """Score every CRF setting of `grid` on the first `images` (raw image, label) pairs of `dataset`.
+
+    The dataset must yield raw RGB 0..255 images (a kseg.data reader without preprocessing=),
+    batched or not; labels at the images' size, 255 ignored. The network runs once per image
+    and every setting refines the same probabilities. Returns {"baseline": scores without CRF,
+    "results": [{"params": {...}, "crf": "w1=...", **scores}, ...] best mean IoU first,
+    "best": the first of them, "images": n}.
+    """
+    grid = [as_params(g) for g in grid]
+    if not grid:
+        raise ValueError("the CRF search grid is empty")
+    predictor = Predictor(inference.model, preprocessing=inference.preprocessing)
+    c = inference.num_classes
+    base = np.zeros((c, c), np.int64)
+    per_setting = np.zeros((len(grid), c, c), np.int64)
+    n = 0
+    total = images * len(grid) if images else None
+    with progress_bar(progress, f"CRF search: {len(grid)} settings", total) as advance:
+        for image, label in raw_pairs(dataset, images):
+            probs = predictor.probabilities(image)
+            base += confusion_matrix(label, probs.argmax(-1), c)
+            for i, params in enumerate(grid):
+                per_setting[i] += confusion_matrix(label, dense_crf(image, probs, params).argmax(-1), c)
+                advance()
+            n += 1
+    if n == 0:
+        raise ValueError("the dataset is empty: no images to search the CRF settings on")
+    results = [{"params": p.to_dict(), "crf": str(p), **scores_from_confusion(cm)} for p, cm in zip(grid, per_setting)]
+    results.sort(key=lambda r: -r["mean_iou"])
+    return {"baseline": scores_from_confusion(base), "results": results, "best": results[0], "images": n}
+
+
+def raw_pairs(dataset, limit=None):
+    """(image [H, W, 3], label [H, W]) NumPy pairs from a batched or unbatched (image, label) dataset."""
+    n = 0
+    for x, y in dataset:
+        x, y = np.asarray(x), np.asarray(y)
+        if x.ndim == 3:
+            x, y = x[None], y[None]
+        for image, label in zip(x, y):
+            if limit is not None and n >= limit:
+                return
+            if image.size and image.min() < 0:
+                raise ValueError("the dataset's images have negative values: they are preprocessed. The CRF needs "
+                                 "the raw RGB colours: read the data without preprocessing= (the model's "
+                                 "preprocessing is applied before the network)")
+            yield image, label[..., 0] if label.ndim == 3 else label
+            n += 1
