@@ -12,8 +12,8 @@ from kseg import identity as md
 
 
 def read_metadata(path):
-    path = os.fspath(path)
-    return md.read_keras(path) if path.lower().endswith(".keras") else md.read_h5(path)
+    """The file's kseg metadata, or the identity its Keras config keeps (Keras' own model.save())."""
+    return md.read_metadata(os.fspath(path))
 
 
 def load_keras(path, *, unsafe=False, **_):

@@ -48,12 +48,33 @@ def build_model(name, *, num_classes=None, input_shape=None, weights=None, backb
         )
     model = spec.builder(**build_kwargs)
     # What rebuilds this model: conversion metadata and serving read it (see model_info).
-    model._kseg_info = {"name": name, "kwargs": _jsonable(build_kwargs)}
+    remember_identity(model, {"name": name, "kwargs": _jsonable(build_kwargs)})
     if backbone_weights is not None:
         weights_mod.load_backbone(model, backbone_weights, spec)
     if weights is not None:
         weights_mod.load_weights(model, os.fspath(weights), spec=spec)
     return model
+
+
+# The key of a kseg model's Keras config that names its architecture and build options.
+IDENTITY_KEY = "kseg"
+
+
+def remember_identity(model, info: dict):
+    """Record {"name", "kwargs"} on `model` and in its Keras config.
+
+    Keras' own saving (model.save to .keras or .h5, ModelCheckpoint) serializes get_config(), so
+    the saved file names the architecture: kseg reads it back (kseg.identity), and plain Keras
+    ignores the extra key when it loads the file (functional configs are read by their keys).
+    """
+    model._kseg_info = dict(info)
+    keras_get_config = model.get_config
+
+    def get_config():
+        return {**keras_get_config(), IDENTITY_KEY: dict(model._kseg_info)}
+
+    # Set on the instance, past Keras' attribute tracking: only this model carries the key.
+    object.__setattr__(model, "get_config", get_config)
 
 
 def model_info(model) -> dict | None:

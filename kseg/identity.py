@@ -25,7 +25,7 @@ import json
 import os
 import zipfile
 
-from kseg.api import build_model, model_info
+from kseg.api import IDENTITY_KEY, build_model, model_info, remember_identity
 from kseg.registry import PREPROCESSING, ModelSpec, Preprocessing, get_spec
 from kseg.tasks import Task, get_task
 
@@ -122,16 +122,20 @@ def of_model(model, *, class_names=None) -> Identity:
 
 
 def of_metadata(meta: dict, source: str = "metadata") -> Identity:
-    """The identity recorded in kseg metadata (what build_metadata wrote)."""
+    """The identity recorded in kseg metadata (what build_metadata wrote, or only the architecture
+    and build options a Keras config carries): recorded values win, the registry fills the rest."""
     meta = meta or {}
     name = meta.get("architecture")
     kwargs = dict(meta.get("build_kwargs") or {})
+    ident = of_name(name, kwargs) if name else Identity(build_kwargs=kwargs)
     shape = meta.get("input_shape")
-    spec = get_spec(name) if name else None
-    return Identity(
-        name, kwargs, layout_of(spec, kwargs) if spec else None, resolve_preprocessing(meta.get("preprocessing")),
-        tuple(shape) if shape is not None else (spec.input_shape if spec else None),
-        meta.get("num_classes"), _tuple(meta.get("class_names")), source)
+    recorded = {
+        "preprocessing": resolve_preprocessing(meta["preprocessing"]) if meta.get("preprocessing") else None,
+        "input_shape": tuple(shape) if shape is not None else None,
+        "num_classes": meta.get("num_classes"),
+        "class_names": _tuple(meta.get("class_names")),
+    }
+    return dataclasses.replace(ident, source=source, **{k: v for k, v in recorded.items() if v is not None})
 
 
 def of_file(path) -> Identity | None:
@@ -213,14 +217,42 @@ def read_metadata(path) -> dict | None:
     if not os.path.isfile(path):
         return read_sidecar(path)  # a checkpoint prefix
     if zipfile.is_zipfile(path):
-        return read_keras(path)
+        return read_keras(path) or _from_keras_config(_keras_config(path), path)
     with open(path, "rb") as f:
         head = f.read(8)
     if head == b"\x89HDF\r\n\x1a\n":
-        return read_h5(path)
+        return read_h5(path) or _from_keras_config(_h5_config(path), path)
     if path.lower().endswith(".safetensors"):
         return read_safetensors(path)
     return None
+
+
+def _keras_config(path):
+    with zipfile.ZipFile(path) as zf:
+        return zf.read("config.json").decode("utf8") if "config.json" in zf.namelist() else None
+
+
+def _h5_config(path):
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        value = f.attrs.get("model_config")
+    return value.decode("utf8") if isinstance(value, bytes) else value
+
+
+def _from_keras_config(text, path) -> dict | None:
+    """The metadata of the identity a kseg model keeps in its Keras config (kseg.api.remember_identity),
+    for files written by Keras' own model.save(); None for other Keras files."""
+    if not text:
+        return None
+    config = _loads(text, f"{path}: Keras config")
+    info = (config.get("config") or {}).get(IDENTITY_KEY)
+    if not isinstance(info, dict) or not info.get("name"):
+        return None
+    ident = of_name(info["name"], dict(info.get("kwargs") or {}))
+    return {"architecture": ident.architecture, "build_kwargs": ident.build_kwargs, "num_classes": ident.num_classes,
+            "class_names": None, "preprocessing": ident.preprocessing.to_dict() if ident.preprocessing else None,
+            "input_shape": list(ident.input_shape) if ident.input_shape else None}
 
 
 def read_safetensors(path) -> dict | None:
@@ -337,5 +369,5 @@ def rebuild(metadata, path, *, model=None, build_kwargs=None):
 def attach(model, metadata):
     """Record a file's kseg architecture on a loaded model, so re-saving keeps the metadata."""
     if metadata and metadata.get("architecture") and getattr(model, "_kseg_info", None) is None:
-        model._kseg_info = {"name": metadata["architecture"], "kwargs": dict(metadata.get("build_kwargs") or {})}
+        remember_identity(model, {"name": metadata["architecture"], "kwargs": dict(metadata.get("build_kwargs") or {})})
     return model

@@ -25,10 +25,19 @@ BIG_MODEL_PARAMS = 50_000_000
 SIBLING_COVERED = {"fcn16s", "fcn32s", "fcn8s_atonce", "deeplab_largefov_resnet101", "fcn_resnet101", "resnet101"}
 
 
+# Exporting a plainly saved model to TF Serving (test_models.py) traces and verifies four
+# signatures; the default suite does it for the models up to this size, the slow set for all.
+EXPORT_DEFAULT_PARAMS = 30_000_000
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m "not slow" deselects
 def pytest_collection_modifyitems(config, items):
     for item in items:
         callspec = getattr(item, "callspec", None)
+        if item.originalname == "test_plain_keras_save_exports_with_no_flags" and callspec:
+            if kseg.get_spec(callspec.params["built"]).params > EXPORT_DEFAULT_PARAMS:
+                item.add_marker(pytest.mark.slow)
+            continue
         if item.originalname != "test_save_and_reload" or not callspec:
             continue
         name, suffix = callspec.params["built"], callspec.params.get("suffix")

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 import kseg
+from kseg.cli import main
+from kseg.identity import identify, resolve_preprocessing
 
 SNAPSHOTS = Path(__file__).parent / "snapshots" / "models"
 UPDATE = os.environ.get("KSEG_UPDATE_SNAPSHOTS") == "1"
@@ -72,12 +74,28 @@ def test_weight_names_and_shapes_snapshot(built):
     )
 
 
+def test_plain_keras_save_exports_with_no_flags(built, tmp_path):
+    # build_model -> Keras' own model.save() -> `kseg export` with no --preprocessing/--image-size.
+    # Models over 30M parameters are in the slow set (conftest.py).
+    spec, model, _, _ = built
+    path = tmp_path / f"{spec.name}.keras"
+    model.save(path)
+    assert main(["export", str(path), "--serving", str(tmp_path / "models" / spec.name)]) == 0
+    meta = json.loads((tmp_path / "models" / spec.name / "1" / "assets" / "kseg.json").read_text())
+    assert meta["architecture"] == spec.name
+    assert resolve_preprocessing(meta["preprocessing"]) == identify(model).preprocessing
+
+
 @pytest.mark.parametrize("suffix", [".keras", ".h5"])
 def test_save_and_reload(built, suffix, tmp_path):
     # The .h5 round trips of models over 50M parameters are marked slow in conftest.py.
     spec, model, x, y = built
     path = tmp_path / f"{spec.name}{suffix}"
     model.save(path)
+    # Keras' own save keeps the model's kseg identity (in its config); kseg reads it back.
+    saved, built_id = identify(str(path)), identify(model)
+    assert (saved.architecture, saved.build_kwargs, saved.layout, saved.preprocessing, saved.num_classes) == \
+           (built_id.architecture, built_id.build_kwargs, built_id.layout, built_id.preprocessing, built_id.num_classes)
     # No custom_objects: kseg's layers are registered serializable.
     reloaded = keras.saving.load_model(path, compile=False)
     again = reloaded.predict(x, verbose=0)
