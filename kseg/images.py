@@ -7,7 +7,9 @@
 Every command that reads an image file with Pillow (kseg predict, kseg convert / verify
 --images, kseg demo) decodes it here, so they agree on colour conversion and on EXIF
 orientation: a phone photo stored sideways with an Orientation tag is turned upright first.
-The tf.data readers decode with TensorFlow and accept only TF_IMAGE_EXTENSIONS.
+The tf.data readers and the TF Serving signatures decode inside the graph with TensorFlow, which
+has no EXIF op: they see the stored pixels (a dataset's label maps are aligned with those), and
+the readers accept only TF_IMAGE_EXTENSIONS.
 """
 
 from __future__ import annotations
