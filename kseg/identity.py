@@ -138,15 +138,26 @@ def of_metadata(meta: dict, source: str = "metadata") -> Identity:
     return dataclasses.replace(ident, source=source, **{k: v for k, v in recorded.items() if v is not None})
 
 
+def run_record(path) -> dict | None:
+    """The training run's kseg_run.json next to a model file (model, build options, recipe values,
+    class names), or None."""
+    path = os.fspath(path)
+    run_file = os.path.join(os.path.dirname(os.path.abspath(path)), RUN_FILE)
+    if os.path.isfile(path) and os.path.exists(run_file):
+        return read_json(run_file)
+    return None
+
+
 def of_file(path) -> Identity | None:
     """The identity a model file records: a training run's kseg_run.json next to it, else the
     file's kseg metadata; None when it records neither."""
     path = os.fspath(path)
     run_file = os.path.join(os.path.dirname(os.path.abspath(path)), RUN_FILE)
-    if os.path.isfile(path) and os.path.exists(run_file):
-        run = read_json(run_file)
+    run = run_record(path)
+    if run is not None:
         kwargs = dict(run.get("model_kwargs") or {})
-        ident = of_name(run["model"], kwargs) if run.get("model") else Identity(source=run_file)
+        ident = of_name(run["model"], kwargs, class_names=run.get("class_names")) if run.get("model") \
+            else Identity(source=run_file)
         prep = (run.get("recipe_values") or {}).get("data", {}).get("preprocessing")
         if prep:
             ident = dataclasses.replace(ident, preprocessing=resolve_preprocessing(prep))

@@ -217,3 +217,46 @@ def png_bytes(array, mode, palette=None, bits=None):
     buf = io.BytesIO()
     im.save(buf, "PNG", **({"bits": bits} if bits else {}))
     return buf.getvalue()
+
+
+CLASS_COLOURS = ((200, 40, 40), (40, 200, 40), (40, 40, 200))
+
+
+def _class_image(rng, h, w, colour):
+    """A noisy image tinted with its class's colour (so a tiny classifier has something to learn)."""
+    noise = image_array(rng, h, w).astype(np.int16) // 4
+    return np.clip(np.asarray(colour, np.int16) + noise - 32, 0, 255).astype(np.uint8)
+
+
+def write_class_splits(root, *, classes=("cat", "dog", "fox"), per_class=4, size=(40, 48),
+                       splits=("train", "test"), seed=0):
+    """ImageNet-style class folders per split: ROOT/SPLIT/CLASS/i.jpg (3 classes x 4 images of 40x48)."""
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for c, name in enumerate(classes):
+            os.makedirs(os.path.join(root, split, name), exist_ok=True)
+            for i in range(per_class):
+                save_jpeg(os.path.join(root, split, name, f"{i}.jpg"), _class_image(rng, *size, CLASS_COLOURS[c % 3]))
+    return {"root": root, "classes": list(classes)}
+
+
+def write_class_list(root, *, classes=("cat", "dog", "fox"), per_class=4, size=(40, 48), splits=("train", "test"),
+                     seed=0, classes_txt=True):
+    """mmpretrain's CustomDataset form: ROOT/SPLIT.txt of 'images/SPLIT/i.jpg LABEL' lines, ROOT/classes.txt."""
+    rng = np.random.default_rng(seed)
+    lists = {}
+    for split in splits:
+        os.makedirs(os.path.join(root, "images", split), exist_ok=True)
+        lines = []
+        for c in range(len(classes)):
+            for i in range(per_class):
+                rel = f"images/{split}/{c}_{i}.jpg"
+                save_jpeg(os.path.join(root, rel), _class_image(rng, *size, CLASS_COLOURS[c % 3]))
+                lines.append(f"{rel} {c}\n")
+        lists[split] = os.path.join(root, f"{split}.txt")
+        with open(lists[split], "w") as f:
+            f.writelines(lines)
+    if classes_txt:
+        with open(os.path.join(root, "classes.txt"), "w") as f:
+            f.write("".join(f"{name}\n" for name in classes))
+    return {"root": root, "classes": list(classes), "lists": lists}

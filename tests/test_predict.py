@@ -16,7 +16,7 @@ from kseg.cli import build_parser
 from kseg.crf import dense_crf
 from kseg.inference import Predictor, load_inference_model
 from kseg.train import train
-from kseg.train.fit import plot_samples
+from kseg.train.pictures import plot_samples
 
 TINY = textwrap.dedent("""
     model = "deeplab_largefov"

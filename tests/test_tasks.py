@@ -70,7 +70,9 @@ def test_evaluate_scores_a_classifier_by_top1_and_top5(rbf_output):
     ranked = np.argsort(out if rbf_output else -out, axis=-1)  # the RBF units' lowest penalty wins
     y = np.array([ranked[0, 0], ranked[1, 0], ranked[2, 3], ranked[3, 4], ranked[4, 9], ranked[5, 8]])
     scores = evaluate(model, tf.data.Dataset.from_tensor_slices((x, y)).batch(4), preprocessing="unit", progress=False)
-    assert scores == {"top1": 2 / 6, "top5": 4 / 6, "images": 6}
+    assert {k: scores[k] for k in ("top1", "top5", "images", "count")} == \
+        {"top1": 2 / 6, "top5": 4 / 6, "images": 6, "count": 6}
+    assert sum(r["images"] for r in scores["per_class"]) == 6 and np.trace(scores["confusion"]) == 2
 
 
 def test_evaluate_scores_edges_on_the_fused_map():

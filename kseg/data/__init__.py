@@ -37,6 +37,7 @@ _LAZY = {
     "SkipLog": "pipeline",
     "resolve_preprocessing": "pipeline",
     "classification_folder": "readers",
+    "classification_list": "readers",
     "edges": "readers",
     "folder": "readers",
     "pets": "readers",
@@ -65,6 +66,7 @@ if TYPE_CHECKING:  # for static tools; at run time these load lazily
     from kseg.data.pipeline import SkipLog, resolve_preprocessing  # noqa: F401
     from kseg.data.readers import (  # noqa: F401
         classification_folder,
+        classification_list,
         edges,
         folder,
         pets,
@@ -94,7 +96,7 @@ def __dir__():
 __all__ = [
     "IGNORE_LABEL", "LAYOUTS", "PETS_CLASSES", "SYNTH_CLASSES", "VOC_CLASSES",
     "CheckReport", "ClassificationAugment", "SegmentationAugment", "SkipLog",
-    "check_dataset", "classification_folder", "colorize", "edges", "folder", "list_source",
+    "check_dataset", "classification_folder", "classification_list", "colorize", "edges", "folder", "list_source",
     "make_synthetic", "overlay", "pets", "read_label", "resolve_preprocessing", "rgb_to_index",
     "sbd", "synthetic", "tfrecord", "voc", "voc_palette", "write_label", "write_tfrecord",
 ]

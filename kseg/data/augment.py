@@ -72,6 +72,11 @@ class ClassificationAugment:
     of image pairs within a batch (keras.layers.MixUp / CutMix); choose at most one. cutout:
     probability of erasing one random patch per image (keras.layers.RandomErasing, filled
     with the mean colour). With mixup or cutmix the labels come out one-hot, soft.
+    scale: (low, high) pixels: instead of the random resized crop, the image is resized so
+    its shorter side is S, drawn uniformly from [low, high], and a random window of the
+    output size is cut from it (VGG's scale jittering, Simonyan & Zisserman 2015 sec. 3.1;
+    (256, 256): AlexNet's random 224 crops of 256 images, Krizhevsky et al. 2012 sec. 4.1).
+    Pass area=None with it.
     """
 
     area: tuple[float, float] | None = (0.08, 1.0)
@@ -84,8 +89,17 @@ class ClassificationAugment:
     mixup: float | None = None
     cutmix: float | None = None
     cutout: float | None = None
+    scale: tuple[int, int] | None = None
 
     def __post_init__(self):
+        if self.scale is not None:
+            lo, hi = (int(v) for v in self.scale)
+            if not 0 < lo <= hi:
+                raise ValueError(f"scale must be (low, high) pixels with 0 < low <= high, got {self.scale}")
+            if self.area is not None:
+                raise ValueError("ClassificationAugment: scale (shorter-side jitter + random crop) replaces the "
+                                 "random resized crop: pass area=None with it")
+            object.__setattr__(self, "scale", (lo, hi))
         if self.mixup and self.cutmix:
             raise ValueError("ClassificationAugment: use mixup or cutmix, not both")
         if self.area is not None and not 0 < self.area[0] <= self.area[1] <= 1:
@@ -219,7 +233,22 @@ def augment_image(image, seed, aug: ClassificationAugment, size, affine=None):
     """Random resized crop + flip + jitter (+ preprocessing `affine`) of one uint8 image to float32 `size`."""
     box_seed, draw_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     u = tf.random.stateless_uniform([5], draw_seed)  # flip, then 4 for the colour jitter
-    if aug.area is not None:
+    if aug.scale is not None:
+        # Shorter side -> S (uniform in aug.scale), then a random window of `size` in it.
+        v = tf.random.stateless_uniform([3], box_seed)
+        h = tf.cast(tf.shape(image)[0], tf.float32)
+        w = tf.cast(tf.shape(image)[1], tf.float32)
+        lo, hi = aug.scale
+        target = tf.floor(lo + v[0] * (hi - lo + 1))  # an integer side, like torchvision's Resize
+        s = tf.maximum(target / tf.minimum(h, w), max(size) / tf.minimum(h, w))  # the window fits
+        ch, cw = float(size[0]), float(size[1])
+        oy = tf.floor(v[1] * (tf.maximum(h * s - ch, 0.0) + 1.0))
+        ox = tf.floor(v[2] * (tf.maximum(w * s - cw, 0.0) + 1.0))
+        # As augment_pair: output row i reads source row (oy + i) / s.
+        hs, ws = s * tf.maximum(h - 1, 1.0), s * tf.maximum(w - 1, 1.0)
+        y1, y2 = oy / hs, (oy + ch - 1) / hs
+        x1, x2 = ox / ws, (ox + cw - 1) / ws
+    elif aug.area is not None:
         begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
             tf.shape(image), tf.zeros([1, 0, 4]), box_seed, area_range=aug.area,
             aspect_ratio_range=aug.aspect, max_attempts=10, use_image_if_no_bounding_boxes=True)
@@ -251,6 +280,59 @@ def batch_mixers(aug: ClassificationAugment, seed: int | None, pad_rgb):
                                                  value_range=(0, 255),
                                                  seed=None if seed is None else seed + 2))
     return layers
+
+
+# === evaluation transform (classification) ===
+
+# tf.image.resize methods a recipe may name ([data] interpolation).
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "area", "lanczos3", "lanczos5")
+
+
+def check_eval_transform(eval_transform, interpolation="bilinear"):
+    """(resize_shorter, (crop_h, crop_w)) from (int, int or (h, w)), checked; None passes through."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    if eval_transform is None:
+        return None
+    try:
+        shorter, crop = eval_transform
+        shorter, crop = int(shorter), _pair(crop, "eval_transform crop")
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"eval_transform must be (resize_shorter, crop) with crop an int or (h, w), got "
+                         f"{eval_transform!r} ({e})") from None
+    if shorter < 1 or max(crop) > shorter:
+        raise ValueError(f"eval_transform={eval_transform!r}: the crop must fit in the resized image "
+                         f"(crop <= resize_shorter)")
+    return shorter, crop
+
+
+def resize_shorter(image, shorter: int, method="bilinear"):
+    """Resize [H, W, C] so its shorter side is `shorter`, the longer int(shorter * long / short)
+    (torchvision's Resize(int)); antialiased when shrinking, as PIL's and torchvision's resize."""
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    short, long = tf.minimum(h, w), tf.maximum(h, w)
+    new_long = tf.cast(tf.cast(shorter, tf.int64) * tf.cast(long, tf.int64) // tf.cast(short, tf.int64), tf.int32)
+    size = tf.where(h <= w, tf.stack([shorter, new_long]), tf.stack([new_long, shorter]))
+    return tf.image.resize(tf.cast(image, tf.float32), size, method=method, antialias=True)
+
+
+def center_crop(image, size):
+    """The centre (h, w) window of [H, W, C] (torchvision's CenterCrop: offsets round((H - h) / 2))."""
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    top = tf.cast(tf.round(tf.cast(h - size[0], tf.float32) / 2.0), tf.int32)
+    left = tf.cast(tf.round(tf.cast(w - size[1], tf.float32) / 2.0), tf.int32)
+    return image[top: top + size[0], left: left + size[1]]
+
+
+def eval_image(image, size, eval_transform=None, interpolation="bilinear"):
+    """One image for evaluation -> float32 [*size, C]: with eval_transform=(shorter, crop), the
+    shorter side resized to `shorter` then the centre `crop` (the published VGG / ResNet /
+    AlexNet accuracies; torchvision's reference scripts: 256 -> 224); else a plain resize to `size`."""
+    if eval_transform is not None:
+        shorter, crop = eval_transform
+        out = center_crop(resize_shorter(image, shorter, interpolation), crop)
+        return tf.ensure_shape(out, [*crop, image.shape[-1]])
+    return tf.image.resize(tf.cast(image, tf.float32), size, method=interpolation)
 
 
 def resize_pair(image, label, size):

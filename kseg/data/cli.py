@@ -35,9 +35,11 @@ def add_parser(subparsers):
                                    "num_classes, size mismatches, missing pairs, unreadable or truncated "
                                    "files; grayscale/RGBA/CMYK images are reported (readers convert them).")
     p.add_argument("dir", help="dataset root (for --layout edges: the list file)")
-    p.add_argument("--layout", default="voc", choices=["voc", "sbd", "pets", "folder", "edges", "classification"])
+    p.add_argument("--layout", default="voc", choices=["voc", "sbd", "pets", "folder", "edges", "classification",
+                                                       "classification_list"])
     p.add_argument("--split", help="list name or list file (default: voc: every ImageSets/Segmentation/*.txt "
-                                   "list present, each checked; pets: trainval; sbd: train_aug)")
+                                   "list present, each checked; pets: trainval; sbd: train_aug; "
+                                   "classification_list: DIR/SPLIT.txt or DIR/meta/SPLIT.txt when DIR is a folder)")
     p.add_argument("--num-classes", type=int, help="voc/sbd: default 21 or DIR/classes.txt; folder: required "
                                                    "unless DIR/classes.txt exists")
     p.add_argument("--border", default="own", choices=["own", "ignore", "foreground"], help="pets border class")
@@ -86,6 +88,8 @@ def cmd_check(args) -> int:
             from kseg.data.layouts import voc_splits
 
             splits = voc_splits(args.dir)
+    elif args.layout == "classification_list":
+        options["split"] = args.split
     elif args.split:
         raise ValueError(f"--split does not apply to --layout {args.layout}")
     if args.layout in ("voc", "sbd", "folder") and args.num_classes is not None:
@@ -150,7 +154,7 @@ def print_report(report, console, max_shown: int = 50, split: str | None = None)
 
     total = int(report.pixels.sum())
     if total:
-        classification = report.layout == "classification"
+        classification = report.layout in ("classification", "classification_list")
         hist = Table(title="images per class" if classification else "pixels per class")
         for column in ("index", "class", "images" if classification else "pixels", "%",
                        "" if classification else "images containing"):

@@ -239,6 +239,78 @@ def list_classification(root, *, class_names=None) -> Source:
     return Source(images, labels, LabelSpec("class", len(names)), tuple(names))
 
 
+def find_classification_list(path, split=None) -> tuple[str, str]:
+    """(list file, image root) of an annotation-list dataset: `path` is the list file itself
+    (images relative to its folder), or a dataset folder and `split` names the list:
+    DIR/<split>.txt (images relative to DIR), else mmpretrain's ImageNet layout
+    DIR/meta/<split>.txt (images relative to DIR/<split>)."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return path, os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: neither an annotation list file nor a dataset folder")
+    if split is None:
+        raise ValueError(f"{path} is a folder: name the split whose list to read (DIR/SPLIT.txt or "
+                         "DIR/meta/SPLIT.txt), or pass the list file itself")
+    candidates = ((os.path.join(path, f"{split}.txt"), path),
+                  (os.path.join(path, "meta", f"{split}.txt"), os.path.join(path, split)))
+    for list_file, root in candidates:
+        if os.path.isfile(list_file):
+            return list_file, root
+    raise FileNotFoundError(f"split {split!r}: none of {[c for c, _ in candidates]} exists "
+                            "(an annotation list: 'relative/path.jpg LABEL' lines)")
+
+
+def list_classification_list(path, split=None, *, root=None, class_names=None, num_classes=None) -> Source:
+    """An annotation list (mmpretrain's CustomDataset form): 'relative/path.jpg LABEL' lines.
+
+    `path`: the list file, or a dataset folder with `split` (see find_classification_list).
+    Paths are relative to `root` (default: as find_classification_list says); the label is
+    the last field on the line, a class index. Class names: class_names=, else a classes.txt
+    (one name per line, line i is class i) next to the list file or in the image root, else
+    num_classes= gives the count, else the largest label + 1 (names "0", "1", ...). A line
+    without a label, a label that is not an integer, or one out of range raises ValueError
+    naming the file and line: a label is never mapped silently. Blank lines and lines
+    starting with # are skipped.
+    """
+    list_file, default_root = find_classification_list(path, split)
+    root = default_root if root is None else os.fspath(root)
+    names = tuple(class_names) if class_names else (
+        _classes_txt(os.path.dirname(os.path.abspath(list_file))) or _classes_txt(root))
+    if names and num_classes is not None and len(names) != num_classes:
+        raise ValueError(f"{list_file}: {len(names)} class names but num_classes={num_classes}")
+    with open(list_file, encoding="utf-8") as f:
+        rows = [(number, line.strip()) for number, line in enumerate(f, 1)
+                if line.strip() and not line.lstrip().startswith("#")]
+    if not rows:
+        raise ValueError(f"{list_file}: list file has no entries")
+    images, labels = [], []
+    limit = len(names) if names else num_classes
+    for number, line in rows:
+        parts = line.rsplit(None, 1)
+        if len(parts) != 2:
+            raise ValueError(f"{list_file}:{number}: expected 'relative/path.jpg LABEL', got {line!r}")
+        rel, raw = parts
+        try:
+            label = int(raw)
+        except ValueError:
+            raise ValueError(f"{list_file}:{number}: label {raw!r} is not an integer class index "
+                             f"(line {line!r})") from None
+        if label < 0 or (limit is not None and label >= limit):
+            what = f"{limit} classes (0..{limit - 1})" if limit is not None else "class indices (>= 0)"
+            raise ValueError(f"{list_file}:{number}: label {label} is out of range for {what}")
+        images.append(os.path.join(root, rel))
+        labels.append(label)
+    if limit is None:
+        limit = max(labels) + 1
+    names = names or tuple(str(i) for i in range(limit))
+    problems = [(p, "listed but missing") for p in images if not os.path.isfile(p)]
+    missing = {p for p, _ in problems}
+    keep = [(i, y) for i, y in zip(images, labels) if i not in missing]
+    return Source([i for i, _ in keep], [y for _, y in keep], LabelSpec("class", len(names)), tuple(names),
+                  problems)
+
+
 LAYOUTS = {
     "voc": list_voc,
     "sbd": lambda root, split="train_aug", **kw: list_voc(root, split, labels="SegmentationClassAug", **kw),
@@ -246,6 +318,7 @@ LAYOUTS = {
     "edges": list_edges,
     "folder": list_folder,
     "classification": list_classification,
+    "classification_list": list_classification_list,
 }
 
 

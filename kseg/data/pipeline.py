@@ -332,7 +332,15 @@ def segmentation_dataset(source: Source, *, augment=None, preprocessing=None, ba
 def classification_dataset(source: Source, *, image_size, channels=3, augment=None, preprocessing=None,
                            batch_size=None, shuffle=None, seed=None, cache=None, skip_bad=False,
                            label_mode="int", drop_remainder=False, num_parallel_calls=AUTOTUNE,
-                           deterministic=True):
+                           deterministic=True, eval_transform=None, interpolation="bilinear"):
+    """(image float32 [h, w, channels], label) pairs of a listed classification dataset.
+
+    Without augment=, each image is resized to image_size, or with eval_transform=(resize_shorter,
+    crop) its shorter side is resized to resize_shorter and the centre crop (an int or (h, w))
+    kept: the evaluation transform of the published ImageNet accuracies (256 -> 224). The
+    output size is then the crop (image_size, if given, must equal it). interpolation: a
+    tf.image.resize method ("bilinear", "bicubic", "nearest", "area", "lanczos3", "lanczos5").
+    """
     if augment is True:
         augment = aug_ops.ClassificationAugment()
     if augment is not None and not isinstance(augment, aug_ops.ClassificationAugment):
@@ -340,6 +348,14 @@ def classification_dataset(source: Source, *, image_size, channels=3, augment=No
     prep = resolve_preprocessing(preprocessing)
     affine = preprocessing_affine(prep, channels)
     pad_rgb = pad_colour(prep)
+    eval_transform = aug_ops.check_eval_transform(eval_transform, interpolation)
+    if eval_transform is not None:
+        if augment is not None:
+            raise ValueError("eval_transform is the evaluation transform: it does not go with augment=")
+        crop = eval_transform[1]
+        if image_size is not None and aug_ops._pair(image_size, "image_size") != crop:
+            raise ValueError(f"image_size={image_size} differs from the eval_transform crop {crop}")
+        image_size = crop
     image_size = aug_ops._pair(image_size, "image_size")
     shuffle = augment is not None if shuffle is None else shuffle
     mixers = aug_ops.batch_mixers(augment, seed, pad_rgb) if augment is not None else []
@@ -362,7 +378,7 @@ def classification_dataset(source: Source, *, image_size, channels=3, augment=No
         if augment is not None:
             image = aug_ops.augment_image(image, seed_pair, augment, image_size, early)
         else:
-            image = aug_ops.apply_affine(tf.image.resize(tf.cast(image, tf.float32), image_size), early)
+            image = aug_ops.apply_affine(aug_ops.eval_image(image, image_size, eval_transform, interpolation), early)
         if one_hot and not mixers:  # with mixers, labels are one-hot encoded at the batch
             label = tf.one_hot(label, num_classes)
         return tf.ensure_shape(image, [*image_size, channels]), label

@@ -26,7 +26,15 @@ Common options (keyword-only, every segmentation reader):
 
 from __future__ import annotations
 
-from kseg.data.layouts import list_classification, list_edges, list_folder, list_pets, list_source, list_voc
+from kseg.data.layouts import (
+    list_classification,
+    list_classification_list,
+    list_edges,
+    list_folder,
+    list_pets,
+    list_source,
+    list_voc,
+)
 from kseg.data.pipeline import (
     classification_dataset,
     read_tfrecord_source,
@@ -92,17 +100,39 @@ def classification_folder(root, *, image_size=None, channels=None, class_names=N
     image_size / channels default to the model's input when preprocessing= is a model name
     (e.g. "lenet5" -> 32x32x1), else 224x224x3. augment= takes a ClassificationAugment
     (random resized crop, flip, jitter, mixup / cutmix / cutout); without it images are
-    resized to image_size.
+    resized to image_size, or with eval_transform=(resize_shorter, crop) resized by their
+    shorter side and centre-cropped (interpolation= names the resize method).
     """
+    source = list_classification(root, class_names=class_names)
+    return _classification(source, image_size, channels, preprocessing, options)
+
+
+def classification_list(path, split=None, *, root=None, image_size=None, channels=None, class_names=None,
+                        num_classes=None, preprocessing=None, **options):
+    """An annotation list (mmpretrain's CustomDataset form) -> (image float32 [h, w, channels], label int32).
+
+    `path` is a text file of 'relative/path.jpg LABEL' lines (images relative to its folder, or
+    to root=), or a dataset folder with `split`: DIR/<split>.txt, or mmpretrain's ImageNet
+    layout DIR/meta/<split>.txt with images under DIR/<split>/. Class names come from
+    class_names=, a classes.txt next to the list, or num_classes=; a bad line or a label out of
+    range raises, naming the file and line. Other options as classification_folder.
+    """
+    source = list_classification_list(path, split, root=root, class_names=class_names, num_classes=num_classes)
+    return _classification(source, image_size, channels, preprocessing, options)
+
+
+def _classification(source, image_size, channels, preprocessing, options):
     if preprocessing is not None and isinstance(preprocessing, str):
         from kseg.registry import PREPROCESSING, get_spec
 
         if preprocessing not in PREPROCESSING:
             h, w, c = get_spec(preprocessing).input_shape
-            image_size = image_size or ((h, w) if h and w else None)
+            if options.get("eval_transform") is None:
+                image_size = image_size or ((h, w) if h and w else None)
             channels = channels or c
-    source = list_classification(root, class_names=class_names)
-    return classification_dataset(source, image_size=image_size or (224, 224), channels=channels or 3,
+    if options.get("eval_transform") is None:
+        image_size = image_size or (224, 224)
+    return classification_dataset(source, image_size=image_size, channels=channels or 3,
                                   preprocessing=preprocessing, **options)
 
 

@@ -9,23 +9,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from kseg import cliutil
 
 # A missing file, a bad setting or a missing optional dependency: a one-line message, no traceback.
 _EXPECTED = (*cliutil.INPUT_ERRORS, ImportError)
+CLASSIFICATION_LAYOUTS = ("classification_folder", "classification_list")
 
 
 def add_parser(subparsers):
     """Register `evaluate`, `predict` and `crf-search` on an argparse sub-parser collection."""
-    e = subparsers.add_parser("evaluate", help="score a saved model on a dataset (FCN metrics, per-class IoU)")
+    e = subparsers.add_parser("evaluate", help="score a saved model on a dataset (FCN metrics, per-class IoU; "
+                                               "classifiers: top-1/top-5, per-class accuracy, confusion matrix)")
     _model_args(e)
-    e.add_argument("--data", required=True, help="dataset root")
-    e.add_argument("--layout", default="voc", choices=("voc", "sbd", "synthetic", "pets"))
+    e.add_argument("--data", required=True, help="dataset root (classification_list: the folder or the list file)")
+    e.add_argument("--layout", default="voc", choices=("voc", "sbd", "synthetic", "pets", *CLASSIFICATION_LAYOUTS),
+                   help="classification_folder: DATA/SPLIT/CLASS/*.jpg (or DATA/CLASS/*.jpg); "
+                        "classification_list: 'relative/path.jpg LABEL' lines in DATA/SPLIT.txt, "
+                        "DATA/meta/SPLIT.txt or the file DATA")
     e.add_argument("--split", default="val")
     e.add_argument("--crf", nargs="?", const="paper", metavar="SETTINGS",
                    help="refine with the dense CRF: the paper's defaults, or e.g. w1=5,sigma_alpha=80,sigma_beta=3")
-    e.add_argument("--json", dest="json_out", help="write the scores here (default: next to the model)")
+    e.add_argument("--json", dest="json_out", nargs="?", const="-", metavar="PATH",
+                   help="write the scores here (default: next to the model); --json alone prints them as JSON "
+                        "instead of the tables (the file next to the model is still written)")
+    _classifier_args(e)
     e.set_defaults(func=cmd_evaluate)
 
     p = subparsers.add_parser("predict", help="label maps (palette PNGs) and colour overlays for image files")
@@ -39,6 +48,7 @@ def add_parser(subparsers):
                                           "fixed-input models always resize)"))
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    _classifier_args(p)
     p.set_defaults(func=cmd_predict)
 
     c = subparsers.add_parser("crf-search", help="cross-validate the dense CRF's settings over the paper's ranges")
@@ -86,6 +96,27 @@ def _model_args(p):
                         "or the registry spec)")
 
 
+def _classifier_args(p):
+    g = p.add_argument_group("classifiers", "the evaluation transform (default: the training run's recipe, "
+                                            "[data] eval_resize / eval_crop / interpolation; else a plain resize "
+                                            "to the model's input)")
+    g.add_argument("--eval-resize", type=int, metavar="N", help="resize the shorter side to N (e.g. 256)")
+    g.add_argument("--eval-crop", type=int, metavar="N", help="then keep the centre NxN (e.g. 224)")
+    g.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest", "area", "lanczos3", "lanczos5"),
+                   help="the resize's interpolation (default bilinear)")
+
+
+def _classifier_options(args, inference):
+    """The InferenceModel with the command line's evaluation transform applied."""
+    if (args.eval_resize is None) != (args.eval_crop is None):
+        raise ValueError("--eval-resize and --eval-crop go together (resize the shorter side, then crop the centre)")
+    if args.eval_resize is not None:
+        inference.eval_transform = (args.eval_resize, args.eval_crop)
+    if args.interpolation:
+        inference.interpolation = args.interpolation
+    return inference
+
+
 def _values(text):
     """'5:10' (inclusive, step 1), '50:100:10' or '3,5,8' -> a list of numbers."""
     try:
@@ -131,12 +162,39 @@ def _default_out(args, suffix):
     return os.path.splitext(base)[0] + suffix
 
 
-def _raw_data(args):
+def _raw_data(args, inference=None):
     import kseg.data as kd
 
+    if inference is not None and args.layout not in inference.task.data_layouts:
+        task = inference.task
+        raise ValueError(f"{args.model} is a {task.name} model: pass --layout "
+                         f"{' or '.join(lay for lay in task.data_layouts if lay in _LAYOUT_CHOICES)}")
+    if args.layout in CLASSIFICATION_LAYOUTS:
+        return _classification_data(args, inference)
     reader = {"voc": kd.voc, "sbd": kd.sbd, "synthetic": kd.synthetic, "pets": kd.pets}[args.layout]
     # Raw RGB: the model's preprocessing is applied before the network, the CRF sees the colours.
     return reader(args.data, args.split, batch_size=1)
+
+
+_LAYOUT_CHOICES = ("voc", "sbd", "synthetic", "pets", *CLASSIFICATION_LAYOUTS)
+
+
+def _classification_data(args, inference):
+    """Raw (0..255) batches of a classification split through the model's evaluation transform."""
+    import kseg.data as kd
+    from kseg.data.augment import check_eval_transform
+    from kseg.inference.files import classifier_input_size
+
+    model = inference.model
+    transform = check_eval_transform(inference.eval_transform, inference.interpolation)
+    size = classifier_input_size(model, None, transform)
+    options = dict(image_size=None if transform else size, channels=int(model.input_shape[-1]),
+                   eval_transform=transform, interpolation=inference.interpolation, batch_size=32)
+    if args.layout == "classification_folder":
+        split_dir = os.path.join(args.data, args.split)
+        root = split_dir if os.path.isdir(split_dir) else args.data  # DATA/SPLIT/CLASS or DATA/CLASS
+        return kd.classification_folder(root, class_names=inference.class_names, **options)
+    return kd.classification_list(args.data, args.split, **options)
 
 
 def _fail(command, e):
@@ -147,37 +205,117 @@ def cmd_evaluate(args):
     from kseg.inference import evaluate
 
     try:
-        inference = _load(args)
-        ds = _raw_data(args)
-        scores = evaluate(inference.model, ds, preprocessing=inference.preprocessing, crf=args.crf)
+        inference = _classifier_options(args, _load(args))
+        ds = _raw_data(args, inference)
+        scores = evaluate(inference.model, ds, preprocessing=inference.preprocessing, crf=args.crf,
+                          class_names=inference.class_names, progress=args.json_out != "-")
     except _EXPECTED as e:
         return _fail("evaluate", e)
     name = os.path.basename(args.model)
-    cliutil.console().print(scores_table(scores, f"{name} on {args.data} ({args.split}, {scores['images']} images)"))
-    if args.crf:
-        before = scores["before_crf"]
-        print(f"dense CRF: {scores['crf']}")
-        print(f"mean IoU {100 * before['mean_iou']:.2f} without CRF -> {100 * scores['mean_iou']:.2f} with CRF; "
-              f"pixel accuracy {100 * before['pixel_accuracy']:.2f} -> {100 * scores['pixel_accuracy']:.2f}")
-    out = args.json_out or _default_out(args, f"_{args.split}{'_crf' if args.crf else ''}_scores.json")
+    title = f"{name} on {args.data} ({args.split}, {scores['images']} images)"
+    to_stdout = args.json_out == "-"
+    say = (lambda text: print(text, file=sys.stderr)) if to_stdout else print
+    suffix = f"_{args.split}{'_crf' if args.crf else ''}_scores.json"
+    out = _default_out(args, suffix) if args.json_out in (None, "-") else args.json_out
+    if not inference.task.dense:
+        from kseg.inference.plots import plot_confusion
+
+        stem = next((out[: -len(end)] for end in ("_scores.json", ".json") if out.endswith(end)), out)
+        drawn = plot_confusion(scores["confusion"], stem + "_confusion.png",
+                               class_names=[r["class"] for r in scores["per_class"]], title=title)
+        if not to_stdout:
+            console = cliutil.console()
+            console.print(classification_table(scores, title))
+            console.print(per_class_table(scores))
+    elif not to_stdout:
+        cliutil.console().print(scores_table(scores, title))
+        if args.crf:
+            before = scores["before_crf"]
+            print(f"dense CRF: {scores['crf']}")
+            print(f"mean IoU {100 * before['mean_iou']:.2f} without CRF -> {100 * scores['mean_iou']:.2f} with CRF; "
+                  f"pixel accuracy {100 * before['pixel_accuracy']:.2f} -> {100 * scores['pixel_accuracy']:.2f}")
     with open(out, "w") as f:
         json.dump(scores, f, indent=1)
-    print(f"scores written to {out}")
+    if to_stdout:
+        print(json.dumps(scores))
+    say(f"scores written to {out}")
+    if not inference.task.dense and drawn:
+        say(f"confusion matrix drawn in {drawn}")
     return cliutil.OK
+
+
+def classification_table(scores, title):
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("score", no_wrap=True)
+    table.add_column("%", justify="right", no_wrap=True)
+    for key in ("top1", "top5"):
+        if key in scores:
+            table.add_row(f"top-{key[3:]} accuracy", f"{100 * scores[key]:.2f}")
+    if "top5" not in scores:
+        table.add_row("top-5 accuracy", "- (5 classes or fewer)")
+    table.add_row("images", f"{scores['count']:,}")
+    return table
+
+
+PER_CLASS_ROWS = 40
+
+
+def per_class_table(scores):
+    """Per-class accuracy: every class with images (the PER_CLASS_ROWS worst when there are more)."""
+    from rich.table import Table
+
+    rows = [r for r in scores["per_class"] if r["images"]]
+    shown = rows if len(rows) <= PER_CLASS_ROWS else sorted(rows, key=lambda r: r["accuracy"])[:PER_CLASS_ROWS]
+    more = f" ({len(shown)} lowest of {len(rows)}; all in the JSON)" if len(shown) < len(rows) else ""
+    table = Table(title=f"per-class accuracy{more}")
+    for column, justify in (("index", "right"), ("class", "left"), ("accuracy %", "right"), ("images", "right"),
+                            ("predicted", "right")):
+        table.add_column(column, justify=justify, no_wrap=True)
+    for r in shown:
+        table.add_row(str(r["index"]), r["class"], f"{100 * r['accuracy']:.2f}", f"{r['images']:,}",
+                      f"{r['predicted']:,}")
+    return table
 
 
 def cmd_predict(args):
-    from kseg.inference import predict_images
+    from kseg.inference import classify_images, predict_images
 
     try:
-        inference = _load(args)
-        results = predict_images(inference, args.images, args.out, crf=args.crf, size=args.size, alpha=args.alpha,
-                                 overwrite=args.force)
+        inference = _classifier_options(args, _load(args))
+        if not inference.task.dense:
+            if args.crf:
+                raise ValueError(f"{args.model} is a {inference.task.name} model; the dense CRF refines "
+                                 "per-pixel class scores")
+            results = classify_images(inference, args.images, args.out, size=args.size, overwrite=args.force)
+        else:
+            results = predict_images(inference, args.images, args.out, crf=args.crf, size=args.size,
+                                     alpha=args.alpha, overwrite=args.force)
     except _EXPECTED as e:
         return _fail("predict", e)
+    if not inference.task.dense:
+        cliutil.console().print(predictions_table(results))
+        print(f"wrote the top {len(results[0]['top_k'])} classes of {len(results)} images to "
+              f"{os.path.join(args.out, 'predictions.json')}")
+        return cliutil.OK
     crf = f" (dense CRF {args.crf})" if args.crf else ""
     print(f"wrote {len(results)} label maps (STEM.png) and overlays (STEM_overlay.png) to {args.out}{crf}")
     return cliutil.OK
+
+
+def predictions_table(results):
+    from rich.table import Table
+
+    table = Table(title=f"top classes of {len(results)} images")
+    table.add_column("image", no_wrap=True)
+    k = len(results[0]["top_k"]) if results else 0
+    for i in range(k):
+        table.add_column(f"#{i + 1}", no_wrap=True)
+    for r in results:
+        table.add_row(os.path.basename(r["file"]),
+                      *(f"{t['name']} {100 * t['probability']:.1f}%" for t in r["top_k"]))
+    return table
 
 
 def crf_search_table(result, top):

@@ -1,8 +1,10 @@
-"""Prediction on image files: label maps as palette PNGs, colour overlays, optional dense CRF.
+"""Prediction on image files: label maps as palette PNGs, colour overlays, optional dense CRF;
+for classifiers, the top classes of each image in one predictions.json.
 
-    from kseg.inference import load_inference_model, predict_images
+    from kseg.inference import classify_images, load_inference_model, predict_images
     m = load_inference_model("runs/dl/best.keras")                 # preprocessing from kseg_run.json
     predict_images(m, ["a.jpg", "photos/"], "out", crf=True)        # out/a.png, out/a_overlay.png, ...
+    classify_images(load_inference_model("runs/lenet/best.keras"), ["digits/"], "out")  # out/predictions.json
 
 Each image is predicted at its original size (fixed-input models and `size=` predict on a
 resized copy and the logits are resized back, bilinearly), so the PNGs line up with the
@@ -11,6 +13,7 @@ inputs pixel for pixel. `kseg predict` is the command-line face.
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -20,8 +23,10 @@ from kseg.crf import as_params, check_installed, dense_crf
 from kseg.data.palette import overlay, write_label
 from kseg.images import IMAGE_EXTENSIONS, list_images, read_image  # noqa: F401  (kseg.inference re-exports them)
 from kseg.inference.loading import InferenceModel
-from kseg.inference.traced import Predictor
+from kseg.inference.traced import Predictor, predictor
 from kseg.progress import progress as progress_bar
+
+PREDICTIONS_FILE = "predictions.json"
 
 
 def _check_image(path):
@@ -94,4 +99,71 @@ def predict_images(inference: InferenceModel, images, out_dir, *, crf=None, size
             results.append({"image": path, "label": label_path, "overlay": overlay_path,
                             "size": list(label.shape), "class_pixels": counts.tolist()})
             advance()
+    return results
+
+
+def classifier_input_size(model, size=None, eval_transform=None) -> tuple[int, int]:
+    """The (h, w) a classifier's images are brought to: its fixed input size, else the eval
+    transform's crop, else `size`; a model that takes any size needs one of the last two."""
+    h, w = tuple(model.input_shape[1:3])
+    if h and w:
+        return int(h), int(w)
+    if eval_transform is not None:
+        crop = eval_transform[1]
+        return (crop, crop) if isinstance(crop, int) else tuple(crop)
+    if size:
+        return tuple(size)
+    raise ValueError(f"{model.name} takes images of any size: pass --size HxW (the size it was trained at)")
+
+
+def classify_images(inference: InferenceModel, images, out_dir, *, top_k=5, size=None, overwrite=False,
+                    progress=True) -> list[dict]:
+    """Write OUT/predictions.json: per image {"file", "top_k": [{"class", "name", "probability"}]}.
+
+    k = min(top_k, classes), best first. Each image goes through the model's evaluation
+    transform (inference.eval_transform: shorter side resized, centre crop, as kseg evaluate
+    and the training run's validation) or a plain resize to its input size, in the model's
+    channels (1: grayscale). Names come from inference.class_names (the training run's
+    classes), else the class index as a string. Every input is checked first; an existing
+    predictions.json is an error without overwrite=True. Returns the entries.
+    """
+    import tensorflow as tf
+
+    from kseg.data.augment import check_eval_transform, eval_image
+    from kseg.identity import identify
+    from kseg.tasks.base import probabilities
+
+    images = list_images(images)
+    for p in images:
+        _check_image(p)
+    target = os.path.join(out_dir, PREDICTIONS_FILE)
+    if os.path.exists(target) and not overwrite:
+        raise FileExistsError(f"{target} exists already; pass --force (overwrite=True) to replace it")
+    model = inference.model
+    task = inference.task
+    head = task.head(list(model.output_names), identify(model).options, output_rank=len(model.outputs[0].shape))
+    transform = check_eval_transform(inference.eval_transform, inference.interpolation)
+    hw = classifier_input_size(model, size, transform)
+    channels = int(model.input_shape[-1])
+    run = predictor(model, preprocessing=inference.preprocessing)
+    classes = int(model.outputs[head.output_index].shape[-1])
+    names = list(inference.class_names or [])[:classes]
+    names += [str(i) for i in range(len(names), classes)]
+    k = min(int(top_k), classes)
+    results = []
+    with progress_bar(progress, "classifying", len(images)) as advance:
+        for path in images:
+            x = eval_image(tf.constant(read_image(path, channels)), hw, transform, inference.interpolation)
+            probs = probabilities(run(x[None]), head)[0]
+            best = np.argsort(-probs, kind="stable")[:k]
+            results.append({"file": path, "top_k": [{"class": int(i), "name": names[i],
+                                                     "probability": float(probs[i])} for i in best]})
+            advance()
+    os.makedirs(out_dir, exist_ok=True)
+
+    def save(tmp):
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+
+    _atomic_save(target, save)
     return results

@@ -17,7 +17,7 @@ import zipfile
 import keras
 
 from kseg.api import build_model
-from kseg.identity import identify, of_file, resolve_preprocessing
+from kseg.identity import identify, of_file, resolve_preprocessing, run_record, task_of
 from kseg.registry import get_spec
 from kseg.tasks import losses, metrics  # noqa: F401  (registers kseg's losses and metrics for loading)
 
@@ -30,6 +30,15 @@ class InferenceModel:
     preprocessing: object  # a kseg.Preprocessing, or None for raw 0..255 input
     source: str  # the .keras path or the registry name (and weights)
     class_names: list | None = None
+    # Classifiers: (resize_shorter, crop) evaluation transform and its interpolation, from the
+    # training run's recipe ([data] eval_resize, eval_crop, interpolation); None: a plain resize.
+    eval_transform: tuple | None = None
+    interpolation: str = "bilinear"
+
+    @property
+    def task(self):
+        """The task object of the model's outputs (kseg.identity.task_of)."""
+        return task_of(self.model)
 
     @property
     def num_classes(self) -> int:
@@ -63,20 +72,25 @@ def load_inference_model(model, *, weights=None, num_classes=None, preprocessing
             net = keras.saving.load_model(model, compile=False)
         except (ValueError, OSError, TypeError, zipfile.BadZipFile) as e:
             raise ValueError(f"{model}: cannot load the Keras model: {e}") from None
+        ident = of_file(model)
         if preprocessing is not None:
             prep = resolve_preprocessing(preprocessing)
         else:
-            ident = of_file(model)
             prep = ident.preprocessing if ident is not None else None
             if prep is None:
                 raise ValueError(f"{model}: no kseg_run.json next to it and no kseg metadata inside, so the input "
                                  "preprocessing is unknown; pass --preprocessing (caffe, torch, unit, batchnorm or "
                                  "the architecture's name)")
-        return InferenceModel(net, prep, model, class_names)
+        if class_names is None and ident is not None and ident.class_names:
+            class_names = list(ident.class_names)
+        data = ((run_record(model) or {}).get("recipe_values") or {}).get("data") or {}
+        transform = (data["eval_resize"], data["eval_crop"]) if data.get("eval_resize") else None
+        return InferenceModel(net, prep, model, class_names, transform, data.get("interpolation", "bilinear"))
 
     spec = get_spec(model)  # ValueError naming the known models
-    if spec.task_object.target_kind != "class_map":
-        raise ValueError(f"{model} is a {spec.task} model; prediction writes class maps of segmentation models")
+    if spec.task_object.target_kind not in ("class", "class_map"):
+        raise ValueError(f"{model} is a {spec.task} model; prediction writes class maps of segmentation models "
+                         "and class lists of classifiers")
     if weights is None:
         raise ValueError(f"{model}: a registry name needs --weights (a trained file), or pass a saved .keras file")
     net = build_model(model, num_classes=num_classes, weights=weights, **options)

@@ -26,7 +26,8 @@ def evaluate(model, dataset, *, num_classes=None, class_names=None, progress=Tru
 
     Segmentation (at the labels' own resolution; batch-1 datasets of unpadded images give
     original-size scores): {"pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou",
-    "per_class": [...], "confusion": [[...]]}; classification: {"top1", "top5"}; edges: BSDS
+    "per_class": [...], "confusion": [[...]]}; classification: {"top1", "top5" (more than 5
+    classes), "per_class": [{"class", "accuracy", "images", ...}], "confusion", "count"}; edges: BSDS
     {"ods", "ods_threshold", "ois"}. Always "images": N. The task is the model's kseg
     architecture's (kseg.identity.task_of).
 
@@ -44,6 +45,9 @@ def evaluate(model, dataset, *, num_classes=None, class_names=None, progress=Tru
     head = task.head(list(model.output_names), identify(model).options, output_rank=len(model.outputs[0].shape))
     num_classes = num_classes or model.outputs[head.output_index].shape[-1]
     names = class_names or getattr(dataset, "class_names", None)
+    if names and len(names) < num_classes and not task.dense:
+        # A classifier with more outputs than the dataset has classes: label i is still class i.
+        names = [*names, *(str(i) for i in range(len(names), num_classes))]
     names = names if names and len(names) == num_classes else None
     params = as_params(crf)
     total = dataset.cardinality().numpy()

@@ -39,6 +39,8 @@ class Task:
     # ignored) or "edge_map" (a float 0/1 map per pixel, [H, W, 1], for every output).
     target_kind: str = "class_map"
     data_layouts: tuple[str, ...] = ()  # kseg.data layouts whose labels train this task
+    # The validation score (a name among `metrics`' results) training keeps the best checkpoint by.
+    checkpoint_metric: str = "mean_iou"
 
     def __repr__(self):
         return f"<task {self.name}>"

@@ -14,7 +14,8 @@ class Classification(Task):
     dense = False
     serving_key = "classes"
     target_kind = "class"
-    data_layouts = ("classification_folder",)
+    data_layouts = ("classification_folder", "classification_list")
+    checkpoint_metric = "top1"
 
     def head(self, output_names, build_kwargs=None, output_rank=None) -> Head:
         kwargs = build_kwargs or {}
@@ -39,28 +40,57 @@ class Classification(Task):
                 keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5")]
 
     def evaluator(self, num_classes, head, class_names=None):
-        return TopKEvaluator(num_classes, head)
+        return TopKEvaluator(num_classes, head, class_names=class_names)
 
 
 CLASSIFICATION = Classification()
 
 
 class TopKEvaluator(Evaluator):
-    """Top-1 and top-5 accuracy over images (labels: class ids, or one-hot rows)."""
+    """Top-1 and top-k accuracy, per-class accuracy and the confusion matrix over images.
 
-    def __init__(self, num_classes, head, k=5):
-        self.head, self.k = head, min(k, num_classes)
+    Labels: class ids, or one-hot rows. Top-k (k = 5) is reported only for more than k classes:
+    with k classes or fewer it is 1.0 whatever the model does, so the key is left out.
+    `result()`: {"top1", "top5" (more than 5 classes), "per_class": [{"class", "index",
+    "accuracy" (None without images), "images", "predicted"}], "confusion": [[...]] (rows: true
+    class, columns: predicted), "count": images}.
+    """
+
+    def __init__(self, num_classes, head, k=5, class_names=None):
+        self.head, self.num_classes = head, int(num_classes)
+        self.k = k if self.num_classes > k else None
+        names = list(class_names or [])[: self.num_classes]
+        self.class_names = names + [str(i) for i in range(len(names), self.num_classes)]
+        self.confusion = np.zeros((self.num_classes, self.num_classes), np.int64)
         self.images = self.top1 = self.topk = 0
 
     def update(self, labels, outputs):
         scores = probabilities(outputs, self.head)
         y = np.asarray(labels)
         y = y.argmax(-1) if y.ndim == 2 else y.reshape(-1)
-        ranked = np.argsort(-scores, axis=-1, kind="stable")[:, : self.k]
+        y = y.astype(np.int64)
+        if y.size and (y.min() < 0 or y.max() >= self.num_classes):
+            bad = y[(y < 0) | (y >= self.num_classes)][0]
+            raise ValueError(f"label {bad} is outside 0..{self.num_classes - 1}: the model outputs "
+                             f"{self.num_classes} classes")
+        ranked = np.argsort(-scores, axis=-1, kind="stable")[:, : self.k or 1]
         self.top1 += int(np.sum(ranked[:, 0] == y))
-        self.topk += int(np.sum(np.any(ranked == y[:, None], axis=1)))
+        if self.k:
+            self.topk += int(np.sum(np.any(ranked == y[:, None], axis=1)))
+        self.confusion += np.bincount(y * self.num_classes + ranked[:, 0],
+                                      minlength=self.num_classes ** 2).reshape(self.num_classes, self.num_classes)
         self.images += len(y)
 
     def result(self) -> dict:
         n = max(self.images, 1)
-        return {"top1": self.top1 / n, f"top{self.k}": self.topk / n}
+        out = {"top1": self.top1 / n}
+        if self.k:
+            out[f"top{self.k}"] = self.topk / n
+        cm = self.confusion
+        out["per_class"] = [{"class": self.class_names[i], "index": i,
+                             "accuracy": float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None,
+                             "images": int(cm[i].sum()), "predicted": int(cm[:, i].sum())}
+                            for i in range(self.num_classes)]
+        out["confusion"] = cm.tolist()
+        out["count"] = self.images
+        return out

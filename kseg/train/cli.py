@@ -39,6 +39,8 @@ def cmd_train(args):
                        overrides=values, precision=args.precision, jit_compile=args.xla)
     except (RecipeError, TrainingSetupError) as e:
         return cliutil.fail(e, "kseg train")
+    score = result["val_score"]
+    shown = f"{score:.4f}" if isinstance(score, float) else str(score)
     cliutil.console().print(f"trained {result['epochs']} epochs in {result['train_seconds']:.0f} s; "
-                            f"val mean IoU {result['val_mean_iou']}; outputs in {args.out}")
+                            f"{result['monitor']} {shown}; outputs in {args.out}")
     return cliutil.OK

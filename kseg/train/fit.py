@@ -22,14 +22,13 @@ import tensorflow as tf
 import kseg.data as kd
 from kseg.api import build_model
 from kseg.data.check import check_dataset
-from kseg.data.palette import colorize, voc_palette
 from kseg.identity import RUN_FILE, identify, resolve_preprocessing
 from kseg.registry import get_spec
-from kseg.tasks import get_task
 from kseg.tasks import losses as losses_mod
 from kseg.train.distribute import float32_outputs, multi_worker_fit, set_precision
 from kseg.train.distribute import strategy as make_strategy
 from kseg.train.optim import FusedSGD
+from kseg.train.pictures import SAMPLES_FILE, plot_samples
 from kseg.train.recipes import Recipe, apply_overrides, load_recipe
 
 
@@ -111,13 +110,18 @@ def compile_segmentation(model, recipe, *, steps_per_epoch=None, total_steps=Non
     return multi_worker_fit(model)
 
 
-def callbacks(recipe, out_dir, *, monitor="val_mean_iou", tensorboard="auto"):
+def callbacks(recipe, out_dir, *, monitor=None, tensorboard="auto"):
     """BackupAndRestore (out_dir/backup), best checkpoint (out_dir/best.keras), CSV log, TensorBoard.
+
+    The best checkpoint is the highest `monitor`: by default the recipe model's task's
+    validation score (val_mean_iou for segmentation, val_top1 for classification).
 
     Run the same command again after a crash or a SIGKILL: BackupAndRestore restores the
     weights, optimizer and epoch of the last completed epoch and fit continues from the next;
     it deletes the backup when fit finishes. The CSV log appends, so it covers the whole run.
     """
+    if monitor is None:
+        monitor = checkpoint_monitor(recipe)
     os.makedirs(out_dir, exist_ok=True)
     cbs = [
         keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup")),
@@ -135,21 +139,35 @@ def callbacks(recipe, out_dir, *, monitor="val_mean_iou", tensorboard="auto"):
     return cbs
 
 
+def checkpoint_monitor(recipe) -> str:
+    """The validation score the best checkpoint is chosen by: "val_" + the task's checkpoint_metric."""
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    return "val_" + get_spec(recipe.model).task_object.checkpoint_metric
+
+
 # === data ===
 
 
 def datasets(recipe: Recipe, data_dir, *, batch_size=None, seed=0):
-    """(train, val) tf.data from the recipe's [data] section; val is unbatched-size (batch 1) unless resized."""
+    """(train, val) tf.data from the recipe's [data] section, in the layouts of the model's task.
+
+    Segmentation: val is batch 1 at full size unless resized or padded. Classification: the
+    training set with the recipe's augmentation (classification_augment), the validation set
+    with its evaluation transform (eval_resize, then the centre eval_crop), both batched.
+    """
     d = recipe.data
     layout = d.get("layout", "voc")
-    readers = {"voc": kd.voc, "sbd": kd.sbd, "synthetic": kd.synthetic, "pets": kd.pets, "folder": kd.folder}
-    if layout not in readers:
-        raise TrainingSetupError(f"{recipe.source}: kseg train reads segmentation layouts {sorted(readers)}; "
-                                 f"{layout!r} datasets are built with kseg.data in Python for now")
     task = get_spec(recipe.model).task_object
     if layout not in task.data_layouts:
         raise TrainingSetupError(f"{recipe.source}: {recipe.model} is a {task.name} model; its data layouts are "
                                  f"{', '.join(task.data_layouts)}, not {layout!r}")
+    batch = batch_size or recipe.training["batch_size"]
+    if not task.dense:
+        return _classification_datasets(recipe, data_dir, batch, seed)
+    readers = {"voc": kd.voc, "sbd": kd.sbd, "synthetic": kd.synthetic, "pets": kd.pets, "folder": kd.folder}
+    if layout not in readers:
+        raise TrainingSetupError(f"{recipe.source}: kseg train reads segmentation layouts {sorted(readers)}; "
+                                 f"{layout!r} datasets are built with kseg.data in Python for now")
     reader = readers[layout]
     prep = input_preprocessing(recipe)
     crop = d.get("crop") or None
@@ -159,7 +177,6 @@ def datasets(recipe: Recipe, data_dir, *, batch_size=None, seed=0):
     if jitter is not None:
         aug_kwargs.update(brightness=0, contrast=0, saturation=0, hue=0)
     augment = kd.SegmentationAugment(**aug_kwargs)
-    batch = batch_size or recipe.training["batch_size"]
     common = dict(preprocessing=prep, resize=d.get("resize") or None, pad_to=d.get("pad_to") or None)
     split = (lambda s: s) if layout != "folder" else None
     try:
@@ -172,6 +189,69 @@ def datasets(recipe: Recipe, data_dir, *, batch_size=None, seed=0):
                            seed=seed, **common)
             val = reader(data_dir, split(d.get("val_split", "val")), batch_size=1, **common)
     except (FileNotFoundError, OSError) as e:
+        raise TrainingSetupError(f"cannot read {layout} data at {data_dir}: {e}") from None
+    return train, val
+
+
+def classification_augment(data: dict):
+    """The training augmentation of a classifier's [data] section, or None (resize only).
+
+    crop + scale: shorter side jittered in scale (pixels), random crop (VGG, AlexNet); crop
+    alone: Inception-style random resized crop to crop; no crop: the whole image resized.
+    flip: random horizontal flips; color_jitter: ClassificationAugment's default jitter.
+    """
+    crop, scale, flip = data.get("crop") or None, data.get("scale") or None, data.get("flip", False)
+    jitter = {} if data.get("color_jitter") else dict(brightness=0, contrast=0, saturation=0, hue=0)
+    if crop and scale:
+        return kd.ClassificationAugment(area=None, scale=tuple(scale), flip=flip, **jitter)
+    if crop:
+        return kd.ClassificationAugment(flip=flip, **jitter)
+    if flip or not jitter:
+        return kd.ClassificationAugment(area=None, flip=flip, **jitter)
+    return None
+
+
+def eval_transform(data: dict):
+    """(resize_shorter, crop) of a classifier's [data] eval_resize / eval_crop, or None."""
+    if not data.get("eval_resize"):
+        return None
+    return data["eval_resize"], data["eval_crop"]
+
+
+def _classification_datasets(recipe, data_dir, batch, seed):
+    d = recipe.data
+    layout = d["layout"]
+    ident = identify(recipe.model, dict(recipe.model_options))
+    h, w, channels = ident.input_shape
+    model_size = (h, w) if h and w else None
+    train_size = d.get("crop") or d.get("resize") or model_size
+    val_size = d.get("resize") or d.get("crop") or model_size
+    if train_size is None:
+        raise TrainingSetupError(f"{recipe.source}: {recipe.model} takes any input size: give [data] crop or "
+                                 "resize")
+    transform = eval_transform(d)
+    common = dict(preprocessing=input_preprocessing(recipe), channels=channels, batch_size=batch)
+    interpolation = d.get("interpolation", "bilinear")
+    train_split, val_split = d.get("train_split", "train"), d.get("val_split", "val")
+    try:
+        if layout == "classification_list":
+            train = kd.classification_list(data_dir, train_split, image_size=train_size,
+                                           augment=classification_augment(d), shuffle=True, seed=seed, **common)
+            val = kd.classification_list(data_dir, val_split, class_names=train.class_names,
+                                         image_size=None if transform else val_size, eval_transform=transform,
+                                         interpolation=interpolation, **common)
+        else:
+            folders = [os.path.join(data_dir, s) for s in (train_split, val_split)]
+            missing = [f for f in folders if not os.path.isdir(f)]
+            if missing:
+                raise FileNotFoundError(f"no {' or '.join(missing)}: expected {data_dir}/{train_split}/CLASS/*.jpg "
+                                        f"and {data_dir}/{val_split}/CLASS/*.jpg ([data] train_split, val_split)")
+            train = kd.classification_folder(folders[0], image_size=train_size, augment=classification_augment(d),
+                                             shuffle=True, seed=seed, **common)
+            val = kd.classification_folder(folders[1], class_names=train.class_names,
+                                           image_size=None if transform else val_size, eval_transform=transform,
+                                           interpolation=interpolation, **common)
+    except (FileNotFoundError, OSError, ValueError) as e:
         raise TrainingSetupError(f"cannot read {layout} data at {data_dir}: {e}") from None
     return train, val
 
@@ -244,14 +324,16 @@ def train(recipe, data_dir, out_dir, *, epochs=None, batch_size=None, overrides=
     else:
         recipe = load_recipe(recipe, overrides)
     if recipe.loss["name"] == "balanced_sigmoid_cross_entropy":
-        raise TrainingSetupError(f"{recipe.source}: kseg train handles segmentation recipes; train HED with "
+        raise TrainingSetupError(f"{recipe.source}: kseg train handles segmentation and classification recipes; "
+                                 "train HED with "
                                  "kseg.train.hed_losses() and kseg.data.edges in Python for now")
     seed = recipe.training.get("seed", 0)
     keras.utils.set_random_seed(seed)
     set_precision(precision)
     train_ds, val_ds = datasets(recipe, data_dir, seed=seed)
     strategy = strategy or make_strategy()
-    run_info = {"model": recipe.model, "model_kwargs": dict(recipe.model_options), "recipe": recipe.name}
+    run_info = {"model": recipe.model, "model_kwargs": dict(recipe.model_options), "recipe": recipe.name,
+                "class_names": list(getattr(train_ds, "class_names", None) or []) or None}
     with strategy.scope():
         model = build_model(recipe.model, **recipe.model_options)
         with _naming_undecodable(recipe, data_dir):
@@ -279,8 +361,10 @@ def train(recipe, data_dir, out_dir, *, epochs=None, batch_size=None, overrides=
     logs = {k: [float(v) for v in vs] for k, vs in history.history.items()}
     samples = plot_samples(model, val_ds, os.path.join(out_dir, SAMPLES_FILE),
                            preprocessing=input_preprocessing(recipe))
+    monitor = checkpoint_monitor(recipe)
     return {"model": model, "history": logs, "train_seconds": seconds, "epochs": epochs_, "out_dir": out_dir,
             "val_mean_iou": logs.get("val_mean_iou", [None])[-1] if logs.get("val_mean_iou") else None,
+            "monitor": monitor, "val_score": logs[monitor][-1] if logs.get(monitor) else None,
             "samples": samples}
 
 
@@ -316,92 +400,11 @@ def _undecodable_files(error, recipe, data_dir):
             if layout == "folder":
                 report = check_dataset(os.path.join(data_dir, split), "folder",
                                        num_classes=recipe.model_options.get("num_classes"))
+            elif layout == "classification_folder":
+                report = check_dataset(os.path.join(data_dir, split), "classification")
             else:
                 report = check_dataset(data_dir, layout, split=split)
         except (OSError, ValueError):
             continue
         bad += [(p, r) for p, r in report.errors if "cannot be decoded" in r]
     return bad
-
-
-# === pictures ===
-
-SAMPLES_FILE = "samples.png"
-
-
-def _unpreprocess(x, preprocessing):
-    """Undo a Preprocessing on NumPy images, back to RGB 0..255 (for showing them)."""
-    if preprocessing is None:
-        return x
-    p = preprocessing
-    x = np.asarray(x, np.float32)
-    if p.std is not None:
-        x = x * np.asarray(p.std, np.float32)
-    if p.mean is not None:
-        x = x + np.asarray(p.mean, np.float32)
-    if p.bgr:
-        x = x[..., ::-1]
-    return x / p.scale if p.scale != 1.0 else x
-
-
-def plot_samples(model, dataset, path, *, count=4, preprocessing=None, class_names=None, palette=None):
-    """A PNG grid of image / ground truth / prediction for the first `count` examples of `dataset`.
-
-    `dataset` yields (image, label) batches or single examples, preprocessed with
-    `preprocessing` (undone to show the image). Needs matplotlib (an optional dependency):
-    without it nothing is written, a note goes to stderr and None is returned; else `path`.
-
-        plot_samples(model, kseg.data.synthetic(root, "val", batch_size=1, preprocessing="deeplab_largefov"),
-                     "samples.png", preprocessing="deeplab_largefov")
-    """
-    import sys
-
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.patches import Patch
-    except ImportError:
-        print(f"note: matplotlib is not installed, so {path} was not drawn (pip install matplotlib)", file=sys.stderr)
-        return None
-    main_output = get_task("segmentation").main_output
-
-    prep = resolve_preprocessing(preprocessing)
-    names = class_names or getattr(dataset, "class_names", None)
-    if dataset.element_spec[0].shape.rank == 4:
-        dataset = dataset.unbatch()
-    rows = []
-    for x, y in dataset.take(count):
-        logits = main_output(model(x[None], training=False))[0]
-        pred = np.argmax(np.asarray(logits), axis=-1)
-        label = np.asarray(y)[..., 0] if np.ndim(y) == 3 else np.asarray(y)
-        image = np.clip(_unpreprocess(np.asarray(x), prep), 0, 255).astype(np.uint8)
-        keep = label != losses_mod.IGNORE_LABEL
-        rows.append((image, label, pred, float((pred == label)[keep].mean()) if keep.any() else float("nan")))
-    if not rows:
-        raise ValueError(f"plot_samples: the dataset is empty, nothing to draw in {path}")
-    num_classes = int(main_output(model.outputs).shape[-1])
-    names = names or [str(i) for i in range(num_classes)]
-    pal = voc_palette() if palette is None else np.asarray(palette)
-    fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False)
-    for r, (image, label, pred, acc) in enumerate(rows):
-        for c, (picture, title) in enumerate(((image, "image"), (colorize(label, palette), "ground truth"),
-                                               (colorize(pred, palette), f"prediction ({100 * acc:.1f}% pixels)"))):
-            axes[r, c].imshow(picture, interpolation="nearest")
-            axes[r, c].set_title(title, fontsize=9)
-            axes[r, c].axis("off")
-    handles = [Patch(color=pal[i] / 255.0, label=names[i] if i < len(names) else str(i)) for i in range(num_classes)]
-    handles.append(Patch(color=pal[losses_mod.IGNORE_LABEL] / 255.0, label="ignore (255)"))
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 if len(rows) > 1 else 0.12, 1, 1))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp.png"
-    try:
-        fig.savefig(tmp, dpi=80)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path

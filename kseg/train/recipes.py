@@ -28,6 +28,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "data": {
         "layout": (str,), "train_split": (str,), "val_split": (str,), "crop": (list,), "resize": (list,),
         "pad_to": (list,), "scale": (list,), "flip": (bool,), "color_jitter": (bool,), "preprocessing": (str,),
+        # classifiers' evaluation transform: shorter side resized to eval_resize, centre eval_crop
+        "eval_resize": (int,), "eval_crop": (int, list), "interpolation": (str,),
     },
     "optimizer": {"name": (str,), "learning_rate": _NUM, "momentum": _NUM, "weight_decay": _NUM},
     "schedule": {
@@ -39,7 +41,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "loss": {"name": (str,), "stride8": (bool,), "class_weights": (list,), "gamma": _NUM},
 }
 CHOICES = {
-    ("data", "layout"): ("voc", "sbd", "synthetic", "pets", "edges", "folder", "classification_folder"),
+    ("data", "layout"): ("voc", "sbd", "synthetic", "pets", "edges", "folder", "classification_folder",
+                         "classification_list"),
+    ("data", "interpolation"): ("bilinear", "bicubic", "nearest", "area", "lanczos3", "lanczos5"),
     ("optimizer", "name"): ("sgd", "adam", "adamw"),
     ("schedule", "kind"): ("constant", "step", "poly", "piecewise"),
     ("schedule", "step_unit"): ("iterations", "epochs"),
@@ -183,4 +187,14 @@ def load_recipe(name_or_path, overrides=None) -> Recipe:
             raise RecipeError(f"{path}: [schedule] kind {kind!r} needs {key}")
     if kind == "piecewise" and len(schedule["values"]) != len(schedule["boundaries"]) + 1:
         raise RecipeError(f"{path}: [schedule] piecewise needs one more value than boundaries")
+    data = sections["data"]
+    if ("eval_resize" in data) != ("eval_crop" in data):
+        raise RecipeError(f"{path}: [data] eval_resize and eval_crop go together (resize the shorter side, "
+                          "then crop the centre)")
+    if "eval_crop" in data:
+        crop = data["eval_crop"]
+        sides = [crop] if isinstance(crop, int) else crop
+        if not (1 <= len(sides) <= 2 and all(isinstance(v, int) and 0 < v <= data["eval_resize"] for v in sides)):
+            raise RecipeError(f"{path}: [data] eval_crop must be an int or [h, w] no larger than eval_resize "
+                              f"({data['eval_resize']}), got {crop!r}")
     return recipe
