@@ -47,7 +47,9 @@ from kseg.identity import resolve_preprocessing
 from kseg.progress import stages
 from kseg.registry import PREPROCESSING, list_models
 from kseg.tasks import get_task
+from kseg.tasks.base import Serving
 
+# Every export has these; a task adds its own (Task.image_signatures: classify_images, ...).
 SIGNATURES = ("serving_default", "predict_images", "label_images", "raw_outputs")
 LABEL_PAD = -1
 # Decoded images larger than this are refused in the graph (a small PNG can decode to gigabytes).
@@ -133,12 +135,16 @@ def build_module(model, *, image_size=None, preprocessing=None, class_names=None
         key = task.serving_key
         return {"probabilities": tf.identity(probs, name="probabilities"), key: tf.identity(labels, name=key)}
 
-    def decode(data):
+    def decode_raw(data):
         image = tf.io.decode_image(data, channels=channels, dtype=tf.uint8, expand_animations=False)
         size = tf.shape(image)[:2]
         tf.debugging.assert_less_equal(
             tf.cast(size[0], tf.int64) * tf.cast(size[1], tf.int64), tf.constant(max_image_pixels, tf.int64),
             message=f"image too large: more than {max_image_pixels} pixels")
+        return image, size
+
+    def decode(data):
+        image, size = decode_raw(data)
         resized = tf.image.resize(tf.cast(image, tf.float32), (height, width), method="bilinear")
         return tf.ensure_shape(resized, [height, width, channels]), size
 
@@ -174,14 +180,18 @@ def build_module(model, *, image_size=None, preprocessing=None, class_names=None
         out = predict_images(image_bytes)
         return {k: v for k, v in out.items() if k != "probabilities"}
 
+    num_outputs = int(model.outputs[index].shape[-1])
+    names = meta.get("class_names") or [str(i) for i in range(num_outputs)]
+    task_signatures = task.image_signatures(Serving(
+        decode=decode_raw, probabilities=lambda images: head(images)[0], network_size=(height, width),
+        channels=channels, class_names=tuple(names)))
+
     # What the graph applies is what the model expects: a preprocessing= override is recorded.
     meta["preprocessing"] = pre.to_dict()
     module = tf.Module()
     module.kseg_weights = {v.path: v.value for v in model.weights}
-    module.serve = serve
-    module.predict_images = predict_images
-    module.label_images = label_images
-    module.raw_outputs = serving_function(model)
+    module.kseg_signatures = {"serving_default": serve, "predict_images": predict_images, "label_images": label_images,
+                         "raw_outputs": serving_function(model), **task_signatures}
     meta["serving"] = {
         "task": task.name,
         "image_size": [height, width],
@@ -190,7 +200,7 @@ def build_module(model, *, image_size=None, preprocessing=None, class_names=None
         "activation": activation,
         "label_padding": LABEL_PAD,
         "max_image_pixels": int(max_image_pixels),
-        "signatures": list(SIGNATURES),
+        "signatures": list(module.kseg_signatures),
     }
     return module, meta
 
@@ -239,12 +249,10 @@ def save_format(model, path, *, metadata=None, input_size=None, **_):
 
 
 def write_module(module, meta, directory):
-    """Save build_module's module with its four signatures and the metadata to `directory`."""
+    """Save build_module's module with its signatures and the metadata to `directory`."""
     import tensorflow as tf
 
-    tf.saved_model.save(module, directory, signatures={name: getattr(module, attr) for name, attr in
-                                                       zip(SIGNATURES, ("serve", "predict_images", "label_images",
-                                                                        "raw_outputs"))})
+    tf.saved_model.save(module, directory, signatures=dict(module.kseg_signatures))
     md.write_saved_model(directory, meta)
 
 
@@ -286,7 +294,7 @@ def verify_export(directory, model, meta, seed=0):
     import tensorflow as tf
 
     loaded = tf.saved_model.load(directory)
-    missing = [s for s in SIGNATURES if s not in loaded.signatures]
+    missing = [s for s in meta["serving"]["signatures"] if s not in loaded.signatures]
     if missing:
         raise ExportVerificationError(f"{directory}: signatures {missing} missing after export")
     h, w = meta["serving"]["image_size"]
@@ -306,6 +314,11 @@ def verify_export(directory, model, meta, seed=0):
     if not err <= 1e-4:
         raise ExportVerificationError(f"{directory}: predict_images probabilities differ from the Keras model "
                                       f"by {err:.3g} (allowed 1e-4); nothing was written")
+    for name in meta["serving"]["signatures"]:
+        if name not in SIGNATURES:  # the task's own: they run on encoded images and give finite numbers
+            for key, value in loaded.signatures[name](image_bytes=data).items():
+                if value.dtype.is_floating and not np.all(np.isfinite(value.numpy())):
+                    raise ExportVerificationError(f"{directory}: {name} returned non-finite {key}; nothing was written")
     if get_task(meta["serving"]["task"]).dense:
         sizes = out["image_size"].numpy().tolist()
         if sizes != [[h, w], [h, w]] or tuple(out["label_map"].shape) != (2, h, w):

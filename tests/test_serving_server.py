@@ -444,3 +444,30 @@ def test_sigterm_drains_in_flight_requests_and_exits(served, tmp_path):
     assert '"POST /v1/models/digits:predict" 200' in log  # the access log line
     with pytest.raises(OSError):
         request(where["rest_url"], "GET", "/v1/models/digits")
+
+
+def test_a_classifier_answers_classify_images_over_rest(served):
+    # The classification task's own signature: encoded images in, its evaluation transform
+    # inside, the top-5 classes, scores and class names out.
+    rng = np.random.default_rng(5)
+    pngs = [encode_png(a) for a in rng.integers(0, 256, size=(2, 40, 52, 1)).astype(np.uint8)]
+    body = json.dumps({"signature_name": "classify_images",
+                       "instances": [{"b64": base64.b64encode(p).decode()} for p in pngs]})
+    status, out = request(served["url"], "POST", "/v1/models/digits:predict", body)
+    assert status == 200, out
+    preds = out["predictions"]
+    assert [len(p["classes"]) for p in preds] == [5, 5]
+    assert all(p["class_names"] == [str(c) for c in p["classes"]] for p in preds)  # no names given: indices
+    # Equal to the signature run in this process, for whichever version of `digits` answered.
+    in_process = []
+    for path in [*map(str, (served["base"] / "digits").iterdir()), served["staged_v2"]]:
+        if os.path.isfile(os.path.join(path, "saved_model.pb")):
+            sig = tf.saved_model.load(path).signatures["classify_images"]
+            in_process.append(sig(image_bytes=tf.constant(pngs)))
+    assert any(np.array_equal([p["classes"] for p in preds], o["classes"].numpy())
+               and np.allclose([p["scores"] for p in preds], o["scores"].numpy(), atol=1e-6) for o in in_process)
+    if served["grpc"]:
+        out = Client("grpc://" + served["grpc"], "digits").predict(np.array(pngs, dtype=object),
+                                                                    signature_name="classify_images")
+        assert out["classes"].shape == (2, 5) and out["class_names"].tolist() == [
+            [str(c).encode() for c in row] for row in out["classes"].tolist()]

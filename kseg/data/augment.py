@@ -20,6 +20,8 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
+from kseg.tasks.classification import center_crop, resize_shorter
+
 # Fallback pad colour (RGB, 0..255) when the preprocessing has no mean: ImageNet's mean.
 IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)
 
@@ -304,24 +306,6 @@ def check_eval_transform(eval_transform, interpolation="bilinear"):
         raise ValueError(f"eval_transform={eval_transform!r}: the crop must fit in the resized image "
                          f"(crop <= resize_shorter)")
     return shorter, crop
-
-
-def resize_shorter(image, shorter: int, method="bilinear"):
-    """Resize [H, W, C] so its shorter side is `shorter`, the longer int(shorter * long / short)
-    (torchvision's Resize(int)); antialiased when shrinking, as PIL's and torchvision's resize."""
-    h, w = tf.shape(image)[0], tf.shape(image)[1]
-    short, long = tf.minimum(h, w), tf.maximum(h, w)
-    new_long = tf.cast(tf.cast(shorter, tf.int64) * tf.cast(long, tf.int64) // tf.cast(short, tf.int64), tf.int32)
-    size = tf.where(h <= w, tf.stack([shorter, new_long]), tf.stack([new_long, shorter]))
-    return tf.image.resize(tf.cast(image, tf.float32), size, method=method, antialias=True)
-
-
-def center_crop(image, size):
-    """The centre (h, w) window of [H, W, C] (torchvision's CenterCrop: offsets round((H - h) / 2))."""
-    h, w = tf.shape(image)[0], tf.shape(image)[1]
-    top = tf.cast(tf.round(tf.cast(h - size[0], tf.float32) / 2.0), tf.int32)
-    left = tf.cast(tf.round(tf.cast(w - size[1], tf.float32) / 2.0), tf.int32)
-    return image[top: top + size[0], left: left + size[1]]
 
 
 def eval_image(image, size, eval_transform=None, interpolation="bilinear"):

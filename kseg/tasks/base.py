@@ -41,6 +41,7 @@ class Task:
     data_layouts: tuple[str, ...] = ()  # kseg.data layouts whose labels train this task
     # The validation score (a name among `metrics`' results) training keeps the best checkpoint by.
     checkpoint_metric: str = "mean_iou"
+    checkpoint_mode: str = "max"  # "min" for a loss
 
     def __repr__(self):
         return f"<task {self.name}>"
@@ -78,6 +79,10 @@ class Task:
         """The default metrics for model.compile."""
         return []
 
+    def fit_targets(self, labels, num_outputs):
+        """A dataset's labels -> the targets model.fit needs for a model with `num_outputs` losses."""
+        return labels
+
     # --- evaluation ------------------------------------------------------------------------
 
     def evaluator(self, num_classes, head: Head, class_names=None) -> "Evaluator":
@@ -91,6 +96,13 @@ class Task:
         if self.target_kind == "edge_map":
             return (rng.uniform(size=(batch, height, width, 1)) > 0.9).astype("float32")
         return rng.integers(0, num_classes, (batch, height, width))
+
+    # --- serving ---------------------------------------------------------------------------
+
+    def image_signatures(self, serving: "Serving") -> dict:
+        """This task's own TF Serving signatures over encoded images, {name: tf.function}, beside
+        the generic serving_default / predict_images / label_images / raw_outputs."""
+        return {}
 
     # --- verification ----------------------------------------------------------------------
 
@@ -128,6 +140,22 @@ class Task:
             float(rel.max(initial=0.0)), float(np.max(allowed, initial=0.0)), within, agreement, bad_ties,
             bool(passed),
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class Serving:
+    """What a task's serving signatures build on (convert.tf_serving makes it).
+
+    decode(image_bytes) -> (uint8 [H, W, channels] image, int32 [2] size), with the export's
+    pixel limit; probabilities(float32 RGB 0..255 batch at network_size) -> the head's
+    probabilities (preprocessing and the model inside); class_names: one string per class.
+    """
+
+    decode: object
+    probabilities: object
+    network_size: tuple
+    channels: int
+    class_names: tuple
 
 
 class Evaluator:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from kseg.tasks.base import Evaluator, Head, Task, probabilities
 
@@ -42,8 +43,55 @@ class Classification(Task):
     def evaluator(self, num_classes, head, class_names=None):
         return TopKEvaluator(num_classes, head, class_names=class_names)
 
+    # The ImageNet evaluation crop: the shorter side resized to crop / 0.875 (256 for 224, as in
+    # torchvision's and keras.applications' reference evaluation), then the centre crop.
+    EVAL_CROP_FRACTION = 0.875
+
+    def eval_transform(self, image, size):
+        """An image (uint8 or float, [H, W, C]) -> float32 [h, w, C]: the shorter side resized to
+        round(max(size) / 0.875), then the centre crop of `size`."""
+        h, w = size
+        return center_crop(resize_shorter(image, round(max(h, w) / self.EVAL_CROP_FRACTION)), (h, w))
+
+    def image_signatures(self, serving):
+        h, w = serving.network_size
+        c = serving.channels
+        k = min(5, len(serving.class_names))
+        names = tf.constant(list(serving.class_names))
+
+        def decode(data):
+            image, _ = serving.decode(data)
+            return tf.ensure_shape(self.eval_transform(image, (h, w)), [h, w, c])
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        def classify_images(image_bytes):
+            images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec([h, w, c], tf.float32))
+            scores, classes = tf.math.top_k(serving.probabilities(images), k=k)
+            return {"classes": tf.identity(classes, name="classes"), "scores": tf.identity(scores, name="scores"),
+                    "class_names": tf.gather(names, classes, name="class_names")}
+
+        return {"classify_images": classify_images}
+
 
 CLASSIFICATION = Classification()
+
+
+def resize_shorter(image, shorter: int, method="bilinear"):
+    """Resize [H, W, C] so its shorter side is `shorter`, the longer int(shorter * long / short)
+    (torchvision's Resize(int)); antialiased when shrinking, as PIL's and torchvision's resize."""
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    short, long = tf.minimum(h, w), tf.maximum(h, w)
+    new_long = tf.cast(tf.cast(shorter, tf.int64) * tf.cast(long, tf.int64) // tf.cast(short, tf.int64), tf.int32)
+    size = tf.where(h <= w, tf.stack([shorter, new_long]), tf.stack([new_long, shorter]))
+    return tf.image.resize(tf.cast(image, tf.float32), size, method=method, antialias=True)
+
+
+def center_crop(image, size):
+    """The centre (h, w) window of [H, W, C] (torchvision's CenterCrop: offsets round((H - h) / 2))."""
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    top = tf.cast(tf.round(tf.cast(h - size[0], tf.float32) / 2.0), tf.int32)
+    left = tf.cast(tf.round(tf.cast(w - size[1], tf.float32) / 2.0), tf.int32)
+    return image[top: top + size[0], left: left + size[1]]
 
 
 class TopKEvaluator(Evaluator):
