@@ -195,6 +195,36 @@ def write_edges(root, *, n=3, seed=0):
     return {"root": root, "list": os.path.join(root, "train_pair.lst")}
 
 
+def edge_picture(rng, h, w):
+    """(RGB image, binary edge map 0/255) of a random rectangle on a smooth background."""
+    top, left = int(rng.integers(4, h // 3)), int(rng.integers(4, w // 3))
+    bottom, right = int(rng.integers(2 * h // 3, h - 4)), int(rng.integers(2 * w // 3, w - 4))
+    image = image_array(rng, h, w) // 2
+    image[top:bottom, left:right] += 120
+    edge = np.zeros((h, w), np.uint8)
+    edge[top, left:right] = edge[bottom - 1, left:right] = 255
+    edge[top:bottom, left] = edge[top:bottom, right - 1] = 255
+    return image, edge
+
+
+def write_edge_list(root, *, n=3, size=(40, 48), name="train_pair.lst", seed=0):
+    """The HED release's BSDS layout: images/*.jpg, binary edge PNGs (0/255) in gt/, and a list of
+    'images/i.jpg gt/i.png' lines (paths relative to the list's folder)."""
+    rng = np.random.default_rng(seed)
+    for sub in ("images", "gt"):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    lines = []
+    for i in range(n):
+        image, edge = edge_picture(rng, *size)
+        save_jpeg(os.path.join(root, "images", f"{i}.jpg"), image)
+        Image.fromarray(edge, "L").save(os.path.join(root, "gt", f"{i}.png"))
+        lines.append(f"images/{i}.jpg gt/{i}.png\n")
+    with open(os.path.join(root, name), "w") as f:
+        f.writelines(lines)
+    return {"root": root, "list": os.path.join(root, name),
+            "images": [os.path.join(root, "images", f"{i}.jpg") for i in range(n)]}
+
+
 def write_classes(root, *, seed=0):
     """One folder per class: cat/ (RGB, grayscale, CMYK JPEGs) and dog/ (RGB JPEG, PNG)."""
     rng = np.random.default_rng(seed)

@@ -86,7 +86,9 @@ def test_evaluate_scores_edges_on_the_fused_map():
     prep = kseg.get_spec("hed").preprocessing
     fuse = 1 / (1 + np.exp(-np.asarray(model(prep.apply(x))[-1])))
     scores = evaluate(model, tf.data.Dataset.from_tensor_slices((x, truth)).batch(1), preprocessing="hed",
-                      progress=False)
-    expected = edge_ods_ois(list(fuse[..., 0]), list(truth[..., 0]))
+                      progress=False, edge_output="fuse")
+    expected = {**edge_ods_ois(list(fuse[..., 0]), list(truth[..., 0])), "output": "fuse"}
     assert scores.pop("images") == 2
+    assert scores.pop("ois_thresholds") == expected.pop("ois_thresholds") and scores.pop("output") == "fuse"
+    expected.pop("output")
     assert scores == pytest.approx(expected, rel=1e-6)

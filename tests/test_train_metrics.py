@@ -104,22 +104,23 @@ def test_iou_table_rows():
 
 
 def test_edge_ods_ois():
+    # The matcher on one-pixel lines (no NMS: the maps are thin already); tests/test_edges_cli.py has the rest.
     gt = np.zeros((20, 20))
     gt[10, 2:18] = 1
     perfect = gt * 0.9
-    assert edge_ods_ois([perfect], [gt], tolerance_px=1)["ods"] == pytest.approx(1.0)
+    assert edge_ods_ois([perfect], [gt], tolerance_px=1, nms=False)["ods"] == pytest.approx(1.0)
     shifted = np.roll(perfect, 1, axis=0)  # one pixel off: within a 1.5-pixel tolerance, not within 0.5
-    assert edge_ods_ois([shifted], [gt], tolerance_px=1.5)["ods"] == pytest.approx(1.0)
-    assert edge_ods_ois([shifted], [gt], tolerance_px=0.5)["ods"] == pytest.approx(0.0)
+    assert edge_ods_ois([shifted], [gt], tolerance_px=1.5, nms=False)["ods"] == pytest.approx(1.0)
+    assert edge_ods_ois([shifted], [gt], tolerance_px=0.5, nms=False)["ods"] == pytest.approx(0.0)
     # Half the predicted edge pixels spurious (at a high threshold too): precision 0.5, recall 1.
     noisy = perfect.copy()
     noisy[3, 2:18] = 0.9
-    r = edge_ods_ois([noisy], [gt], tolerance_px=1)
+    r = edge_ods_ois([noisy], [gt], tolerance_px=1, nms=False)
     assert r["ods"] == pytest.approx(2 * 0.5 / 1.5)
     # OIS picks each image's best threshold; ODS one for both.
     a = gt * 0.3 + (np.arange(20)[:, None] == 3) * 0.2
     b = gt * 0.8 + (np.arange(20)[:, None] == 3) * 0.5
-    r = edge_ods_ois([a, b], [gt, gt], tolerance_px=1)
+    r = edge_ods_ois([a, b], [gt, gt], tolerance_px=1, nms=False)
     assert r["ois"] == pytest.approx(1.0) and r["ods"] < 1.0
 
 

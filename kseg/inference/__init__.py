@@ -22,6 +22,7 @@ _EXPORTS = {
     "classify_images": "kseg.inference.files",
     "list_images": "kseg.inference.files",
     "plot_confusion": "kseg.inference.plots",
+    "predict_edges": "kseg.inference.files",
     "predict_images": "kseg.inference.files",
     "read_image": "kseg.inference.files",
     "Predictor": "kseg.inference.traced",

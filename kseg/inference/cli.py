@@ -16,6 +16,7 @@ from kseg import cliutil
 # A missing file, a bad setting or a missing optional dependency: a one-line message, no traceback.
 _EXPECTED = (*cliutil.INPUT_ERRORS, ImportError)
 CLASSIFICATION_LAYOUTS = ("classification_folder", "classification_list")
+_LAYOUT_CHOICES = ("voc", "sbd", "synthetic", "pets", *CLASSIFICATION_LAYOUTS, "edges")
 
 
 def add_parser(subparsers):
@@ -24,10 +25,11 @@ def add_parser(subparsers):
                                                "classifiers: top-1/top-5, per-class accuracy, confusion matrix)")
     _model_args(e)
     e.add_argument("--data", required=True, help="dataset root (classification_list: the folder or the list file)")
-    e.add_argument("--layout", default="voc", choices=("voc", "sbd", "synthetic", "pets", *CLASSIFICATION_LAYOUTS),
+    e.add_argument("--layout", default="voc", choices=_LAYOUT_CHOICES,
                    help="classification_folder: DATA/SPLIT/CLASS/*.jpg (or DATA/CLASS/*.jpg); "
                         "classification_list: 'relative/path.jpg LABEL' lines in DATA/SPLIT.txt, "
-                        "DATA/meta/SPLIT.txt or the file DATA")
+                        "DATA/meta/SPLIT.txt or the file DATA; edges: 'image edge_map' lines (BSDS / HED "
+                        "lists) in the file DATA or DATA/SPLIT[.lst]")
     e.add_argument("--split", default="val")
     e.add_argument("--crf", nargs="?", const="paper", metavar="SETTINGS",
                    help="refine with the dense CRF: the paper's defaults, or e.g. w1=5,sigma_alpha=80,sigma_beta=3")
@@ -35,6 +37,7 @@ def add_parser(subparsers):
                    help="write the scores here (default: next to the model); --json alone prints them as JSON "
                         "instead of the tables (the file next to the model is still written)")
     _classifier_args(e)
+    _edge_args(e)
     e.set_defaults(func=cmd_evaluate)
 
     p = subparsers.add_parser("predict", help="label maps (palette PNGs) and colour overlays for image files")
@@ -49,6 +52,7 @@ def add_parser(subparsers):
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     _classifier_args(p)
+    _edge_args(p)
     p.set_defaults(func=cmd_predict)
 
     c = subparsers.add_parser("crf-search", help="cross-validate the dense CRF's settings over the paper's ranges")
@@ -104,6 +108,13 @@ def _classifier_args(p):
     g.add_argument("--eval-crop", type=int, metavar="N", help="then keep the centre NxN (e.g. 224)")
     g.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest", "area", "lanczos3", "lanczos5"),
                    help="the resize's interpolation (default bilinear)")
+
+
+def _edge_args(p):
+    g = p.add_argument_group("edge models (HED)")
+    g.add_argument("--output", dest="edge_output", choices=("average", "fuse"),
+                   help="the edge map: the average of the fused and side outputs (default, the HED paper's "
+                        "result) or the fused output alone")
 
 
 def _classifier_options(args, inference):
@@ -171,12 +182,23 @@ def _raw_data(args, inference=None):
                          f"{' or '.join(lay for lay in task.data_layouts if lay in _LAYOUT_CHOICES)}")
     if args.layout in CLASSIFICATION_LAYOUTS:
         return _classification_data(args, inference)
+    if args.layout == "edges":
+        return kd.edges(edge_list(args.data, args.split), batch_size=1)
     reader = {"voc": kd.voc, "sbd": kd.sbd, "synthetic": kd.synthetic, "pets": kd.pets}[args.layout]
     # Raw RGB: the model's preprocessing is applied before the network, the CRF sees the colours.
     return reader(args.data, args.split, batch_size=1)
 
 
-_LAYOUT_CHOICES = ("voc", "sbd", "synthetic", "pets", *CLASSIFICATION_LAYOUTS)
+def edge_list(data, split):
+    """The list of 'image edge_map' lines: the file DATA, or DATA/SPLIT, DATA/SPLIT.lst, DATA/SPLIT_pair.lst."""
+    if os.path.isfile(data):
+        return data
+    candidates = [os.path.join(data, name) for name in (split, split + ".lst", split + "_pair.lst")]
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"no edge list: --data takes a list file of 'image edge_map' lines, or a folder with "
+                            f"one of {', '.join(candidates)}")
 
 
 def _classification_data(args, inference):
@@ -207,8 +229,12 @@ def cmd_evaluate(args):
     try:
         inference = _classifier_options(args, _load(args))
         ds = _raw_data(args, inference)
+        edges = inference.task.target_kind == "edge_map"
+        if args.edge_output and not edges:
+            raise ValueError(f"--output chooses an edge model's map; {args.model} is a {inference.task.name} model")
         scores = evaluate(inference.model, ds, preprocessing=inference.preprocessing, crf=args.crf,
-                          class_names=inference.class_names, progress=args.json_out != "-")
+                          class_names=inference.class_names, progress=args.json_out != "-",
+                          edge_output=args.edge_output)
     except _EXPECTED as e:
         return _fail("evaluate", e)
     name = os.path.basename(args.model)
@@ -227,6 +253,9 @@ def cmd_evaluate(args):
             console = cliutil.console()
             console.print(classification_table(scores, title))
             console.print(per_class_table(scores))
+    elif edges:
+        if not to_stdout:
+            cliutil.console().print(edge_table(scores, title))
     elif not to_stdout:
         cliutil.console().print(scores_table(scores, title))
         if args.crf:
@@ -242,6 +271,21 @@ def cmd_evaluate(args):
     if not inference.task.dense and drawn:
         say(f"confusion matrix drawn in {drawn}")
     return cliutil.OK
+
+
+def edge_table(scores, title):
+    """The BSDS benchmark's scores: ODS and OIS F-measures, their thresholds, precision and recall."""
+    from rich.table import Table
+
+    table = Table(title=f"{title}: BSDS benchmark ({scores['output']} map; NMS, 99 thresholds, maxDist 0.0075)")
+    for column in ("", "F", "threshold", "precision", "recall"):
+        table.add_column(column, justify="right" if column else "left", no_wrap=True)
+    ois_t = scores["ois_thresholds"]
+    table.add_row("ODS", f"{scores['ods']:.4f}", f"{scores['ods_threshold']:.3f}", f"{scores['ods_precision']:.4f}",
+                  f"{scores['ods_recall']:.4f}")
+    table.add_row("OIS", f"{scores['ois']:.4f}", f"{sum(ois_t) / max(len(ois_t), 1):.3f} (mean)",
+                  f"{scores['ois_precision']:.4f}", f"{scores['ois_recall']:.4f}")
+    return table
 
 
 def classification_table(scores, title):
@@ -280,11 +324,20 @@ def per_class_table(scores):
 
 
 def cmd_predict(args):
-    from kseg.inference import classify_images, predict_images
+    from kseg.inference import classify_images, predict_edges, predict_images
 
     try:
         inference = _classifier_options(args, _load(args))
-        if not inference.task.dense:
+        edges = inference.task.target_kind == "edge_map"
+        if args.edge_output and not edges:
+            raise ValueError(f"--output chooses an edge model's map; {args.model} is a {inference.task.name} model")
+        if edges:
+            if args.crf:
+                raise ValueError(f"{args.model} is a {inference.task.name} model; the dense CRF refines "
+                                 "per-pixel class scores")
+            results = predict_edges(inference, args.images, args.out, output=args.edge_output, size=args.size,
+                                    overwrite=args.force)
+        elif not inference.task.dense:
             if args.crf:
                 raise ValueError(f"{args.model} is a {inference.task.name} model; the dense CRF refines "
                                  "per-pixel class scores")
@@ -294,6 +347,10 @@ def cmd_predict(args):
                                      alpha=args.alpha, overwrite=args.force)
     except _EXPECTED as e:
         return _fail("predict", e)
+    if edges:
+        print(f"wrote {len(results)} edge maps (STEM.png, edge probability x 255, the {results[0]['output']} "
+              f"map) to {args.out}" if results else f"no images: nothing written to {args.out}")
+        return cliutil.OK
     if not inference.task.dense:
         cliutil.console().print(predictions_table(results))
         print(f"wrote the top {len(results[0]['top_k'])} classes of {len(results)} images to "

@@ -1,5 +1,6 @@
 """Prediction on image files: label maps as palette PNGs, colour overlays, optional dense CRF;
-for classifiers, the top classes of each image in one predictions.json.
+for classifiers, the top classes of each image in one predictions.json; for edge models, one
+grey PNG of edge probabilities per image (predict_edges).
 
     from kseg.inference import classify_images, load_inference_model, predict_images
     m = load_inference_model("runs/dl/best.keras")                 # preprocessing from kseg_run.json
@@ -98,6 +99,56 @@ def predict_images(inference: InferenceModel, images, out_dir, *, crf=None, size
             counts = np.bincount(label.reshape(-1), minlength=probs.shape[-1])
             results.append({"image": path, "label": label_path, "overlay": overlay_path,
                             "size": list(label.shape), "class_pixels": counts.tolist()})
+            advance()
+    return results
+
+
+def predict_edges(inference: InferenceModel, images, out_dir, *, output=None, size=None, overwrite=False,
+                  progress=True) -> list[dict]:
+    """Write OUT/STEM.png per image: the edge probability as 8-bit grey (0..255), at the image's size.
+
+    output: which map (the task's Edges.edge_map): "average" (default, the HED paper's average of
+    the fused and side outputs) or "fuse". Fixed-input models and `size=` predict on a resized
+    copy; the logits are resized back (bilinear) before the sigmoid. Inputs and outputs are
+    checked before anything is written, as predict_images does. Returns one dict per image.
+    """
+    import tensorflow as tf
+
+    from kseg.identity import identify
+
+    images = list_images(images)
+    for p in images:
+        _check_image(p)
+    targets = [label for label, _ in output_paths(images, out_dir)]
+    if not overwrite:
+        existing = [t for t in targets if os.path.exists(t)]
+        if existing:
+            raise FileExistsError(f"{len(existing)} output(s) exist already, e.g. {existing[0]}; pass --force "
+                                  "(overwrite=True) to replace them")
+    model, task = inference.model, inference.task
+    head = task.head(list(model.output_names), identify(model).options)
+    output = output or task.default_output
+    if output not in task.OUTPUTS:
+        raise ValueError(f"unknown edge output {output!r}; choose one of {', '.join(task.OUTPUTS)}")
+    run = Predictor(model, preprocessing=inference.preprocessing, size=size)
+    os.makedirs(out_dir, exist_ok=True)
+    results = []
+    with progress_bar(progress, "predicting edges", len(images)) as advance:
+        for path, target in zip(images, targets):
+            image = read_image(path)
+            h, w = image.shape[:2]
+            x = tf.convert_to_tensor(image[None].astype(np.float32))
+            if run.size is not None:
+                x = tf.image.resize(x, run.size, method="bilinear")
+            outs = run(x)
+            outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+            if run.size is not None:
+                outs = [tf.image.resize(tf.cast(o, tf.float32), (h, w), method="bilinear") for o in outs]
+            edges = task.edge_map([np.asarray(o) for o in outs], head, output)[0]
+            grey = np.clip(np.round(edges * 255.0), 0, 255).astype(np.uint8)
+            _atomic_save(target, lambda tmp: Image.fromarray(grey, "L").save(tmp, format="PNG"))
+            results.append({"image": path, "edges": target, "size": [h, w], "output": output,
+                            "max_probability": float(edges.max())})
             advance()
     return results
 

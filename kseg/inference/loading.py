@@ -16,7 +16,7 @@ import zipfile
 
 import keras
 
-from kseg.api import build_model
+from kseg.api import build_model, model_info, remember_identity
 from kseg.identity import identify, of_file, resolve_preprocessing, run_record, task_of
 from kseg.registry import get_spec
 from kseg.tasks import losses, metrics  # noqa: F401  (registers kseg's losses and metrics for loading)
@@ -73,6 +73,9 @@ def load_inference_model(model, *, weights=None, num_classes=None, preprocessing
         except (ValueError, OSError, TypeError, zipfile.BadZipFile) as e:
             raise ValueError(f"{model}: cannot load the Keras model: {e}") from None
         ident = of_file(model)
+        if ident is not None and ident.architecture and model_info(net) is None:
+            # Keras' loader drops the attribute: the recorded architecture names the task (task_of).
+            remember_identity(net, {"name": ident.architecture, "kwargs": dict(ident.build_kwargs)})
         if preprocessing is not None:
             prep = resolve_preprocessing(preprocessing)
         else:
@@ -87,10 +90,7 @@ def load_inference_model(model, *, weights=None, num_classes=None, preprocessing
         transform = (data["eval_resize"], data["eval_crop"]) if data.get("eval_resize") else None
         return InferenceModel(net, prep, model, class_names, transform, data.get("interpolation", "bilinear"))
 
-    spec = get_spec(model)  # ValueError naming the known models
-    if spec.task_object.target_kind not in ("class", "class_map"):
-        raise ValueError(f"{model} is a {spec.task} model; prediction writes class maps of segmentation models "
-                         "and class lists of classifiers")
+    get_spec(model)  # ValueError naming the known models
     if weights is None:
         raise ValueError(f"{model}: a registry name needs --weights (a trained file), or pass a saved .keras file")
     net = build_model(model, num_classes=num_classes, weights=weights, **options)

@@ -21,14 +21,16 @@ from kseg.tasks.metrics import confusion_matrix, iou_table, scores_from_confusio
 
 
 def evaluate(model, dataset, *, num_classes=None, class_names=None, progress=True, crf=None,
-             preprocessing=None) -> dict:
+             preprocessing=None, edge_output=None) -> dict:
     """Score a model on an (image, label) dataset as its task measures it.
 
     Segmentation (at the labels' own resolution; batch-1 datasets of unpadded images give
     original-size scores): {"pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou",
     "per_class": [...], "confusion": [[...]]}; classification: {"top1", "top5" (more than 5
-    classes), "per_class": [{"class", "accuracy", "images", ...}], "confusion", "count"}; edges: BSDS
-    {"ods", "ods_threshold", "ois"}. Always "images": N. The task is the model's kseg
+    classes), "per_class": [{"class", "accuracy", "images", ...}], "confusion", "count"}; edges: the
+    BSDS benchmark (kseg.tasks.bsds) {"ods", "ods_threshold", "ods_precision", "ods_recall", "ois",
+    "ois_thresholds", ..., "output"} of `edge_output` ("average" of HED's outputs, or "fuse").
+    Always "images": N. The task is the model's kseg
     architecture's (kseg.identity.task_of).
 
     `preprocessing` (a kseg.Preprocessing, kind or model name) is applied to the dataset's images
@@ -56,7 +58,7 @@ def evaluate(model, dataset, *, num_classes=None, class_names=None, progress=Tru
         if task.target_kind != "class_map":
             raise ValueError(f"{model.name} is a {task.name} model; the dense CRF refines per-pixel class scores")
         return _evaluate_crf(model, dataset, params, preprocessing, num_classes, names, progress, total)
-    scores = task.evaluator(num_classes, head, names)
+    scores = task.evaluator(num_classes, head, names, **({"output": edge_output} if edge_output else {}))
     run = predictor(model, preprocessing=resolve_preprocessing(preprocessing))  # one trace for every size
     images = 0
     with progress_bar(progress, "evaluating", total) as advance:

@@ -15,7 +15,7 @@ the scores are those of the whole global batch, not an average of per-replica sc
 The matrix is float64: float32 counts stop being exact at 2^24 pixels, a few dozen VOC images.
 
 `iou_table` turns a confusion matrix into per-class rows for printing; `edge_ods_ois` is
-the BSDS ODS/OIS F-measure for HED's edge maps.
+the BSDS ODS/OIS F-measure for HED's edge maps (the benchmark's protocol, kseg.tasks.bsds).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kseg.tasks.bsds import edge_ods_ois
 from kseg.tasks.losses import IGNORE_LABEL, resize_labels_nearest
 
 SCORES = ("pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou")
@@ -163,61 +164,7 @@ def iou_table(cm, class_names=None) -> list[dict]:
     return rows
 
 
-# === Edges: BSDS ODS / OIS ===
+# === Edges: BSDS ODS / OIS (kseg.tasks.bsds) ===
 
-
-def _dilate(mask, radius):
-    """Binary dilation by a disc of `radius` pixels (NumPy only, for small radii)."""
-    r = int(np.ceil(radius))
-    h, w = mask.shape
-    padded = np.pad(mask, r)
-    out = np.zeros_like(mask)
-    for dy in range(-r, r + 1):
-        for dx in range(-r, r + 1):
-            if dy * dy + dx * dx <= radius * radius:
-                out |= padded[r + dy: r + dy + h, r + dx: r + dx + w]
-    return out
-
-
-def edge_ods_ois(predictions, ground_truths, thresholds=99, max_dist=0.0075, tolerance_px=None) -> dict:
-    """ODS and OIS F-measures of edge probability maps against binary ground-truth edge maps.
-
-    predictions: edge probabilities in [0, 1], one [H, W] array per image. ground_truths:
-    binary (or [0, 1], > 0 is an edge) [H, W] arrays. thresholds: a count (evenly spaced in
-    (0, 1), the BSDS benchmark's 99) or a sequence. max_dist: the matching distance as a
-    fraction of the image diagonal (the BSDS benchmark's maxDist, 0.0075: 4.3 pixels on
-    481x321); tolerance_px: the distance in pixels instead.
-    Matching: a predicted edge pixel is correct when a ground-truth edge lies within the
-    tolerance, a ground-truth pixel is recalled when a predicted edge does. This is the BSDS
-    benchmark without its one-to-one assignment (correspondPixels): simpler, and an upper
-    bound on its figures for thick edges -- thin predictions (non-maximum suppression) first.
-    ODS: one threshold for the dataset, F from the summed counts; OIS: each image's best
-    threshold, F from the counts summed at those thresholds (the benchmark's definitions).
-    """
-    if len(predictions) != len(ground_truths) or not len(predictions):
-        raise ValueError(f"need as many predictions as ground truths (>0), "
-                         f"got {len(predictions)} and {len(ground_truths)}")
-    ts = np.linspace(0, 1, thresholds + 2)[1:-1] if np.isscalar(thresholds) else np.asarray(thresholds, float)
-    # counts[image, threshold] = (matched predicted, predicted, matched gt, gt)
-    counts = np.zeros((len(predictions), len(ts), 4))
-    for i, (p, g) in enumerate(zip(predictions, ground_truths)):
-        p, g = np.asarray(p, float), np.asarray(g) > 0
-        if p.shape != g.shape:
-            raise ValueError(f"image {i}: prediction {p.shape} and ground truth {g.shape} differ in size")
-        radius = float(tolerance_px) if tolerance_px is not None else max_dist * np.hypot(*g.shape)
-        near_gt = _dilate(g, radius)
-        for k, t in enumerate(ts):
-            e = p >= t
-            counts[i, k] = (np.sum(e & near_gt), e.sum(), np.sum(g & _dilate(e, radius)), g.sum())
-
-    def f_measure(c):
-        precision = c[..., 0] / np.maximum(c[..., 1], 1)
-        recall = c[..., 2] / np.maximum(c[..., 3], 1)
-        return np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
-
-    total = counts.sum(axis=0)
-    f_dataset = f_measure(total)
-    best = int(np.argmax(f_dataset))
-    per_image_best = np.argmax(f_measure(counts), axis=1)
-    ois_counts = counts[np.arange(len(predictions)), per_image_best].sum(axis=0)
-    return {"ods": float(f_dataset[best]), "ods_threshold": float(ts[best]), "ois": float(f_measure(ois_counts))}
+__all__ = ["ConfusionMatrixMetric", "SCORES", "confusion_matrix", "edge_ods_ois", "iou_table",
+           "scores_from_confusion"]

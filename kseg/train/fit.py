@@ -102,6 +102,8 @@ def compile_segmentation(model, recipe, *, steps_per_epoch=None, total_steps=Non
     num_classes = model.outputs[0].shape[-1]
     loss = make_loss(recipe)
     metrics = None
+    if isinstance(loss, list) and len(loss) != len(model.outputs):
+        raise ValueError(f"{recipe.source}: {len(loss)} losses for the {len(model.outputs)} outputs of {model.name}")
     if not isinstance(loss, list):
         task = get_spec(recipe.model).task_object
         metrics = task.metrics(num_classes, resize_labels=recipe.loss.get("stride8", False))
@@ -113,19 +115,22 @@ def compile_segmentation(model, recipe, *, steps_per_epoch=None, total_steps=Non
 def callbacks(recipe, out_dir, *, monitor=None, tensorboard="auto"):
     """BackupAndRestore (out_dir/backup), best checkpoint (out_dir/best.keras), CSV log, TensorBoard.
 
-    The best checkpoint is the highest `monitor`: by default the recipe model's task's
-    validation score (val_mean_iou for segmentation, val_top1 for classification).
+    The best checkpoint is the highest `monitor` (the lowest for a loss): by default the recipe
+    model's task's validation score (val_mean_iou for segmentation, val_top1 for classification,
+    the lowest val_loss for edges).
 
     Run the same command again after a crash or a SIGKILL: BackupAndRestore restores the
     weights, optimizer and epoch of the last completed epoch and fit continues from the next;
     it deletes the backup when fit finishes. The CSV log appends, so it covers the whole run.
     """
+    mode = "min" if monitor is not None and monitor.endswith("loss") else "max"
     if monitor is None:
         monitor = checkpoint_monitor(recipe)
+        mode = checkpoint_mode(recipe)
     os.makedirs(out_dir, exist_ok=True)
     cbs = [
         keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup")),
-        keras.callbacks.ModelCheckpoint(os.path.join(out_dir, "best.keras"), monitor=monitor, mode="max",
+        keras.callbacks.ModelCheckpoint(os.path.join(out_dir, "best.keras"), monitor=monitor, mode=mode,
                                         save_best_only=True),
         keras.callbacks.CSVLogger(os.path.join(out_dir, "log.csv"), append=True),
     ]
@@ -143,6 +148,12 @@ def checkpoint_monitor(recipe) -> str:
     """The validation score the best checkpoint is chosen by: "val_" + the task's checkpoint_metric."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     return "val_" + get_spec(recipe.model).task_object.checkpoint_metric
+
+
+def checkpoint_mode(recipe) -> str:
+    """"max" or "min": whether the best checkpoint has the highest or the lowest checkpoint_monitor."""
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    return get_spec(recipe.model).task_object.checkpoint_mode
 
 
 # === data ===
@@ -164,7 +175,8 @@ def datasets(recipe: Recipe, data_dir, *, batch_size=None, seed=0):
     batch = batch_size or recipe.training["batch_size"]
     if not task.dense:
         return _classification_datasets(recipe, data_dir, batch, seed)
-    readers = {"voc": kd.voc, "sbd": kd.sbd, "synthetic": kd.synthetic, "pets": kd.pets, "folder": kd.folder}
+    readers = {"voc": kd.voc, "sbd": kd.sbd, "synthetic": kd.synthetic, "pets": kd.pets, "folder": kd.folder,
+               "edges": kd.edges}
     if layout not in readers:
         raise TrainingSetupError(f"{recipe.source}: kseg train reads segmentation layouts {sorted(readers)}; "
                                  f"{layout!r} datasets are built with kseg.data in Python for now")
@@ -180,7 +192,11 @@ def datasets(recipe: Recipe, data_dir, *, batch_size=None, seed=0):
     common = dict(preprocessing=prep, resize=d.get("resize") or None, pad_to=d.get("pad_to") or None)
     split = (lambda s: s) if layout != "folder" else None
     try:
-        if layout == "folder":
+        if layout == "edges":
+            train_list, val_list = edge_lists(d, data_dir)
+            train = reader(train_list, augment=augment, batch_size=batch, seed=seed, **common)
+            val = reader(val_list, batch_size=1, **common)
+        elif layout == "folder":
             train = reader(os.path.join(data_dir, d.get("train_split", "train")), augment=augment, batch_size=batch,
                            seed=seed, **common)
             val = reader(os.path.join(data_dir, d.get("val_split", "val")), batch_size=1, **common)
@@ -190,7 +206,29 @@ def datasets(recipe: Recipe, data_dir, *, batch_size=None, seed=0):
             val = reader(data_dir, split(d.get("val_split", "val")), batch_size=1, **common)
     except (FileNotFoundError, OSError) as e:
         raise TrainingSetupError(f"cannot read {layout} data at {data_dir}: {e}") from None
+    except ValueError as e:
+        if layout != "edges":
+            raise
+        raise TrainingSetupError(f"cannot read {layout} data at {data_dir}: {e}") from None
     return train, val
+
+
+def edge_lists(data: dict, data_dir) -> tuple[str, str]:
+    """(training list, validation list) of an edges recipe: lists of 'image edge_map' lines.
+
+    data_dir is a list file (trained on; validated on [data] val_split beside it when that
+    exists, else on the same list) or a folder holding [data] train_split and val_split.
+    """
+    data_dir = os.fspath(data_dir)
+    train_split, val_split = data.get("train_split", "train_pair.lst"), data.get("val_split", "val_pair.lst")
+    if os.path.isfile(data_dir):
+        val = os.path.join(os.path.dirname(os.path.abspath(data_dir)), val_split)
+        return data_dir, val if os.path.isfile(val) else data_dir
+    train, val = os.path.join(data_dir, train_split), os.path.join(data_dir, val_split)
+    if not os.path.isfile(train):
+        raise FileNotFoundError(f"no {train}: --data takes a list file of 'image edge_map' lines or a folder "
+                                f"with {train_split} ([data] train_split)")
+    return train, val if os.path.isfile(val) else train
 
 
 def classification_augment(data: dict):
@@ -270,9 +308,10 @@ def _count(ds, limit=None):
     return sum(1 for _ in ds.take(limit) if True) if limit else sum(1 for _ in ds)
 
 
-def check_setup(model, train, val, out_dir, run_info):
+def check_setup(model, train, val, out_dir, run_info, task=None):
     """Clear errors before any training step: class counts, empty data, a foreign resume directory."""
     num_classes = model.outputs[0].shape[-1]
+    class_labels = task is None or task.target_kind != "edge_map"  # edge maps are strengths in [0, 1]
     declared = getattr(train, "num_classes", None)
     if declared is not None and num_classes is not None and declared > num_classes:
         raise TrainingSetupError(
@@ -285,7 +324,7 @@ def check_setup(model, train, val, out_dir, run_info):
             raise TrainingSetupError(f"the {name} dataset is empty: no image/label pairs were found")
         labels = np.asarray(first[1])
         seen = labels[labels != losses_mod.IGNORE_LABEL]
-        if seen.size and seen.max() >= num_classes:
+        if class_labels and seen.size and seen.max() >= num_classes:
             raise TrainingSetupError(
                 f"the {name} data has label {int(seen.max())} but the model outputs {num_classes} classes "
                 f"(labels must be 0..{num_classes - 1} or 255 = ignore)"
@@ -323,10 +362,6 @@ def train(recipe, data_dir, out_dir, *, epochs=None, batch_size=None, overrides=
         recipe = apply_overrides(recipe, overrides)
     else:
         recipe = load_recipe(recipe, overrides)
-    if recipe.loss["name"] == "balanced_sigmoid_cross_entropy":
-        raise TrainingSetupError(f"{recipe.source}: kseg train handles segmentation and classification recipes; "
-                                 "train HED with "
-                                 "kseg.train.hed_losses() and kseg.data.edges in Python for now")
     seed = recipe.training.get("seed", 0)
     keras.utils.set_random_seed(seed)
     set_precision(precision)
@@ -337,7 +372,7 @@ def train(recipe, data_dir, out_dir, *, epochs=None, batch_size=None, overrides=
     with strategy.scope():
         model = build_model(recipe.model, **recipe.model_options)
         with _naming_undecodable(recipe, data_dir):
-            check_setup(model, train_ds, val_ds, out_dir, run_info)
+            check_setup(model, train_ds, val_ds, out_dir, run_info, task=get_spec(recipe.model).task_object)
         if init is not None:
             init(model)
         steps = steps_per_epoch or _count(train_ds)
@@ -350,10 +385,13 @@ def train(recipe, data_dir, out_dir, *, epochs=None, batch_size=None, overrides=
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, RUN_FILE), "w") as f:
         json.dump({**run_info, "recipe_file": recipe.source, "recipe_values": recipe.to_dict()}, f, indent=1)
+    # One target per loss (HED's deep supervision: every output learns the same edge map).
+    task, num_losses = get_spec(recipe.model).task_object, len(fit_model.outputs)
+    fit_train, fit_val = (ds.map(lambda x, y: (x, task.fit_targets(y, num_losses))) for ds in (train_ds, val_ds))
     start = time.perf_counter()
     # shuffle=False: kseg's readers shuffle (seeded); Keras only warns that it ignores shuffle=True.
     with _naming_undecodable(recipe, data_dir):
-        history = fit_model.fit(train_ds, validation_data=val_ds, epochs=epochs_, steps_per_epoch=steps_per_epoch,
+        history = fit_model.fit(fit_train, validation_data=fit_val, epochs=epochs_, steps_per_epoch=steps_per_epoch,
                                 shuffle=False, verbose=verbose,
                                 callbacks=[*callbacks(recipe, out_dir, tensorboard=tensorboard), *extra_callbacks])
     seconds = time.perf_counter() - start

@@ -60,6 +60,8 @@ def plot_samples(model, dataset, path, *, count=4, preprocessing=None, class_nam
         dataset = dataset.unbatch()
     if not task.dense:
         return _plot_class_samples(plt, model, task, dataset, path, count, prep, names)
+    if task.target_kind == "edge_map":
+        return _plot_edge_samples(plt, model, task, dataset, path, count, prep)
     main_output = task.main_output
     rows = []
     for x, y in dataset.take(count):
@@ -111,6 +113,27 @@ def _plot_class_samples(plt, model, task, dataset, path, count, prep, names):
         ax.set_title(f"true: {name(label)}\npredicted: {name(pred)} ({100 * p:.0f}%)", fontsize=8,
                      color="green" if pred == label else "red")
         ax.axis("off")
+    fig.tight_layout()
+    return _save_figure(plt, fig, path)
+
+
+def _plot_edge_samples(plt, model, task, dataset, path, count, prep):
+    head = task.head(list(model.output_names), identify(model).options)
+    rows = []
+    for x, y in dataset.take(count):
+        edges = task.edge_map(model(x[None], training=False), head)[0]
+        label = np.asarray(y)[..., 0] if np.ndim(y) == 3 else np.asarray(y)
+        rows.append((np.clip(_unpreprocess(np.asarray(x), prep), 0, 255).astype(np.uint8), label, edges))
+    if not rows:
+        raise ValueError(f"plot_samples: the dataset is empty, nothing to draw in {path}")
+    fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False)
+    for r, (image, label, edges) in enumerate(rows):
+        for c, (picture, title) in enumerate(((image, "image"), (label, "ground truth"),
+                                               (edges, "edge probability"))):
+            axes[r, c].imshow(picture, cmap=None if c == 0 else "gray_r", vmin=0, vmax=1 if c else None,
+                              interpolation="nearest")
+            axes[r, c].set_title(title, fontsize=9)
+            axes[r, c].axis("off")
     fig.tight_layout()
     return _save_figure(plt, fig, path)
 
