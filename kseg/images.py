@@ -62,3 +62,20 @@ def read_image(path, channels: int = 3) -> np.ndarray:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"{os.fspath(path)}: cannot read the image ({e})") from None
     return array if array.ndim == 3 else array[..., None]
+
+
+def save_figure(fig, path) -> str:
+    """Write a matplotlib figure as a PNG at `path` atomically (a temporary file renamed into place),
+    close it, and return `path`."""
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp.png"
+    try:
+        fig.savefig(tmp, dpi=80)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import numpy as np
+
+from kseg.images import save_figure
 
 
 def plot_confusion(confusion, path, *, class_names=None, title="") -> str | None:
@@ -44,13 +45,4 @@ def plot_confusion(confusion, path, *, class_names=None, title="") -> str | None
     ax.set_ylabel("true class")
     ax.set_title(title or f"confusion matrix ({int(cm.sum())} images)", fontsize=9)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp.png"
-    try:
-        fig.savefig(tmp, dpi=80)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return save_figure(fig, path)

@@ -5,12 +5,11 @@ optional dependency: without it nothing is drawn and a note says why.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from kseg.data.palette import colorize, voc_palette
 from kseg.identity import identify, resolve_preprocessing, task_of
+from kseg.images import save_figure
 from kseg.tasks import losses as losses_mod
 from kseg.tasks.base import probabilities
 
@@ -87,7 +86,7 @@ def plot_samples(model, dataset, path, *, count=4, preprocessing=None, class_nam
     handles.append(Patch(color=pal[losses_mod.IGNORE_LABEL] / 255.0, label="ignore (255)"))
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06 if len(rows) > 1 else 0.12, 1, 1))
-    return _save_figure(plt, fig, path)
+    return save_figure(fig, path)
 
 
 def _plot_class_samples(plt, model, task, dataset, path, count, prep, names):
@@ -114,7 +113,7 @@ def _plot_class_samples(plt, model, task, dataset, path, count, prep, names):
                      color="green" if pred == label else "red")
         ax.axis("off")
     fig.tight_layout()
-    return _save_figure(plt, fig, path)
+    return save_figure(fig, path)
 
 
 def _plot_edge_samples(plt, model, task, dataset, path, count, prep):
@@ -135,17 +134,4 @@ def _plot_edge_samples(plt, model, task, dataset, path, count, prep):
             axes[r, c].set_title(title, fontsize=9)
             axes[r, c].axis("off")
     fig.tight_layout()
-    return _save_figure(plt, fig, path)
-
-
-def _save_figure(plt, fig, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp.png"
-    try:
-        fig.savefig(tmp, dpi=80)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return save_figure(fig, path)
