@@ -19,7 +19,7 @@ from kseg.data.augment import check_eval_transform, eval_image
 from kseg.tasks import get_task
 from kseg.tasks.base import Head
 from kseg.train import RecipeError, load_recipe
-from kseg.train.fit import classification_augment, datasets
+from kseg.train.fit import classification_augment, datasets, make_loss
 
 TINY = ["--epochs", "1", "--set", "training.batch_size=4"]
 
@@ -162,6 +162,41 @@ def test_classification_datasets_follow_the_recipe(folder):
 
 
 # === kseg train ===
+
+
+def test_recipe_mixing_and_label_smoothing_give_soft_targets_and_their_loss(folder):
+    keys = ["data.mixup=0.8", "data.cutmix=1.0", "data.switch_prob=0.5", "loss.label_smoothing=0.1",
+            "data.resize=[32, 32]"]
+    recipe = load_recipe("lenet5_digits", keys)
+    augment = classification_augment(recipe.data)
+    assert (augment.mixup, augment.cutmix, augment.switch_prob, augment.mix_prob) == (0.8, 1.0, 0.5, 1.0)
+    train, val = datasets(recipe, folder["root"], batch_size=4)
+    (x, y), (vx, vy) = next(iter(train)), next(iter(val))
+    assert x.shape == vx.shape == (4, 32, 32, 1)
+    assert y.shape == (4, 10) and np.allclose(y.numpy().sum(-1), 1.0, atol=1e-5)  # soft, as wide as the model
+    assert set(np.unique(vy.numpy())) == {0.0, 1.0}  # validation: one-hot, unmixed
+    loss = make_loss(recipe)
+    assert loss.__class__.__name__ == "CategoricalCrossentropy"
+    assert loss.get_config()["label_smoothing"] == 0.1 and loss.get_config()["from_logits"]
+    # Label smoothing alone: one-hot class rows, smoothed in the loss.
+    smoothed, _ = datasets(load_recipe("lenet5_digits", ["loss.label_smoothing=0.1"]), folder["root"], batch_size=4)
+    assert set(np.unique(next(iter(smoothed))[1].numpy())) == {0.0, 1.0}
+    with pytest.raises(RecipeError, match="switch_prob is a probability"):
+        load_recipe("lenet5_digits", ["data.switch_prob=2"])
+    with pytest.raises(ValueError, match="does not train on mixed or smoothed labels"):
+        make_loss(load_recipe("deeplab_largefov_voc", ["data.mixup=0.2"]))
+
+
+def test_train_with_mixup_cutmix_and_label_smoothing(folder, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    code = main(["train", "--recipe", "lenet5_digits", "--data", folder["root"], "--out", out, *TINY,
+                 "--set", "data.mixup=0.8", "--set", "data.cutmix=1.0", "--set", "loss.label_smoothing=0.1"])
+    assert code == 0, capsys.readouterr().err
+    header = open(os.path.join(out, "log.csv")).readline()
+    assert "val_top1" in header and "top5" in header
+    assert os.path.exists(os.path.join(out, "best.keras"))
+
+
 
 
 def test_train_lenet5_recipe_on_class_folders(run):

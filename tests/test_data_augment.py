@@ -133,8 +133,10 @@ def test_augment_settings_are_validated(voc):
         kd.SegmentationAugment(crop=(0, 10))
     with pytest.raises(ValueError, match="hue"):
         kd.SegmentationAugment(hue=0.7)
-    with pytest.raises(ValueError, match="mixup or cutmix"):
-        kd.ClassificationAugment(mixup=0.2, cutmix=1.0)
+    with pytest.raises(ValueError, match="mix_prob is a probability"):
+        kd.ClassificationAugment(mixup=0.2, cutmix=1.0, mix_prob=-0.1)
+    with pytest.raises(ValueError, match="cutmix is a Beta"):
+        kd.ClassificationAugment(cutmix=-1.0)
     with pytest.raises(TypeError, match="SegmentationAugment"):
         kd.voc(voc["root"], "train", augment=kd.ClassificationAugment())
 

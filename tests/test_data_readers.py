@@ -274,6 +274,42 @@ def test_mixup_and_cutmix_give_soft_one_hot_labels(tmp_path):
         kd.classification_folder(tmp_path, augment=kd.ClassificationAugment(mixup=0.2))
 
 
+def test_mixup_cutmix_switch_and_mix_probabilities(tmp_path):
+    fx.write_classes(tmp_path)  # 5 images, 2 classes
+    plain = kd.ClassificationAugment(flip=False)
+
+    def batch(**mix):
+        augment = kd.ClassificationAugment(flip=False, **mix)
+        ds = kd.classification_folder(tmp_path, image_size=16, augment=augment, batch_size=5, seed=3)
+        images, labels = next(iter(ds))
+        return images.numpy(), labels.numpy()
+
+    originals, ids = next(iter(kd.classification_folder(tmp_path, image_size=16, augment=plain, batch_size=5,
+                                                        seed=3)))
+    originals, ids = originals.numpy(), ids.numpy()
+    # mix_prob=0: never mixed, labels one-hot of the true classes.
+    images, labels = batch(mixup=0.8, cutmix=1.0, mix_prob=0.0)
+    assert np.array_equal(images, originals) and np.array_equal(labels.argmax(-1), ids)
+    assert set(np.unique(labels)) == {0.0, 1.0}
+    # switch_prob=1: always CutMix: every pixel is some image's pixel, not a blend.
+    images, labels = batch(mixup=0.8, cutmix=1.0, switch_prob=1.0)
+    pixels = originals.reshape(5, -1, 3)
+    for img in images.reshape(5, -1, 3):
+        nearest = np.abs(pixels - img[None]).max(-1).min(0)
+        assert nearest.max() < 1e-3
+    # switch_prob=0: always MixUp: blends, so some pixels are no image's pixel.
+    images, labels = batch(mixup=0.8, cutmix=1.0, switch_prob=0.0)
+    assert np.abs(pixels[:, None] - images.reshape(5, -1, 3)[None]).max(-1).min(0).max() > 1.0
+    assert np.allclose(labels.sum(-1), 1.0, atol=1e-5) and (labels.max(-1) < 1).any()
+    # Both: seeded, so reproducible run to run.
+    augment = kd.ClassificationAugment(flip=False, mixup=0.8, cutmix=1.0)
+    runs = [[b.numpy() for b, _ in kd.classification_folder(tmp_path, image_size=16, augment=augment, batch_size=2,
+                                                             seed=5)] for _ in range(2)]
+    assert all(np.array_equal(a, b) for a, b in zip(*runs))
+    with pytest.raises(ValueError, match="switch_prob is a probability"):
+        kd.ClassificationAugment(mixup=0.2, cutmix=1.0, switch_prob=1.5)
+
+
 def test_listing_errors_name_what_was_expected(tmp_path):
     with pytest.raises(FileNotFoundError, match="JPEGImages"):
         kd.voc(tmp_path)

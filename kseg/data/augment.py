@@ -71,9 +71,11 @@ class ClassificationAugment:
 
     area / aspect: Inception-style random resized crop (fraction of the image area, width/
     height ratio), or area=None for a plain resize. mixup / cutmix: Beta(alpha, alpha) mixing
-    of image pairs within a batch (keras.layers.MixUp / CutMix); choose at most one. cutout:
-    probability of erasing one random patch per image (keras.layers.RandomErasing, filled
-    with the mean colour). With mixup or cutmix the labels come out one-hot, soft.
+    of image pairs within a batch (keras.layers.MixUp / CutMix). With both, each batch gets
+    CutMix with probability switch_prob, else MixUp (timm's Mixup(switch_prob=0.5), the DeiT
+    recipe, Touvron et al. 2021 table 9); mix_prob: probability that a batch is mixed at all.
+    cutout: probability of erasing one random patch per image (keras.layers.RandomErasing,
+    filled with the mean colour). With mixup or cutmix the labels come out one-hot, soft.
     scale: (low, high) pixels: instead of the random resized crop, the image is resized so
     its shorter side is S, drawn uniformly from [low, high], and a random window of the
     output size is cut from it (VGG's scale jittering, Simonyan & Zisserman 2015 sec. 3.1;
@@ -92,6 +94,8 @@ class ClassificationAugment:
     cutmix: float | None = None
     cutout: float | None = None
     scale: tuple[int, int] | None = None
+    switch_prob: float = 0.5
+    mix_prob: float = 1.0
 
     def __post_init__(self):
         if self.scale is not None:
@@ -102,8 +106,14 @@ class ClassificationAugment:
                 raise ValueError("ClassificationAugment: scale (shorter-side jitter + random crop) replaces the "
                                  "random resized crop: pass area=None with it")
             object.__setattr__(self, "scale", (lo, hi))
-        if self.mixup and self.cutmix:
-            raise ValueError("ClassificationAugment: use mixup or cutmix, not both")
+        for name in ("switch_prob", "mix_prob", "cutout"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise ValueError(f"ClassificationAugment: {name} is a probability in [0, 1], got {value}")
+        for name in ("mixup", "cutmix"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"ClassificationAugment: {name} is a Beta(alpha, alpha) alpha >= 0, got {value}")
         if self.area is not None and not 0 < self.area[0] <= self.area[1] <= 1:
             raise ValueError(f"area must satisfy 0 < low <= high <= 1, got {self.area}")
         _check_jitter(self)
@@ -269,19 +279,46 @@ def augment_image(image, seed, aug: ClassificationAugment, size, affine=None):
 
 
 def batch_mixers(aug: ClassificationAugment, seed: int | None, pad_rgb):
-    """The Keras layers that mix a batch ({'images', 'labels'} with one-hot labels)."""
+    """The callables that mix a batch ({'images', 'labels'} with one-hot labels), in order."""
     import keras
 
     layers = []
-    if aug.mixup:
-        layers.append(keras.layers.MixUp(alpha=aug.mixup, seed=seed))
-    if aug.cutmix:
-        layers.append(keras.layers.CutMix(factor=aug.cutmix, seed=None if seed is None else seed + 1))
+    mixup = keras.layers.MixUp(alpha=aug.mixup, seed=seed) if aug.mixup else None
+    cutmix = keras.layers.CutMix(factor=aug.cutmix, seed=None if seed is None else seed + 1) if aug.cutmix else None
+    if mixup or cutmix:
+        layers.append(_MixOrCut(mixup, cutmix, aug.switch_prob, aug.mix_prob, None if seed is None else seed + 3))
     if aug.cutout:
         layers.append(keras.layers.RandomErasing(factor=(aug.cutout, aug.cutout), fill_value=tuple(pad_rgb),
                                                  value_range=(0, 255),
                                                  seed=None if seed is None else seed + 2))
     return layers
+
+
+class _MixOrCut:
+    """One batch: unmixed with probability 1 - mix_prob; else CutMix with probability switch_prob
+    when both are given (MixUp otherwise), or the one given."""
+
+    mixes_labels = True
+
+    def __init__(self, mixup, cutmix, switch_prob, mix_prob, seed):
+        import keras
+
+        self.mixup, self.cutmix = mixup, cutmix
+        self.switch_prob, self.mix_prob = float(switch_prob), float(mix_prob)
+        self.seed = keras.random.SeedGenerator(seed)
+
+    def __call__(self, data):
+        import keras
+
+        u = keras.random.uniform((2,), seed=self.seed)
+        if self.mixup and self.cutmix:
+            mixed = lambda: tf.cond(u[0] < self.switch_prob, lambda: self.cutmix(data),  # noqa: E731
+                                    lambda: self.mixup(data))
+        else:
+            mixed = lambda: (self.mixup or self.cutmix)(data)  # noqa: E731
+        if self.mix_prob >= 1:
+            return mixed()
+        return tf.cond(u[1] < self.mix_prob, mixed, lambda: data)
 
 
 # === evaluation transform (classification) ===

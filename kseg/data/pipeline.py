@@ -363,7 +363,7 @@ def classification_dataset(source: Source, *, image_size, channels=3, augment=No
         raise ValueError("mixup / cutmix / cutout mix images within a batch: pass batch_size")
     if label_mode not in ("int", "categorical"):
         raise ValueError(f"label_mode must be 'int' or 'categorical', got {label_mode!r}")
-    one_hot = label_mode == "categorical" or any(m.__class__.__name__ in ("MixUp", "CutMix") for m in mixers)
+    one_hot = label_mode == "categorical" or any(getattr(m, "mixes_labels", False) for m in mixers)
     num_classes = source.spec.num_classes
 
     def decode(image_bytes, label, image_name, _label_name):

@@ -79,6 +79,15 @@ class Task:
         """The default metrics for model.compile."""
         return []
 
+    def soft_loss(self, label_smoothing=0.0):
+        """The loss on soft (one-hot, mixed or smoothed) targets: MixUp / CutMix / label smoothing."""
+        raise ValueError(f"the {self.name} task does not train on mixed or smoothed labels "
+                         "([data] mixup / cutmix, [loss] label_smoothing)")
+
+    def soft_metrics(self, num_classes) -> list:
+        """The default metrics on soft targets (see soft_loss)."""
+        return []
+
     def fit_targets(self, labels, num_outputs):
         """A dataset's labels -> the targets model.fit needs for a model with `num_outputs` losses."""
         return labels

@@ -40,6 +40,15 @@ class Classification(Task):
         return [keras.metrics.SparseCategoricalAccuracy(name="top1"),
                 keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5")]
 
+    def soft_loss(self, label_smoothing=0.0):
+        # Smoothing after mixing equals timm's smoothing before it (both linear in the one-hot rows).
+        return keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=float(label_smoothing))
+
+    def soft_metrics(self, num_classes) -> list:
+        # On mixed rows these score the argmax of the mix (the larger share), as timm reports train accuracy.
+        return [keras.metrics.CategoricalAccuracy(name="top1"),
+                keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5")]
+
     def evaluator(self, num_classes, head, class_names=None):
         return TopKEvaluator(num_classes, head, class_names=class_names)
 

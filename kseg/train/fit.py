@@ -29,7 +29,7 @@ from kseg.train.distribute import float32_outputs, multi_worker_fit, set_precisi
 from kseg.train.distribute import strategy as make_strategy
 from kseg.train.optim import FusedSGD
 from kseg.train.pictures import SAMPLES_FILE, plot_samples
-from kseg.train.recipes import Recipe, apply_overrides, load_recipe
+from kseg.train.recipes import Recipe, apply_overrides, load_recipe, soft_labels
 
 
 class TrainingSetupError(ValueError):
@@ -79,6 +79,8 @@ def make_optimizer(recipe: Recipe, steps_per_epoch=None, total_steps=None):
 
 def make_loss(recipe: Recipe):
     spec = recipe.loss
+    if soft_labels(recipe):  # mixed or smoothed one-hot targets
+        return get_spec(recipe.model).task_object.soft_loss(spec.get("label_smoothing", 0.0))
     stride8 = spec.get("stride8", False)
     if spec["name"] == "sparse_cross_entropy":
         return losses_mod.SparseCrossEntropy(class_weights=spec.get("class_weights"), resize_labels=stride8)
@@ -106,7 +108,8 @@ def compile_segmentation(model, recipe, *, steps_per_epoch=None, total_steps=Non
         raise ValueError(f"{recipe.source}: {len(loss)} losses for the {len(model.outputs)} outputs of {model.name}")
     if not isinstance(loss, list):
         task = get_spec(recipe.model).task_object
-        metrics = task.metrics(num_classes, resize_labels=recipe.loss.get("stride8", False))
+        metrics = (task.soft_metrics(num_classes) if soft_labels(recipe) else
+                   task.metrics(num_classes, resize_labels=recipe.loss.get("stride8", False)))
     model.compile(optimizer=make_optimizer(recipe, steps_per_epoch, total_steps), loss=loss, metrics=metrics,
                   jit_compile=jit_compile)
     return multi_worker_fit(model)
@@ -236,16 +239,18 @@ def classification_augment(data: dict):
 
     crop + scale: shorter side jittered in scale (pixels), random crop (VGG, AlexNet); crop
     alone: Inception-style random resized crop to crop; no crop: the whole image resized.
-    flip: random horizontal flips; color_jitter: ClassificationAugment's default jitter.
+    flip: random horizontal flips; color_jitter: ClassificationAugment's default jitter;
+    mixup / cutmix / switch_prob / mix_prob / cutout: the batch mixing of ClassificationAugment.
     """
     crop, scale, flip = data.get("crop") or None, data.get("scale") or None, data.get("flip", False)
     jitter = {} if data.get("color_jitter") else dict(brightness=0, contrast=0, saturation=0, hue=0)
+    mixing = {k: data[k] for k in ("mixup", "cutmix", "cutout", "switch_prob", "mix_prob") if k in data}
     if crop and scale:
-        return kd.ClassificationAugment(area=None, scale=tuple(scale), flip=flip, **jitter)
+        return kd.ClassificationAugment(area=None, scale=tuple(scale), flip=flip, **jitter, **mixing)
     if crop:
-        return kd.ClassificationAugment(flip=flip, **jitter)
-    if flip or not jitter:
-        return kd.ClassificationAugment(area=None, flip=flip, **jitter)
+        return kd.ClassificationAugment(flip=flip, **jitter, **mixing)
+    if flip or not jitter or mixing:
+        return kd.ClassificationAugment(area=None, flip=flip, **jitter, **mixing)
     return None
 
 
@@ -268,7 +273,9 @@ def _classification_datasets(recipe, data_dir, batch, seed):
         raise TrainingSetupError(f"{recipe.source}: {recipe.model} takes any input size: give [data] crop or "
                                  "resize")
     transform = eval_transform(d)
-    common = dict(preprocessing=input_preprocessing(recipe), channels=channels, batch_size=batch)
+    # Soft targets (mixing, label smoothing): one-hot labels from both sets, for one loss.
+    labels = "categorical" if soft_labels(recipe) else "int"
+    common = dict(preprocessing=input_preprocessing(recipe), channels=channels, batch_size=batch, label_mode=labels)
     interpolation = d.get("interpolation", "bilinear")
     train_split, val_split = d.get("train_split", "train"), d.get("val_split", "val")
     try:
@@ -291,7 +298,18 @@ def _classification_datasets(recipe, data_dir, batch, seed):
                                            interpolation=interpolation, **common)
     except (FileNotFoundError, OSError, ValueError) as e:
         raise TrainingSetupError(f"cannot read {layout} data at {data_dir}: {e}") from None
+    outputs, classes = ident.num_classes, train.num_classes
+    if labels == "categorical" and outputs and classes and outputs > classes:
+        # One-hot rows as wide as the model's output (fewer data classes than outputs: the extra never occur).
+        train, val = (_widen_one_hot(ds, outputs) for ds in (train, val))
     return train, val
+
+
+def _widen_one_hot(ds, depth):
+    out = ds.map(lambda x, y: (x, tf.pad(y, [[0, 0], [0, depth - tf.shape(y)[-1]]])))
+    for name in ("class_names", "num_classes", "skipped"):
+        setattr(out, name, getattr(ds, name, None))
+    return out
 
 
 def input_preprocessing(recipe: Recipe):

@@ -30,6 +30,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "pad_to": (list,), "scale": (list,), "flip": (bool,), "color_jitter": (bool,), "preprocessing": (str,),
         # classifiers' evaluation transform: shorter side resized to eval_resize, centre eval_crop
         "eval_resize": (int,), "eval_crop": (int, list), "interpolation": (str,),
+        # classifiers' batch mixing: Beta(alpha, alpha) MixUp / CutMix, CutMix's share of the mixed
+        # batches when both are given, the share of batches mixed at all; Cutout's probability
+        "mixup": _NUM, "cutmix": _NUM, "switch_prob": _NUM, "mix_prob": _NUM, "cutout": _NUM,
     },
     "optimizer": {"name": (str,), "learning_rate": _NUM, "momentum": _NUM, "weight_decay": _NUM},
     "schedule": {
@@ -38,7 +41,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     },
     "training": {"batch_size": (int,), "epochs": (int,), "iterations": (int,), "steps_per_epoch": (int,),
                  "seed": (int,)},
-    "loss": {"name": (str,), "stride8": (bool,), "class_weights": (list,), "gamma": _NUM},
+    "loss": {"name": (str,), "stride8": (bool,), "class_weights": (list,), "gamma": _NUM,
+             "label_smoothing": _NUM},
 }
 CHOICES = {
     ("data", "layout"): ("voc", "sbd", "synthetic", "pets", "edges", "folder", "classification_folder",
@@ -188,6 +192,11 @@ def load_recipe(name_or_path, overrides=None) -> Recipe:
     if kind == "piecewise" and len(schedule["values"]) != len(schedule["boundaries"]) + 1:
         raise RecipeError(f"{path}: [schedule] piecewise needs one more value than boundaries")
     data = sections["data"]
+    for section, key in (("data", "switch_prob"), ("data", "mix_prob"), ("data", "cutout"),
+                         ("loss", "label_smoothing")):
+        value = sections[section].get(key)
+        if value is not None and value > 1:
+            raise RecipeError(f"{path}: [{section}] {key} is a probability in [0, 1], got {value!r}")
     if ("eval_resize" in data) != ("eval_crop" in data):
         raise RecipeError(f"{path}: [data] eval_resize and eval_crop go together (resize the shorter side, "
                           "then crop the centre)")
@@ -198,3 +207,8 @@ def load_recipe(name_or_path, overrides=None) -> Recipe:
             raise RecipeError(f"{path}: [data] eval_crop must be an int or [h, w] no larger than eval_resize "
                               f"({data['eval_resize']}), got {crop!r}")
     return recipe
+
+
+def soft_labels(recipe: Recipe) -> bool:
+    """Whether the recipe trains on soft (one-hot, mixed or smoothed) labels rather than class ids."""
+    return bool(recipe.data.get("mixup") or recipe.data.get("cutmix") or recipe.loss.get("label_smoothing"))
