@@ -103,7 +103,7 @@ def _preprocessing(meta, preprocessing):
 
 
 def build_module(model, *, image_size=None, preprocessing=None, class_names=None,
-                 max_image_pixels=MAX_IMAGE_PIXELS):
+                 max_image_pixels=MAX_IMAGE_PIXELS, eval_transform=None):
     """(tf.Module with the three signatures, metadata dict) for a Keras model."""
     import tensorflow as tf
 
@@ -181,10 +181,17 @@ def build_module(model, *, image_size=None, preprocessing=None, class_names=None
         return {k: v for k, v in out.items() if k != "probabilities"}
 
     num_outputs = int(model.outputs[index].shape[-1])
-    names = meta.get("class_names") or [str(i) for i in range(num_outputs)]
+    # Fewer names than outputs (a run on a subset of the classes): the rest are named by index.
+    names = list(meta.get("class_names") or [])[:num_outputs]
+    names += [str(i) for i in range(len(names), num_outputs)]
+    def outputs(images):
+        out = model(pre.apply(images), training=False)
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
     task_signatures = task.image_signatures(Serving(
         decode=decode_raw, probabilities=lambda images: head(images)[0], network_size=(height, width),
-        channels=channels, class_names=tuple(names)))
+        channels=channels, class_names=tuple(names), outputs=outputs, head=head_,
+        any_size=not all(input_hw), eval_transform=tuple(eval_transform) if eval_transform else None))
 
     # What the graph applies is what the model expects: a preprocessing= override is recorded.
     meta["preprocessing"] = pre.to_dict()
@@ -202,11 +209,13 @@ def build_module(model, *, image_size=None, preprocessing=None, class_names=None
         "max_image_pixels": int(max_image_pixels),
         "signatures": list(module.kseg_signatures),
     }
+    if eval_transform:
+        meta["serving"]["eval_transform"] = list(eval_transform)
     return module, meta
 
 
 def export(model, path, *, version=None, image_size=None, preprocessing=None, class_names=None, force=False,
-           verify=True, max_image_pixels=MAX_IMAGE_PIXELS, progress=False) -> str:
+           verify=True, max_image_pixels=MAX_IMAGE_PIXELS, progress=False, eval_transform=None) -> str:
     """Export a Keras model to TF Serving's layout: `path` is BASE/NAME; returns BASE/NAME/VERSION.
 
     version: the version directory (default: one more than the highest present, 1 if none).
@@ -216,12 +225,14 @@ def export(model, path, *, version=None, image_size=None, preprocessing=None, cl
     without kseg metadata. The version directory is written next to its destination,
     verified against the Keras model (verify=True), and renamed into place in one step, so
     a server polling BASE/NAME never sees a half-written version. progress=True shows the
-    current step on standard error.
+    current step on standard error. eval_transform: a classifier's (resize_shorter, crop,
+    interpolation) for classify_images (default: the shorter side to crop / 0.875, bilinear).
     """
     with stages(progress, f"exporting {model.name}") as stage:
         stage("tracing the signatures")
         module, meta = build_module(model, image_size=image_size, preprocessing=preprocessing,
-                                    class_names=class_names, max_image_pixels=max_image_pixels)
+                                    class_names=class_names, max_image_pixels=max_image_pixels,
+                                    eval_transform=eval_transform)
         out = serving_version_dir(path, version)
         with atomic_output(out, force=force) as tmp:
             stage(f"writing {out}")

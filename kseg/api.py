@@ -27,13 +27,7 @@ def build_model(name, *, num_classes=None, input_shape=None, weights=None, backb
     spec = get_spec(name)
     from kseg import weights as weights_mod
 
-    # A torchvision state_dict (full or backbone) implies the torchvision layout where a
-    # model has two, unless the caller chose one.
-    for path in (weights, backbone_weights):
-        if path is not None and weights_mod.detect_format(path) == "state_dict":
-            for key, value in spec.layouts.get("torchvision", {}).items():
-                kwargs.setdefault(key, value)
-    build_kwargs = dict(kwargs)
+    build_kwargs = {**layout_options(name, weights, backbone_weights), **kwargs}
     spec.task_object.check_num_classes(name, num_classes)
     if num_classes is not None:
         build_kwargs["num_classes"] = num_classes
@@ -54,6 +48,17 @@ def build_model(name, *, num_classes=None, input_shape=None, weights=None, backb
     if weights is not None:
         weights_mod.load_weights(model, os.fspath(weights), spec=spec)
     return model
+
+
+def layout_options(name, *weight_files) -> dict:
+    """The build options a weight file implies: a torchvision state_dict (full or backbone) selects
+    the torchvision layout where `name` has two (ResNet); {} otherwise."""
+    from kseg import weights as weights_mod
+
+    for path in weight_files:
+        if path is not None and weights_mod.detect_format(path) == "state_dict":
+            return dict(get_spec(name).layouts.get("torchvision", {}))
+    return {}
 
 
 # The key of a kseg model's Keras config that names its architecture and build options.

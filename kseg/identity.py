@@ -52,6 +52,9 @@ class Identity:
     num_classes: int | None = None
     class_names: tuple | None = None
     source: str = ""  # where the answer came from: a registry name, "model", a file
+    # Classifiers: (resize_shorter, crop, interpolation) of the training run's evaluation
+    # transform (its recipe's [data] eval_resize, eval_crop, interpolation); None: not recorded.
+    eval_transform: tuple | None = None
 
     @property
     def spec(self) -> ModelSpec | None:
@@ -158,9 +161,12 @@ def of_file(path) -> Identity | None:
         kwargs = dict(run.get("model_kwargs") or {})
         ident = of_name(run["model"], kwargs, class_names=run.get("class_names")) if run.get("model") \
             else Identity(source=run_file)
-        prep = (run.get("recipe_values") or {}).get("data", {}).get("preprocessing")
-        if prep:
-            ident = dataclasses.replace(ident, preprocessing=resolve_preprocessing(prep))
+        data = (run.get("recipe_values") or {}).get("data") or {}
+        if data.get("preprocessing"):
+            ident = dataclasses.replace(ident, preprocessing=resolve_preprocessing(data["preprocessing"]))
+        if data.get("eval_resize"):
+            ident = dataclasses.replace(ident, eval_transform=(
+                data["eval_resize"], data["eval_crop"], data.get("interpolation", "bilinear")))
         return dataclasses.replace(ident, source=run_file)
     meta = read_metadata(path)
     return of_metadata(meta, path) if meta is not None else None

@@ -253,7 +253,7 @@ def test_evaluate_an_annotation_list_and_the_wrong_layout(run, listed, capsys):
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["count"] == 12
     assert main(["evaluate", model, "--data", listed["root"], "--layout", "voc"]) == 2
-    assert "classification model: pass --layout classification_folder or classification_list" in \
+    assert "classification task: pass --layout classification_folder or classification_list" in \
         capsys.readouterr().err
 
 

@@ -268,3 +268,54 @@ def test_edge_ods_ois_protocol_on_simple_maps():
     r = bsds.edge_ods_ois([blurred], [gt], tolerance_px=1.5)
     assert r["ods"] == pytest.approx(1.0, abs=0.02)  # NMS keeps the ridge, within 1.5 pixels
     assert bsds.edge_ods_ois([blurred], [gt], tolerance_px=0.5)["ods"] < 0.05  # only the line ends meet
+
+
+def test_edge_images_signature_of_a_fixed_size_model_resizes_the_logits_back():
+    import tensorflow as tf
+
+    from convert.tf_serving import build_module, encode_png
+
+    keras.utils.set_random_seed(3)
+    model = kseg.build_model("hed", input_shape=(32, 32, 3))
+    module, meta = build_module(model)
+    assert "edge_images" in meta["serving"]["signatures"]
+    image = np.random.default_rng(0).integers(0, 256, (40, 48, 3)).astype(np.uint8)
+    out = module.kseg_signatures["edge_images"](tf.constant([encode_png(image)]))
+    x = tf.image.resize(image[None].astype("float32"), (32, 32), method="bilinear")
+    logits = [tf.image.resize(o, (40, 48), method="bilinear")[0, ..., 0]
+              for o in model(kseg.get_spec("hed").preprocessing.apply(x))]
+    probs = [1 / (1 + np.exp(-np.asarray(o))) for o in logits]
+    got = tf.io.decode_png(out["edge_png_bytes"][0]).numpy()[..., 0].astype(float)
+    assert got.shape == (40, 48) and out["image_size"].numpy().tolist() == [[40, 48]]
+    assert np.abs(got - 255 * np.mean(probs, axis=0)).max() <= 1.0
+
+
+def test_train_starts_from_backbone_weights_or_says_it_trains_from_scratch(listed, tmp_path, capsys):
+    from helpers import save_legacy_h5
+
+    from kseg.models.vgg import VGG16_CONV_NAMES
+
+    keras.utils.set_random_seed(7)
+    source = keras.applications.VGG16(weights=None, include_top=False)  # keras.applications' notop layout
+    path = str(tmp_path / "vgg16_notop.h5")
+    save_legacy_h5(source, path)
+    out = str(tmp_path / "run")
+    args = ["train", "--recipe", "hed_bsds", "--data", listed["list"], "--out", out, *TINY, "--set",
+            "optimizer.learning_rate=0.0"]
+    assert main(args + ["--backbone-weights", path]) == 0
+    assert "from scratch" not in capsys.readouterr().err
+    trained = keras.saving.load_model(os.path.join(out, "final.keras"), compile=False)
+    for name in VGG16_CONV_NAMES:  # learning rate 0: the trunk is still the backbone's
+        for got, want in zip(trained.get_layer(name).get_weights(), source.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(got, want)
+    record = json.loads(open(os.path.join(out, "kseg_run.json")).read())
+    assert record["backbone_weights"] == os.path.abspath(path)
+    # Without them: trained, and told loudly that the paper's start is missing.
+    assert main(["train", "--recipe", "hed_bsds", "--data", listed["list"], "--out", str(tmp_path / "r2"),
+                 *TINY]) == 0
+    err = capsys.readouterr().err
+    assert "warning: hed_bsds starts from an ImageNet-trained vgg16" in err and "--backbone-weights" in err
+    # A missing file is named before anything is trained.
+    assert main(args[:6] + [str(tmp_path / "r3"), *TINY, "--backbone-weights", str(tmp_path / "nope.h5")]) == 2
+    assert "nope.h5: no such file" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "r3" / "final.keras")

@@ -7,8 +7,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -18,6 +16,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import HAVE_GRPC, request, start_server
 
 import kseg
 from convert.tf_serving import encode_png
@@ -26,31 +25,6 @@ from kseg.serving.client import ServingRequestError
 
 SIZE = (32, 32)
 MAX_BODY = 1 << 20
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-try:
-    import tensorflow_serving.apis.prediction_service_pb2_grpc  # noqa: F401
-    HAVE_GRPC = True
-except ImportError:
-    HAVE_GRPC = False
-
-
-def start_server(base, *extra, log_path):
-    """A `kseg serve` subprocess on free ports; returns (process, {rest_url, grpc_target})."""
-    ready = str(log_path) + ".ready"
-    cmd = [sys.executable, "-m", "kseg.cli", "serve", str(base), "--rest-api-port", "0",
-           "--port", "0" if HAVE_GRPC else "off", "--ready-file", ready, *extra]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    log = open(log_path, "w")  # noqa: SIM115 - the server writes to it for its whole life
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    deadline = time.monotonic() + 180
-    while not os.path.exists(ready):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"kseg serve did not start:\n{Path(log_path).read_text()[-3000:]}")
-        time.sleep(0.1)
-    time.sleep(0.05)
-    return proc, json.loads(Path(ready).read_text())
 
 
 @pytest.fixture(scope="module")
@@ -84,19 +58,6 @@ def served(tmp_path_factory):
            "digit_images": digit_images, "digits": digits}
     proc.terminate()
     proc.wait(timeout=60)
-
-
-def request(url, method, path, body=None, headers=None):
-    """(status, parsed JSON body) over a fresh connection."""
-    parsed = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=60)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        data = response.read()
-        return response.status, json.loads(data)
-    finally:
-        conn.close()
 
 
 def assert_segmentation(out, probs):

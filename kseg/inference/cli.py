@@ -25,8 +25,10 @@ def add_parser(subparsers):
                                                "classifiers: top-1/top-5, per-class accuracy, confusion matrix)")
     _model_args(e)
     e.add_argument("--data", required=True, help="dataset root (classification_list: the folder or the list file)")
-    e.add_argument("--layout", default="voc", choices=_LAYOUT_CHOICES,
-                   help="classification_folder: DATA/SPLIT/CLASS/*.jpg (or DATA/CLASS/*.jpg); "
+    e.add_argument("--layout", choices=_LAYOUT_CHOICES,
+                   help="default: the training run's layout, else the model's task's first (voc, "
+                        "classification_folder, edges); "
+                        "classification_folder: DATA/SPLIT/CLASS/*.jpg (or DATA/CLASS/*.jpg); "
                         "classification_list: 'relative/path.jpg LABEL' lines in DATA/SPLIT.txt, "
                         "DATA/meta/SPLIT.txt or the file DATA; edges: 'image edge_map' lines (BSDS / HED "
                         "lists) in the file DATA or DATA/SPLIT[.lst]")
@@ -176,9 +178,11 @@ def _default_out(args, suffix):
 def _raw_data(args, inference=None):
     import kseg.data as kd
 
+    if args.layout is None:
+        args.layout = _default_layout(args.model, inference)
     if inference is not None and args.layout not in inference.task.data_layouts:
         task = inference.task
-        raise ValueError(f"{args.model} is a {task.name} model: pass --layout "
+        raise ValueError(f"{args.model} is a model of the {task.name} task: pass --layout "
                          f"{' or '.join(lay for lay in task.data_layouts if lay in _LAYOUT_CHOICES)}")
     if args.layout in CLASSIFICATION_LAYOUTS:
         return _classification_data(args, inference)
@@ -187,6 +191,17 @@ def _raw_data(args, inference=None):
     reader = {"voc": kd.voc, "sbd": kd.sbd, "synthetic": kd.synthetic, "pets": kd.pets}[args.layout]
     # Raw RGB: the model's preprocessing is applied before the network, the CRF sees the colours.
     return reader(args.data, args.split, batch_size=1)
+
+
+def _default_layout(model, inference):
+    """The training run's data layout (kseg_run.json next to the model), else the task's first."""
+    from kseg.identity import run_record
+
+    if inference is None:
+        return "voc"
+    layouts = [lay for lay in inference.task.data_layouts if lay in _LAYOUT_CHOICES]
+    recorded = ((run_record(model) or {}).get("recipe_values") or {}).get("data", {}).get("layout")
+    return recorded if recorded in layouts else layouts[0]
 
 
 def edge_list(data, split):

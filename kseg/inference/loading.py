@@ -17,7 +17,7 @@ import zipfile
 import keras
 
 from kseg.api import build_model, model_info, remember_identity
-from kseg.identity import identify, of_file, resolve_preprocessing, run_record, task_of
+from kseg.identity import identify, of_file, resolve_preprocessing, task_of
 from kseg.registry import get_spec
 from kseg.tasks import losses, metrics  # noqa: F401  (registers kseg's losses and metrics for loading)
 
@@ -86,9 +86,10 @@ def load_inference_model(model, *, weights=None, num_classes=None, preprocessing
                                  "the architecture's name)")
         if class_names is None and ident is not None and ident.class_names:
             class_names = list(ident.class_names)
-        data = ((run_record(model) or {}).get("recipe_values") or {}).get("data") or {}
-        transform = (data["eval_resize"], data["eval_crop"]) if data.get("eval_resize") else None
-        return InferenceModel(net, prep, model, class_names, transform, data.get("interpolation", "bilinear"))
+        resize, crop, interpolation = (ident.eval_transform if ident is not None and ident.eval_transform
+                                       else (None, None, "bilinear"))
+        transform = (resize, crop) if resize else None
+        return InferenceModel(net, prep, model, class_names, transform, interpolation)
 
     get_spec(model)  # ValueError naming the known models
     if weights is None:

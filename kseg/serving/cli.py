@@ -63,11 +63,15 @@ def add_parser(subparsers):
 
 def cmd_export(args):
     from convert.tf_serving import export, resolve_model
+    from kseg.identity import identify
+    from kseg.serving.signatures import read_signature_defs
 
     build_kwargs = dict(args.option)
     if args.num_classes is not None:
         build_kwargs["num_classes"] = args.num_classes
-    class_names = None
+    # A training run's kseg_run.json next to the file names the classes and the evaluation transform.
+    recorded = identify(args.model) if os.path.isfile(args.model) else None
+    class_names = list(recorded.class_names) if recorded is not None and recorded.class_names else None
     if args.class_names:
         with open(args.class_names) as f:
             class_names = [line.strip() for line in f if line.strip()]
@@ -77,11 +81,12 @@ def cmd_export(args):
         print(f"kseg export: note: {args.model} has freshly initialised weights (no --weights)", file=sys.stderr)
     path = export(model, args.serving, version=args.version, image_size=args.image_size,
                   preprocessing=args.preprocessing, class_names=class_names, force=args.force,
-                  progress=sys.stderr.isatty())
+                  progress=sys.stderr.isatty(), eval_transform=recorded.eval_transform if recorded else None)
     if args.json:
         print(json.dumps({"path": path, "model": model.name}))
     else:
-        print(f"wrote {path} (signatures serving_default, predict_images, label_images, raw_outputs); "
+        signatures = ", ".join(read_signature_defs(path))
+        print(f"wrote {path} (signatures {signatures}); "
               f"serve it with: kseg serve {_base_of(args.serving)}")
     return cliutil.OK
 

@@ -198,7 +198,9 @@ def _columns(inputs, specs):
 
 
 def _jsonable(name, array):
-    """A numpy output as what the JSON encoder takes (orjson: the array itself)."""
+    """A numpy output as what the JSON encoder takes (orjson: the array itself). Strings stay text,
+    except outputs named *_bytes: {"b64": ...}, as TF Serving encodes binary outputs."""
+    array = np.asarray(array)  # one row of a string output is a bare bytes object
     if array.dtype == object or array.dtype.kind == "S":
         def conv(v):
             if isinstance(v, list):

@@ -157,7 +157,10 @@ class Serving:
 
     decode(image_bytes) -> (uint8 [H, W, channels] image, int32 [2] size), with the export's
     pixel limit; probabilities(float32 RGB 0..255 batch at network_size) -> the head's
-    probabilities (preprocessing and the model inside); class_names: one string per class.
+    probabilities (preprocessing and the model inside); outputs(the same) -> every raw model
+    output, a list; class_names: one string per class; head: the task's Head; any_size: the
+    model takes any input size (else network_size is its fixed input); eval_transform:
+    (resize_shorter, crop, interpolation) of a classifier's training run, or None.
     """
 
     decode: object
@@ -165,6 +168,10 @@ class Serving:
     network_size: tuple
     channels: int
     class_names: tuple
+    outputs: object = None
+    head: Head | None = None
+    any_size: bool = False
+    eval_transform: tuple | None = None
 
 
 class Evaluator:

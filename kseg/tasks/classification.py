@@ -56,11 +56,18 @@ class Classification(Task):
     # torchvision's and keras.applications' reference evaluation), then the centre crop.
     EVAL_CROP_FRACTION = 0.875
 
-    def eval_transform(self, image, size):
+    def eval_transform(self, image, size, transform=None):
         """An image (uint8 or float, [H, W, C]) -> float32 [h, w, C]: the shorter side resized to
-        round(max(size) / 0.875), then the centre crop of `size`."""
+        round(max(size) / 0.875), then the centre crop of `size`; or by `transform`, a training
+        run's (resize_shorter, crop, interpolation), whose crop must be `size`."""
         h, w = size
-        return center_crop(resize_shorter(image, round(max(h, w) / self.EVAL_CROP_FRACTION)), (h, w))
+        if transform is None:
+            return center_crop(resize_shorter(image, round(max(h, w) / self.EVAL_CROP_FRACTION)), (h, w))
+        shorter, crop, interpolation = transform
+        crop = (crop, crop) if isinstance(crop, int) else tuple(crop)
+        if crop != (h, w):
+            raise ValueError(f"the evaluation crop {crop} differs from the network input {(h, w)}")
+        return center_crop(resize_shorter(image, int(shorter), interpolation), (h, w))
 
     def image_signatures(self, serving):
         h, w = serving.network_size
@@ -70,7 +77,7 @@ class Classification(Task):
 
         def decode(data):
             image, _ = serving.decode(data)
-            return tf.ensure_shape(self.eval_transform(image, (h, w)), [h, w, c])
+            return tf.ensure_shape(self.eval_transform(image, (h, w), serving.eval_transform), [h, w, c])
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
         def classify_images(image_bytes):

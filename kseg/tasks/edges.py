@@ -58,6 +58,41 @@ class Edges(Task):
     def evaluator(self, num_classes, head, class_names=None, output=None):
         return EdgeEvaluator(head, output)
 
+    def image_signatures(self, serving):
+        """edge_images: encoded images in; `edge_png_bytes` (the average map, Edges.edge_map's
+        default) and `fuse_png_bytes` (the fused map) out as 8-bit grey PNGs at each image's size,
+        as `kseg predict` writes them (REST: {"b64": ...}, TF Serving's rule for *_bytes), and
+        `image_size`. A model that takes any size runs on the image
+        itself; a fixed-size one on a resized copy, its logits resized back before the sigmoid."""
+        import tensorflow as tf
+
+        head, (h, w) = serving.head, serving.network_size
+
+        def png(p):
+            return tf.io.encode_png(tf.cast(tf.clip_by_value(tf.round(p * 255.0), 0, 255), tf.uint8)[..., None])
+
+        def maps(data):
+            image, size = serving.decode(data)
+            x = tf.cast(image, tf.float32)[None]
+            if not serving.any_size:
+                x = tf.image.resize(x, (h, w), method="bilinear")
+            outs = [tf.cast(o, tf.float32) for o in serving.outputs(x)]
+            if not serving.any_size:
+                outs = [tf.image.resize(o, size, method="bilinear") for o in outs]
+            probs = [tf.sigmoid(o[0, :, :, 0]) if head.activation == "sigmoid" else o[0, :, :, 0] for o in outs]
+            return tf.stack([png(tf.add_n(probs) / len(probs)), png(probs[head.output_index])]), size
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        def edge_images(image_bytes):
+            # One image at a time, each at its own size.
+            pngs, sizes = tf.map_fn(maps, image_bytes, parallel_iterations=1, fn_output_signature=(
+                tf.TensorSpec([2], tf.string), tf.TensorSpec([2], tf.int32)))
+            return {"edge_png_bytes": tf.identity(pngs[:, 0], name="edge_png_bytes"),
+                    "fuse_png_bytes": tf.identity(pngs[:, 1], name="fuse_png_bytes"),
+                    "image_size": tf.identity(sizes, name="image_size")}
+
+        return {"edge_images": edge_images}
+
 
 def _activate(z, activation):
     if activation == "sigmoid":

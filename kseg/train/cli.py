@@ -5,6 +5,9 @@ kseg/cli.py wires it in with `add_parser(subparsers)`; the handler is in `args.f
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 from kseg import cliutil
 
 
@@ -19,6 +22,10 @@ def add_parser(subparsers):
     p.add_argument("--lr", type=float, help="override [optimizer] learning_rate")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any recipe value, e.g. --set model_options.width=0.25 (repeatable)")
+    p.add_argument("--backbone-weights", metavar="FILE",
+                   help="ImageNet weights of the backbone to start from, as the recipe's paper does (a "
+                        "keras.applications .h5 or a torchvision state_dict); without them such a recipe "
+                        "trains from scratch and says so")
     p.add_argument("--precision", default="float32", choices=("float32", "mixed_float16", "mixed_bfloat16"))
     p.add_argument("--xla", action="store_true", help="compile train steps with XLA (jit_compile)")
     p.set_defaults(func=cmd_train)
@@ -28,6 +35,7 @@ def add_parser(subparsers):
 
 def cmd_train(args):
     from kseg.train import RecipeError, TrainingSetupError, load_recipe, train
+    from kseg.train.fit import FromScratchWarning, from_scratch_notice
 
     overrides = list(args.set)
     try:
@@ -35,8 +43,14 @@ def cmd_train(args):
         values = {}
         if args.lr is not None:
             values["optimizer.learning_rate"] = args.lr
-        result = train(recipe, args.data, args.out, epochs=args.epochs, batch_size=args.batch_size,
-                       overrides=values, precision=args.precision, jit_compile=args.xla)
+        notice = from_scratch_notice(recipe, args.backbone_weights)
+        if notice:
+            print(f"kseg train: warning: {notice}", file=sys.stderr)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FromScratchWarning)  # said above
+            result = train(recipe, args.data, args.out, epochs=args.epochs, batch_size=args.batch_size,
+                           overrides=values, precision=args.precision, jit_compile=args.xla,
+                           backbone_weights=args.backbone_weights)
     except (RecipeError, TrainingSetupError) as e:
         return cliutil.fail(e, "kseg train")
     score = result["val_score"]

@@ -10,17 +10,19 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import time
+import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 import kseg.data as kd
-from kseg.api import build_model
+from kseg.api import build_model, layout_options
 from kseg.data.check import check_dataset
 from kseg.identity import RUN_FILE, identify, resolve_preprocessing
 from kseg.registry import get_spec
@@ -34,6 +36,10 @@ from kseg.train.recipes import Recipe, apply_overrides, load_recipe, soft_labels
 
 class TrainingSetupError(ValueError):
     """Bad input found before the first training step (data, model or output directory)."""
+
+
+class FromScratchWarning(UserWarning):
+    """A recipe whose paper starts from ImageNet weights is trained without them."""
 
 
 # === compile ===
@@ -363,13 +369,25 @@ def check_setup(model, train, val, out_dir, run_info, task=None):
 # === train ===
 
 
+def from_scratch_notice(recipe: Recipe, backbone_weights=None) -> str | None:
+    """What to tell a user who trains a recipe whose paper starts from ImageNet weights without them."""
+    if recipe.backbone_init and backbone_weights is None:
+        return (f"{recipe.name} starts from an ImageNet-trained {get_spec(recipe.model).backbone or 'backbone'} in "
+                f"its paper ({recipe.source}: backbone_init = {recipe.backbone_init!r}), but no backbone weights "
+                "were given: training from scratch, which will not reach the paper's scores. Pass "
+                "--backbone-weights FILE (a keras.applications file or a torchvision state_dict).")
+    return None
+
+
 def train(recipe, data_dir, out_dir, *, epochs=None, batch_size=None, overrides=None, strategy=None,
           precision="float32", jit_compile=False, steps_per_epoch=None, init=None, verbose="auto",
-          tensorboard="auto", extra_callbacks=()):
+          tensorboard="auto", extra_callbacks=(), backbone_weights=None):
     """Train a recipe's model on data_dir, writing checkpoints and logs to out_dir; returns a summary dict.
 
     Running the same call again after an interruption resumes from the last completed epoch.
     `init(model)` may modify the fresh model before training (e.g. re-initialise it).
+    backbone_weights: ImageNet weights of the backbone (kseg.build_model's backbone_weights=),
+    as the recipe's paper starts from; without them a recipe with backbone_init warns.
     """
     overrides = dict(overrides or {})
     if epochs is not None:
@@ -380,15 +398,31 @@ def train(recipe, data_dir, out_dir, *, epochs=None, batch_size=None, overrides=
         recipe = apply_overrides(recipe, overrides)
     else:
         recipe = load_recipe(recipe, overrides)
+    notice = from_scratch_notice(recipe, backbone_weights)
+    if notice:
+        warnings.warn(notice, FromScratchWarning, stacklevel=2)
+    if backbone_weights is not None:
+        backbone_weights = os.fspath(backbone_weights)
+        if not os.path.isfile(backbone_weights):
+            raise TrainingSetupError(f"--backbone-weights {backbone_weights}: no such file")
+        # A torchvision backbone selects the torchvision layout (and its preprocessing) where there are two.
+        recipe = dataclasses.replace(recipe, model_options={**layout_options(recipe.model, backbone_weights),
+                                                            **recipe.model_options})
     seed = recipe.training.get("seed", 0)
     keras.utils.set_random_seed(seed)
     set_precision(precision)
     train_ds, val_ds = datasets(recipe, data_dir, seed=seed)
     strategy = strategy or make_strategy()
     run_info = {"model": recipe.model, "model_kwargs": dict(recipe.model_options), "recipe": recipe.name,
-                "class_names": list(getattr(train_ds, "class_names", None) or []) or None}
+                "class_names": list(getattr(train_ds, "class_names", None) or []) or None,
+                "backbone_weights": os.path.abspath(backbone_weights) if backbone_weights else None}
     with strategy.scope():
-        model = build_model(recipe.model, **recipe.model_options)
+        try:
+            model = build_model(recipe.model, backbone_weights=backbone_weights, **recipe.model_options)
+        except (ValueError, OSError, KeyError) as e:
+            if backbone_weights is None:
+                raise
+            raise TrainingSetupError(f"--backbone-weights {backbone_weights}: {e}") from None
         with _naming_undecodable(recipe, data_dir):
             check_setup(model, train_ds, val_ds, out_dir, run_info, task=get_spec(recipe.model).task_object)
         if init is not None:

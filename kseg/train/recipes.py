@@ -23,7 +23,9 @@ RECIPE_DIR = os.path.join(os.path.dirname(__file__), "recipes")
 # section -> key -> accepted types (numbers: int accepted where float is)
 _NUM = (int, float)
 SCHEMA: dict[str, dict[str, tuple]] = {
-    "": {"description": (str,), "model": (str,)},
+    # backbone_init: what the paper initialises the backbone from ("imagenet"): kseg train then wants
+    # --backbone-weights, and says loudly that it trains from scratch without them.
+    "": {"description": (str,), "model": (str,), "backbone_init": (str,)},
     "model_options": {},  # builder options, checked against the builder's signature at build time
     "data": {
         "layout": (str,), "train_split": (str,), "val_split": (str,), "crop": (list,), "resize": (list,),
@@ -45,6 +47,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
              "label_smoothing": _NUM},
 }
 CHOICES = {
+    ("", "backbone_init"): ("imagenet",),
     ("data", "layout"): ("voc", "sbd", "synthetic", "pets", "edges", "folder", "classification_folder",
                          "classification_list"),
     ("data", "interpolation"): ("bilinear", "bicubic", "nearest", "area", "lanczos3", "lanczos5"),
@@ -73,6 +76,7 @@ class Recipe:
     schedule: dict
     training: dict
     loss: dict
+    backbone_init: str | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -172,7 +176,8 @@ def load_recipe(name_or_path, overrides=None) -> Recipe:
     top = {k: v for k, v in raw.items() if not isinstance(v, dict)}
     name = os.path.splitext(os.path.basename(path))[0]
     recipe = apply_overrides(Recipe(name=name, source=path, model=top.get("model", ""),
-                                    description=top.get("description", ""), **sections), overrides)
+                                    description=top.get("description", ""), backbone_init=top.get("backbone_init"),
+                                    **sections), overrides)
     sections = {s: getattr(recipe, s) for s in SCHEMA if s}
     for section, key in REQUIRED:
         present = key in (top if not section else sections[section])
