@@ -68,6 +68,9 @@ def test_overrides_are_validated_and_replace_the_length():
         load_recipe("synthetic_demo", ["optimizer.name=rmsprop"])
     with pytest.raises(RecipeError, match="section.key=value"):
         load_recipe("synthetic_demo", ["epochs=3"])
+    # --lr on a piecewise schedule (absolute rates): the whole sequence scales with it.
+    lenet = load_recipe("lenet5_digits", ["optimizer.learning_rate=0.005"])
+    assert lenet.schedule["values"] == pytest.approx([5e-3, 2e-3, 1e-3, 5e-4, 1e-4])
 
 
 def test_schedules_follow_the_recipe():

@@ -85,7 +85,7 @@ def cmd_export(args):
     if args.json:
         print(json.dumps({"path": path, "model": model.name}))
     else:
-        signatures = ", ".join(read_signature_defs(path))
+        signatures = ", ".join(n for n in read_signature_defs(path) if not n.startswith("__"))
         print(f"wrote {path} (signatures {signatures}); "
               f"serve it with: kseg serve {_base_of(args.serving)}")
     return cliutil.OK

@@ -149,6 +149,11 @@ def apply_overrides(recipe: Recipe, overrides) -> Recipe:
                               f"known: {sorted(sections)}")
         _check(f"{recipe.source} (override)", section, key, value)
         sections[section][key] = value
+        if section == "optimizer" and key == "learning_rate" and sections["schedule"].get("values") \
+                and recipe.optimizer.get("learning_rate"):
+            # A piecewise schedule's rates are absolute: a new base rate scales the whole sequence.
+            factor = float(value) / float(recipe.optimizer["learning_rate"])
+            sections["schedule"]["values"] = [float(v) * factor for v in sections["schedule"]["values"]]
         if section == "training" and key in ("epochs", "iterations"):
             # A length given on the command line replaces the recipe's, whichever unit it used.
             sections[section].pop("iterations" if key == "epochs" else "epochs", None)
