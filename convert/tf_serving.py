@@ -188,17 +188,21 @@ def build_module(model, *, image_size=None, preprocessing=None, class_names=None
         out = model(pre.apply(images), training=False)
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
-    task_signatures = task.image_signatures(Serving(
+    serving = Serving(
         decode=decode_raw, probabilities=lambda images: head(images)[0], network_size=(height, width),
         channels=channels, class_names=tuple(names), outputs=outputs, head=head_,
-        any_size=not all(input_hw), eval_transform=tuple(eval_transform) if eval_transform else None))
+        any_size=not all(input_hw), eval_transform=tuple(eval_transform) if eval_transform else None,
+        postprocess=md.postprocess_of(model))
+    # The task's own serving_default / predict_images (detection), else the probability ones.
+    core = task.core_signatures(serving) or {"serving_default": serve, "predict_images": predict_images,
+                                             "label_images": label_images}
+    task_signatures = task.image_signatures(serving)
 
     # What the graph applies is what the model expects: a preprocessing= override is recorded.
     meta["preprocessing"] = pre.to_dict()
     module = tf.Module()
     module.kseg_weights = {v.path: v.value for v in model.weights}
-    module.kseg_signatures = {"serving_default": serve, "predict_images": predict_images, "label_images": label_images,
-                         "raw_outputs": serving_function(model), **task_signatures}
+    module.kseg_signatures = {**core, "raw_outputs": serving_function(model), **task_signatures}
     meta["serving"] = {
         "task": task.name,
         "image_size": [height, width],
@@ -239,7 +243,7 @@ def export(model, path, *, version=None, image_size=None, preprocessing=None, cl
             write_module(module, meta, tmp)
             if verify:
                 stage("verifying against the Keras model")
-                verify_export(tmp, model, meta)
+                verify_export(tmp, model, meta, module=module)
     return out
 
 
@@ -299,8 +303,9 @@ def reference_outputs(model, meta, images):
     return probs
 
 
-def verify_export(directory, model, meta, seed=0):
-    """Load the export and check serving_default and predict_images against the Keras model."""
+def verify_export(directory, model, meta, seed=0, module=None):
+    """Load the export and check serving_default and predict_images against the Keras model (a
+    task's own signatures, e.g. detection's: against the module's functions before saving)."""
     import numpy as np
     import tensorflow as tf
 
@@ -312,6 +317,8 @@ def verify_export(directory, model, meta, seed=0):
     c = meta["serving"]["channels"]
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, size=(2, h, w, c)).astype(np.float32)
+    if "probabilities" not in loaded.signatures["serving_default"].structured_outputs:
+        return _verify_task_signatures(directory, loaded, module, images)
     expected = reference_outputs(model, meta, images)
     got = loaded.signatures["serving_default"](images=tf.constant(images))["probabilities"].numpy()
     err = float(np.max(np.abs(got - expected)))
@@ -335,6 +342,23 @@ def verify_export(directory, model, meta, seed=0):
         if sizes != [[h, w], [h, w]] or tuple(out["label_map"].shape) != (2, h, w):
             raise ExportVerificationError(f"{directory}: predict_images returned label maps of shape "
                                           f"{tuple(out['label_map'].shape)} for two {h}x{w} images")
+
+
+def _verify_task_signatures(directory, loaded, module, images):
+    """A task's own serving_default and predict_images after saving and loading equal the same
+    functions run before saving (detections: equal counts and classes, boxes and scores within 1e-4)."""
+    import numpy as np
+    import tensorflow as tf
+
+    data = tf.constant([encode_png(images[0]), encode_png(images[1])])
+    for name, arg in (("serving_default", {"images": tf.constant(images)}), ("predict_images", {"image_bytes": data})):
+        got = {k: v.numpy() for k, v in loaded.signatures[name](**arg).items()}
+        want = {k: v.numpy() for k, v in module.kseg_signatures[name](**arg).items()}
+        for key, value in want.items():
+            same = (np.array_equal(got[key], value) if not np.issubdtype(value.dtype, np.floating)
+                    else got[key].shape == value.shape and np.allclose(got[key], value, rtol=0, atol=1e-4))
+            if not same:
+                raise ExportVerificationError(f"{directory}: {name} {key} differs after saving; nothing was written")
 
 
 def resolve_model(source, *, model=None, build_kwargs=None, weights=None, unsafe=False):

@@ -1,4 +1,4 @@
-"""kseg: classic segmentation and classification CNNs for Keras 3 / TensorFlow."""
+"""kseg: classic classification, segmentation, edge and detection CNNs for Keras 3 / TensorFlow."""
 
 import importlib
 import importlib.abc
@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 # without importing TensorFlow or Keras.
 _LAZY = {
     "build_model": "kseg.api",
+    "inference_model": "kseg.api",
     "Preprocessing": "kseg.registry",
     "get_spec": "kseg.registry",
     "list_models": "kseg.registry",
@@ -68,6 +69,7 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
 def _register_layers():
     importlib.import_module("kseg.layers")
+    importlib.import_module("kseg.detection.postprocess")  # SSDDecoder, in detectors saved with their decoder
 
 
 if "keras" in sys.modules:
@@ -75,4 +77,5 @@ if "keras" in sys.modules:
 else:
     sys.meta_path.insert(0, _AfterImport("keras", _register_layers))
 
-__all__ = ["Preprocessing", "__version__", "build_model", "get_spec", "list_models", "register_model"]
+__all__ = ["Preprocessing", "__version__", "build_model", "get_spec", "inference_model", "list_models",
+           "register_model"]

@@ -50,6 +50,24 @@ def build_model(name, *, num_classes=None, input_shape=None, weights=None, backb
     return model
 
 
+def inference_model(model):
+    """A detector with its decoder appended: the raw outputs (SSD: mbox_loc, mbox_conf) become
+    `detection_boxes` (N, K, 4, xyxy pixels of the input), `detection_scores`, `detection_classes`
+    (class ids, background excluded, -1 padding) and `num_detections`, with the paper's defaults.
+    The same as build_model(name, postprocess=True), for a model built, trained or loaded without."""
+    import keras
+
+    info = model_info(model)
+    spec = get_spec(info["name"]) if info else None
+    if spec is None or spec.postprocess is None:
+        raise ValueError(f"{model.name}: not a kseg detector (no decoder in its registry spec)")
+    options = {**{k: p.default for k, p in inspect.signature(spec.builder).parameters.items()
+                  if p.default is not inspect.Parameter.empty}, **info["kwargs"]}
+    outputs = spec.postprocess(options)(list(model.outputs))
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    return keras.Model(inputs, outputs, name=f"{model.name}_detector")
+
+
 def layout_options(name, *weight_files) -> dict:
     """The build options a weight file implies: a torchvision state_dict (full or backbone) selects
     the torchvision layout where `name` has two (ResNet); {} otherwise."""

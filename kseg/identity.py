@@ -172,6 +172,14 @@ def of_file(path) -> Identity | None:
     return of_metadata(meta, path) if meta is not None else None
 
 
+def postprocess_of(model):
+    """A detector's decoder for a kseg-built model: its registry spec's `postprocess(options)` (a
+    Keras layer: raw outputs -> padded detections); None for other models."""
+    ident = of_model(model)
+    make = getattr(ident.spec, "postprocess", None) if ident.spec is not None else None
+    return make(ident.options) if make is not None else None
+
+
 def task_of(model) -> Task:
     """The task a Keras model's outputs mean: its kseg architecture's; for a plain Keras model, a
     guess from the first output (one row per image: classification; a map: segmentation)."""

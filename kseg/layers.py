@@ -22,6 +22,7 @@ __all__ = [
     "RBFOutput",
     "BilinearUpsampling",
     "DilatedConv2D",
+    "L2Normalization",
 ]
 
 
@@ -482,3 +483,44 @@ class DilatedConv2D(keras.layers.Conv2D):
         taps = [x[:, i * rh: i * rh + h, j * rw: j * rw + w, :] for i in range(kh) for j in range(kw)]
         cols = tf.concat(taps, axis=-1) if len(taps) > 1 else taps[0]
         return tf.nn.conv2d(cols, tf.reshape(kernel, [1, 1, kh * kw * cin, cout]), 1, "VALID")
+
+
+@keras.saving.register_keras_serializable(package="kseg")
+class L2Normalization(keras.layers.Layer):
+    """SSD's conv4_3 normalisation: each pixel's channel vector scaled to unit L2 norm, then by a
+    learnt per-channel ``gamma`` (ParseNet; Liu et al. 2016 initialise it to 20).
+
+    ``y = x / max(||x||_2, epsilon) * gamma``, the norm over the last axis: torchvision's
+    ``scale_weight.view(1, -1, 1, 1) * F.normalize(x)`` (epsilon 1e-12), so an all-zero pixel
+    stays zero. (Caffe's Normalize layer divides by ``sqrt(sum x^2 + 1e-10)``: relatively about
+    ``5e-11 / ||x||^2`` less, below 1e-10 wherever the norm is above 1.)
+
+        >>> L2Normalization()(np.array([[[[3.0, 4.0]]]], "float32")).numpy().tolist()
+        [[[[12.0, 16.0]]]]
+    """
+
+    def __init__(self, scale_init=20.0, epsilon=1e-12, **kwargs):
+        super().__init__(**kwargs)
+        self.scale_init = float(scale_init)
+        self.epsilon = float(epsilon)
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if channels is None:
+            raise ValueError(f"{self.name}: L2Normalization needs a known channel count, got {input_shape}")
+        self.gamma = self.add_weight(
+            name="gamma", shape=(int(channels),), initializer=keras.initializers.Constant(self.scale_init)
+        )
+
+    def call(self, x):
+        # In float32 under mixed precision: epsilon underflows to 0 in float16, and squares overflow.
+        xf = tf.cast(x, tf.float32)
+        norm = tf.sqrt(tf.reduce_sum(tf.square(xf), axis=-1, keepdims=True))
+        y = xf / tf.maximum(norm, self.epsilon) * tf.cast(self.gamma, tf.float32)
+        return tf.cast(y, x.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        return {**super().get_config(), "scale_init": self.scale_init, "epsilon": self.epsilon}

@@ -25,7 +25,7 @@ class Preprocessing:
     ecosystem see exactly the tensors they were trained on.
     """
 
-    kind: str  # "caffe" | "torch" | "unit" | "batchnorm"
+    kind: str  # "caffe" | "torch" | "unit" | "batchnorm" | "caffe_ssd" | "torch_ssd"
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     bgr: bool = False
@@ -65,11 +65,16 @@ TORCH = Preprocessing(
     "torch", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), scale=1 / 255.0
 )
 UNIT = Preprocessing("unit", scale=1 / 255.0)
+# Caffe SSD (ssd_pascal.py's transform_param): BGR, 0..255, minus the integer means 104, 117, 123.
+CAFFE_SSD = Preprocessing("caffe_ssd", mean=(104.0, 117.0, 123.0), bgr=True)
+# torchvision's ssd300_vgg16: GeneralizedRCNNTransform on [0, 1] RGB with image_mean
+# (0.48235, 0.45882, 0.40784) and image_std 1/255, i.e. 0..255 RGB minus 255 * image_mean.
+TORCH_SSD = Preprocessing("torch_ssd", mean=(122.99925, 116.9991, 103.9992))
 # The model's first layer is a BatchNormalization that learns the normalisation
 # (SegNet's Oxford-IIIT Pet recipe); the pipeline feeds raw 0..255 floats.
 BATCHNORM = Preprocessing("batchnorm")
 
-PREPROCESSING = {p.kind: p for p in (CAFFE, TORCH, UNIT, BATCHNORM)}
+PREPROCESSING = {p.kind: p for p in (CAFFE, TORCH, UNIT, BATCHNORM, CAFFE_SSD, TORCH_SSD)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +99,9 @@ class ModelSpec:
     # and adapt(arrays_by_backbone_layer, model, path) -> arrays_by_model_layer
     backbone: str | None = None
     backbone_adapt: Callable[[dict, Any, str], dict] | None = None
+    # Detectors: postprocess(build options) -> the Keras layer that decodes the raw outputs into
+    # padded detections (kseg.inference_model, serving).
+    postprocess: Callable[[dict], Any] | None = None
     description: str = ""
 
     @property
@@ -110,8 +118,10 @@ class TorchMapping:
     """One torchvision module (a state_dict key prefix) and the Keras layer holding its weights.
 
     kind: "conv" (OIHW <-> HWIO), "bn" (weight/bias/running_mean/running_var), "dense"
-    (out,in <-> in,out) or "dense_nchw" (a dense layer right after a flatten of a
-    (C, H, W) map: torchvision flattens NCHW, Keras NHWC, so rows are permuted).
+    (out,in <-> in,out), "dense_nchw" (a dense layer right after a flatten of a
+    (C, H, W) map: torchvision flattens NCHW, Keras NHWC, so rows are permuted) or
+    "vector" (the prefix is itself the key of a 1-D parameter, the layer's only weight,
+    e.g. SSD's `backbone.scale_weight`).
     """
 
     prefix: str
@@ -137,6 +147,7 @@ def register_model(
     torch_map: Callable | None = None,
     backbone: str | None = None,
     backbone_adapt: Callable | None = None,
+    postprocess: Callable | None = None,
 ):
     """Register a builder under `name`. A second registration of a name raises."""
     if task not in TASKS:
@@ -174,6 +185,7 @@ def register_model(
             torch_map=torch_map,
             backbone=backbone,
             backbone_adapt=backbone_adapt,
+            postprocess=postprocess,
             description=doc.splitlines()[0] if doc else "",
         )
         return builder

@@ -138,12 +138,12 @@ def torch_to_keras(state: dict, table: list[TorchMapping], model, path) -> dict[
     layers = {layer.name: layer for layer in model.layers} if model is not None else None
     used, missing, out = set(), [], {}
     for entry in table:
-        keys = [f"{entry.prefix}.{s}" for s in _TORCH_SUFFIXES[entry.kind]]
+        keys = [_torch_key(entry.prefix, s) for s in _TORCH_SUFFIXES[entry.kind]]
         used.add(f"{entry.prefix}.num_batches_tracked")
         if layers is not None and entry.layer not in layers:
             used.update(k for k in keys if k in state)
             continue
-        if entry.kind != "bn":
+        if entry.kind in _BIASED:
             has_bias = getattr(layers[entry.layer], "use_bias", True) if layers else f"{keys[1]}" in state
             keys = keys if has_bias else keys[:1]
         used.update(k for k in keys if k in state)
@@ -173,12 +173,19 @@ _TORCH_SUFFIXES = {
     "dense": ("weight", "bias"),
     "dense_nchw": ("weight", "bias"),
     "bn": ("weight", "bias", "running_mean", "running_var"),
+    "vector": ("",),  # the prefix is the key
 }
+# Kinds whose bias follows the layer's use_bias.
+_BIASED = ("conv", "dense", "dense_nchw")
+
+
+def _torch_key(prefix, suffix):
+    return f"{prefix}.{suffix}" if suffix else prefix
 
 
 def _convert(array, entry: TorchMapping, index: int) -> np.ndarray:
     a = np.asarray(array, dtype=np.float32)
-    if index != 0 or entry.kind == "bn":
+    if index != 0 or entry.kind in ("bn", "vector"):
         return a
     if entry.kind == "conv":
         return a.transpose(2, 3, 1, 0)  # OIHW -> HWIO
@@ -209,7 +216,7 @@ def keras_to_torch(model, table: list[TorchMapping]) -> dict[str, np.ndarray]:
             elif i == 0 and entry.kind == "dense_nchw":
                 c, h, w = entry.chw
                 a = a.reshape(h, w, c, -1).transpose(3, 2, 0, 1).reshape(-1, c * h * w)
-            state[f"{entry.prefix}.{suffix}"] = np.ascontiguousarray(a)
+            state[_torch_key(entry.prefix, suffix)] = np.ascontiguousarray(a)
     return state
 
 

@@ -47,7 +47,11 @@ def test_output_shape_and_finite(built):
         assert np.all(np.isfinite(out)), f"{spec.name}: non-finite outputs"
         assert out.shape[0] == x.shape[0]
     if not spec.task_object.dense:
-        assert y.shape == (x.shape[0], spec.num_classes)
+        # The task's prediction output has a class axis last (classifiers: (N, classes); detectors'
+        # class scores: (N, anchors, classes)).
+        head = spec.task_object.head(list(model.output_names), identify(model).options)
+        scores = outputs[head.output_index]
+        assert scores.shape[-1] == spec.num_classes and (len(outputs) > 1 or scores.ndim == 2)
     else:
         for out in outputs:
             assert out.shape[1:3] == x.shape[1:3], "dense prediction must come back at input size"

@@ -12,14 +12,14 @@ from kseg.tasks import TASKS, get_task
 
 
 def test_every_registered_model_names_a_known_task():
-    assert set(TASKS) == {"classification", "segmentation", "edges"}
+    assert set(TASKS) == {"classification", "segmentation", "edges", "detection"}
     for name in kseg.list_models():
         assert kseg.get_spec(name).task_object is TASKS[kseg.get_spec(name).task]
 
 
 def test_an_unknown_task_is_an_error():
-    with pytest.raises(ValueError, match="unknown task 'detection'"):
-        get_task("detection")
+    with pytest.raises(ValueError, match="unknown task 'depth'"):
+        get_task("depth")
     with pytest.raises(ValueError, match="task must be one of"):
         register_model("x_unknown_task", task="depth", paper="", input_shape=(8, 8, 3), num_classes=2,
                        preprocessing="unit", params=0)(lambda: None)
@@ -34,6 +34,7 @@ def test_heads_pick_the_prediction_among_the_outputs():
     assert cls.head(["predictions"], {"classifier_activation": "softmax"}).activation is None
     with pytest.raises(ValueError, match="include_top=True"):
         cls.head(["features"], {}, output_rank=4)
+    assert get_task("detection").head(["mbox_loc", "mbox_conf"]).output_index == 1
 
 
 def test_labels_follow_the_task():

@@ -27,18 +27,22 @@ class AlexNet(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
+def _vgg16_features():
+    cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+    layers, c = [], 3
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU(inplace=True)]
+            c = v
+    return nn.Sequential(*layers)
+
+
 class VGG16(nn.Module):
     def __init__(self, num_classes=1000):
         super().__init__()
-        cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
-        layers, c = [], 3
-        for v in cfg:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU(inplace=True)]
-                c = v
-        self.features = nn.Sequential(*layers)
+        self.features = _vgg16_features()
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
         self.classifier = nn.Sequential(
             nn.Linear(512 * 49, 4096), nn.ReLU(True), nn.Dropout(),
@@ -120,3 +124,82 @@ def randomize_bn(module, seed=0):
                 m.running_mean.uniform_(-0.2, 0.2, generator=g)
                 m.running_var.uniform_(0.5, 1.5, generator=g)
     return module
+
+
+class _SSDFeatureExtractorVGG(nn.Module):
+    """torchvision's SSDFeatureExtractorVGG (highres=False) on vgg16.features."""
+
+    def __init__(self):
+        super().__init__()
+        vgg = _vgg16_features()
+        vgg[16].ceil_mode = True  # torchvision patches maxpool3 (75 -> 38)
+        self.features = nn.Sequential(*vgg[:23])  # up to conv4_3's ReLU
+        self.scale_weight = nn.Parameter(torch.ones(512) * 20)
+        extra = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(1024, 256, 1), nn.ReLU(inplace=True),
+                          nn.Conv2d(256, 512, 3, padding=1, stride=2), nn.ReLU(inplace=True)),
+            nn.Sequential(nn.Conv2d(512, 128, 1), nn.ReLU(inplace=True),
+                          nn.Conv2d(128, 256, 3, padding=1, stride=2), nn.ReLU(inplace=True)),
+            nn.Sequential(nn.Conv2d(256, 128, 1), nn.ReLU(inplace=True),
+                          nn.Conv2d(128, 256, 3), nn.ReLU(inplace=True)),
+            nn.Sequential(nn.Conv2d(256, 128, 1), nn.ReLU(inplace=True),
+                          nn.Conv2d(128, 256, 3), nn.ReLU(inplace=True)),
+        ])
+        fc = nn.Sequential(
+            nn.MaxPool2d(3, 1, 1, ceil_mode=False),  # pool5
+            nn.Conv2d(512, 1024, 3, padding=6, dilation=6),  # fc6
+            nn.ReLU(inplace=True),
+            nn.Conv2d(1024, 1024, 1),  # fc7
+            nn.ReLU(inplace=True),
+        )
+        extra.insert(0, nn.Sequential(*vgg[23:-1], fc))  # maxpool4, conv5_1..3 (no maxpool5), fc
+        self.extra = extra
+
+    def forward(self, x):
+        x = self.features(x)
+        output = [self.scale_weight.view(1, -1, 1, 1) * nn.functional.normalize(x)]
+        for block in self.extra:
+            x = block(x)
+            output.append(x)
+        return output
+
+
+class _SSDScoringHead(nn.Module):
+    def __init__(self, module_list, num_columns):
+        super().__init__()
+        self.module_list = module_list
+        self.num_columns = num_columns
+
+    def forward(self, features):
+        out = []
+        for module, x in zip(self.module_list, features):
+            y = module(x)
+            n, _, h, w = y.shape
+            y = y.view(n, -1, self.num_columns, h, w).permute(0, 3, 4, 1, 2)
+            out.append(y.reshape(n, -1, self.num_columns))  # (N, HWA, K)
+        return torch.cat(out, dim=1)
+
+
+class _SSDHead(nn.Module):
+    def __init__(self, in_channels, num_anchors, num_classes):
+        super().__init__()
+        self.classification_head = _SSDScoringHead(nn.ModuleList(
+            nn.Conv2d(c, num_classes * a, 3, padding=1) for c, a in zip(in_channels, num_anchors)), num_classes)
+        self.regression_head = _SSDScoringHead(nn.ModuleList(
+            nn.Conv2d(c, 4 * a, 3, padding=1) for c, a in zip(in_channels, num_anchors)), 4)
+
+    def forward(self, features):
+        return self.regression_head(features), self.classification_head(features)
+
+
+class SSD300(nn.Module):
+    """torchvision's ssd300_vgg16 up to its raw outputs (no anchors, transform or postprocessing):
+    forward(normalised NCHW) -> (bbox_regression (N, 8732, 4), cls_logits (N, 8732, C))."""
+
+    def __init__(self, num_classes=91):
+        super().__init__()
+        self.backbone = _SSDFeatureExtractorVGG()
+        self.head = _SSDHead([512, 1024, 512, 256, 256, 256], [4, 6, 6, 6, 4, 4], num_classes)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))

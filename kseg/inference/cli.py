@@ -178,6 +178,8 @@ def _default_out(args, suffix):
 def _raw_data(args, inference=None):
     import kseg.data as kd
 
+    if inference is not None:
+        _check_supported(inference, "evaluate")
     if args.layout is None:
         args.layout = _default_layout(args.model, inference)
     if inference is not None and args.layout not in inference.task.data_layouts:
@@ -191,6 +193,13 @@ def _raw_data(args, inference=None):
     reader = {"voc": kd.voc, "sbd": kd.sbd, "synthetic": kd.synthetic, "pets": kd.pets}[args.layout]
     # Raw RGB: the model's preprocessing is applied before the network, the CRF sees the colours.
     return reader(args.data, args.split, batch_size=1)
+
+
+def _check_supported(inference, command):
+    """A task without data layouts (detection, for now) has no evaluate / predict here yet: say so."""
+    if not inference.task.data_layouts:
+        raise ValueError(f"kseg {command} does not handle {inference.task.name} models yet; run them in Python "
+                         "(kseg.inference_model(model) adds the decoder)")
 
 
 def _default_layout(model, inference):
@@ -343,6 +352,7 @@ def cmd_predict(args):
 
     try:
         inference = _classifier_options(args, _load(args))
+        _check_supported(inference, "predict")
         edges = inference.task.target_kind == "edge_map"
         if args.edge_output and not edges:
             raise ValueError(f"--output chooses an edge model's map; {args.model} is a {inference.task.name} model")

@@ -1,4 +1,4 @@
-"""Tasks: what classification, segmentation and edge detection mean, one module each.
+"""Tasks: what classification, segmentation, edge detection and object detection mean, one module each.
 
     >>> from kseg.tasks import get_task
     >>> get_task("segmentation").head(["logits", "stride8"]).output_index
@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from kseg.tasks.base import Evaluator, Head, OutputReport, Task
 from kseg.tasks.classification import CLASSIFICATION
+from kseg.tasks.detection import DETECTION
 from kseg.tasks.edges import EDGES
 from kseg.tasks.segmentation import SEGMENTATION
 
-TASKS: dict[str, Task] = {t.name: t for t in (CLASSIFICATION, SEGMENTATION, EDGES)}
+TASKS: dict[str, Task] = {t.name: t for t in (CLASSIFICATION, SEGMENTATION, EDGES, DETECTION)}
 
 
 def get_task(name) -> Task:

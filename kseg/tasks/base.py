@@ -108,6 +108,11 @@ class Task:
 
     # --- serving ---------------------------------------------------------------------------
 
+    def core_signatures(self, serving: "Serving") -> dict | None:
+        """The task's own serving_default and predict_images (and what else replaces the generic
+        probability / label-map signatures), or None for the generic ones."""
+        return None
+
     def image_signatures(self, serving: "Serving") -> dict:
         """This task's own TF Serving signatures over encoded images, {name: tf.function}, beside
         the generic serving_default / predict_images / label_images / raw_outputs."""
@@ -160,7 +165,8 @@ class Serving:
     probabilities (preprocessing and the model inside); outputs(the same) -> every raw model
     output, a list; class_names: one string per class; head: the task's Head; any_size: the
     model takes any input size (else network_size is its fixed input); eval_transform:
-    (resize_shorter, crop, interpolation) of a classifier's training run, or None.
+    (resize_shorter, crop, interpolation) of a classifier's training run, or None; postprocess:
+    a detector's decoder (raw outputs list -> padded detections), or None.
     """
 
     decode: object
@@ -172,6 +178,7 @@ class Serving:
     head: Head | None = None
     any_size: bool = False
     eval_transform: tuple | None = None
+    postprocess: object = None
 
 
 class Evaluator:

@@ -1,0 +1,91 @@
+"""SSD's decoder: raw outputs (box deltas, class logits) -> padded detections, a function and a Keras
+layer. torchvision `SSD.postprocess_detections` (ssd.py) with its defaults, which are the SSD
+paper's (Liu et al., ECCV 2016: confidence 0.01, NMS IoU 0.45, top 200 per image) and Caffe SSD's
+DetectionOutput layer's (nms top_k 400, keep_top_k 200).
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kseg.detection.anchors import prior_set, ssd_anchors
+from kseg.detection.boxes import SSD_WEIGHTS, clip_boxes, decode
+from kseg.detection.nms import batched_class_nms
+
+
+def ssd_postprocess(mbox_loc, mbox_conf, anchors, input_hw, *, score_threshold=0.01, top_k=400,
+                    iou_threshold=0.45, max_detections=200):
+    """Detections from SSD's mbox_loc (B, A, 4) deltas and mbox_conf (B, A, C) logits (class 0
+    background) over `anchors` (A, 4) xyxy pixels of an `input_hw` (height, width) input.
+
+    Softmax over classes, decode with SSD_WEIGHTS, clip to the input, then per class c >= 1 the
+    scores > score_threshold, their top_k, NMS at iou_threshold, and the max_detections best overall
+    (torchvision `SSD.postprocess_detections`). Returns {"detection_boxes" (B, K, 4) float32,
+    "detection_scores" (B, K), "detection_classes" (B, K) int32 class ids 1..C-1 (-1 padding),
+    "num_detections" (B,) int32}, K = max_detections, each image's rows by score descending.
+    """
+    height, width = (int(v) for v in input_hw)
+    scores = tf.nn.softmax(tf.cast(mbox_conf, tf.float32), axis=-1)
+    anchors = tf.convert_to_tensor(anchors, tf.float32)
+    boxes = decode(tf.cast(mbox_loc, tf.float32), anchors[None], SSD_WEIGHTS)
+    boxes = clip_boxes(boxes, height, width)
+    boxes, scores, classes, num = batched_class_nms(
+        boxes, scores[..., 1:], top_k=top_k, iou_threshold=iou_threshold, score_threshold=score_threshold,
+        max_detections=max_detections)
+    classes = tf.where(classes >= 0, classes + 1, classes)  # columns 0.. of classes 1..: model class ids
+    return {"detection_boxes": boxes, "detection_scores": scores, "detection_classes": classes,
+            "num_detections": num}
+
+
+@keras.saving.register_keras_serializable(package="kseg")
+class SSDDecoder(keras.layers.Layer):
+    """[mbox_loc (B, A, 4), mbox_conf (B, A, C) logits] -> ssd_postprocess's padded detections.
+
+    The anchors are recomputed from `priors` and `input_hw` (and `feature_sizes`, see
+    anchors.ssd_anchors), not stored: the config holds those and the thresholds only.
+    """
+
+    def __init__(self, priors="voc", input_hw=(300, 300), score_threshold=0.01, top_k=400, iou_threshold=0.45,
+                 max_detections=200, feature_sizes=None, **kwargs):
+        super().__init__(**kwargs)
+        prior_set(priors)
+        if score_threshold < 0:
+            raise ValueError(f"score_threshold must be >= 0, got {score_threshold}")
+        self.priors = priors
+        self.input_hw = tuple(int(v) for v in input_hw)
+        self.score_threshold = float(score_threshold)
+        self.top_k = int(top_k)
+        self.iou_threshold = float(iou_threshold)
+        self.max_detections = int(max_detections)
+        self.feature_sizes = None if feature_sizes is None else [
+            int(f) if np.ndim(f) == 0 else [int(v) for v in f] for f in feature_sizes]
+        self.anchors = ssd_anchors(self.input_hw, priors, self.feature_sizes)
+
+    def _check(self, num_anchors):
+        if num_anchors is not None and num_anchors != len(self.anchors):
+            raise ValueError(f"{self.name}: {num_anchors} boxes in, but {len(self.anchors)} anchors for priors "
+                             f"{self.priors!r} at {self.input_hw}")
+
+    def call(self, inputs):
+        mbox_loc, mbox_conf = inputs
+        self._check(mbox_loc.shape[1])
+        return ssd_postprocess(mbox_loc, mbox_conf, tf.constant(self.anchors), self.input_hw,
+                               score_threshold=self.score_threshold, top_k=self.top_k,
+                               iou_threshold=self.iou_threshold, max_detections=self.max_detections)
+
+    def compute_output_spec(self, inputs):
+        mbox_loc = inputs[0]
+        self._check(mbox_loc.shape[1])
+        batch, k = mbox_loc.shape[0], self.max_detections
+        return {"detection_boxes": keras.KerasTensor((batch, k, 4), "float32"),
+                "detection_scores": keras.KerasTensor((batch, k), "float32"),
+                "detection_classes": keras.KerasTensor((batch, k), "int32"),
+                "num_detections": keras.KerasTensor((batch,), "int32")}
+
+    def get_config(self):
+        return {**super().get_config(), "priors": self.priors, "input_hw": list(self.input_hw),
+                "score_threshold": self.score_threshold, "top_k": self.top_k,
+                "iou_threshold": self.iou_threshold, "max_detections": self.max_detections,
+                "feature_sizes": self.feature_sizes}
