@@ -7,6 +7,7 @@ or reader must name to a phrase its message must contain.
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import numpy as np
@@ -290,3 +291,158 @@ def write_class_list(root, *, classes=("cat", "dog", "fox"), per_class=4, size=(
         with open(os.path.join(root, "classes.txt"), "w") as f:
             f.write("".join(f"{name}\n" for name in classes))
     return {"root": root, "classes": list(classes), "lists": lists}
+
+
+# === detection ===
+
+# PASCAL VOC objects per image: (name, xmin, ymin, xmax, ymax, difficult, truncated), the devkit's
+# 1-based inclusive pixel indices. Image sizes (H, W) as VOC_DET_SIZES.
+VOC_DET_SIZES = ((40, 56), (48, 40), (36, 36), (44, 52))
+VOC_DET_OBJECTS = (
+    (("dog", 1, 1, 56, 40, 0, 1), ("person", 10, 5, 20, 30, 1, 0)),  # a whole-image box; a difficult one
+    (("car", 5, 6, 15, 16, 0, 0), ("car", 20, 20, 20, 25, 0, 1), ("bicycle", 3, 30, 30, 45, 1, 0)),  # 1 px wide
+    (("tvmonitor", 2, 2, 30, 30, 1, 0),),  # only a difficult object
+    (("aeroplane", 3, 4, 50, 20, 0, 0), ("horse", 30, 22, 52, 44, 0, 1), ("pottedplant", 1, 30, 8, 44, 0, 0)),
+)
+
+
+def voc_xml(filename, size, objects, *, database="The VOC2007 Database"):
+    """A PASCAL VOC annotation file's text, in the devkit's element order."""
+    h, w = size
+    parts = [f"<annotation>\n\t<folder>VOC2007</folder>\n\t<filename>{filename}</filename>\n"
+             f"\t<source>\n\t\t<database>{database}</database>\n\t\t<annotation>PASCAL VOC2007</annotation>\n"
+             f"\t</source>\n\t<size>\n\t\t<width>{w}</width>\n\t\t<height>{h}</height>\n\t\t<depth>3</depth>\n"
+             f"\t</size>\n\t<segmented>0</segmented>\n"]
+    for name, xmin, ymin, xmax, ymax, difficult, truncated in objects:
+        parts.append(f"\t<object>\n\t\t<name>{name}</name>\n\t\t<pose>Unspecified</pose>\n"
+                     f"\t\t<truncated>{truncated}</truncated>\n\t\t<difficult>{difficult}</difficult>\n"
+                     f"\t\t<bndbox>\n\t\t\t<xmin>{xmin}</xmin>\n\t\t\t<ymin>{ymin}</ymin>\n"
+                     f"\t\t\t<xmax>{xmax}</xmax>\n\t\t\t<ymax>{ymax}</ymax>\n\t\t</bndbox>\n\t</object>\n")
+    return "".join(parts) + "</annotation>\n"
+
+
+def write_voc_detection(root, *, seed=0):
+    """VOCdevkit/VOC2007 detection layout: JPEGImages/, Annotations/*.xml (VOC_DET_OBJECTS),
+    ImageSets/Main/{train,val,trainval}.txt and the devkit's per-class dog_train.txt."""
+    rng = np.random.default_rng(seed)
+    voc = os.path.join(root, "VOCdevkit", "VOC2007")
+    for sub in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main")):
+        os.makedirs(os.path.join(voc, sub), exist_ok=True)
+    names = [f"{i + 1:06d}" for i in range(len(VOC_DET_OBJECTS))]
+    for name, size, objects in zip(names, VOC_DET_SIZES, VOC_DET_OBJECTS):
+        save_jpeg(os.path.join(voc, "JPEGImages", name + ".jpg"), image_array(rng, *size))
+        with open(os.path.join(voc, "Annotations", name + ".xml"), "w") as f:
+            f.write(voc_xml(name + ".jpg", size, objects))
+    main = os.path.join(voc, "ImageSets", "Main")
+    for split, members in (("train", names[:2]), ("val", names[2:]), ("trainval", names)):
+        with open(os.path.join(main, split + ".txt"), "w") as f:
+            f.write("".join(m + "\n" for m in members))
+    with open(os.path.join(main, "dog_train.txt"), "w") as f:
+        f.write(f"{names[0]}  1\n{names[1]} -1\n")
+    return {"root": voc, "names": names}
+
+
+def plant_voc_detection_problems(voc):
+    """Add broken images / annotations to a write_voc_detection dataset, listed in ImageSets/Main/bad.txt
+    (and appended to trainval.txt); returns {file the reader and checker must name: phrase}."""
+    rng = np.random.default_rng(1)
+    jpeg, ann = os.path.join(voc, "JPEGImages"), os.path.join(voc, "Annotations")
+    good = (("cat", 2, 3, 20, 25, 0, 0),)
+    expected = {}
+
+    def pair(name, objects=good, size=(32, 40), xml_size=None):
+        save_jpeg(os.path.join(jpeg, name + ".jpg"), image_array(rng, *size))
+        with open(os.path.join(ann, name + ".xml"), "w") as f:
+            f.write(voc_xml(name + ".jpg", xml_size or size, objects))
+
+    save_jpeg(os.path.join(jpeg, "bad_missing_xml.jpg"), image_array(rng, 32, 40))
+    expected[os.path.join(ann, "bad_missing_xml.xml")] = "missing"
+    with open(os.path.join(ann, "bad_missing_image.xml"), "w") as f:
+        f.write(voc_xml("bad_missing_image.jpg", (32, 40), good))
+    expected[os.path.join(jpeg, "bad_missing_image.jpg")] = "missing"
+    pair("bad_unparsable")
+    with open(os.path.join(ann, "bad_unparsable.xml"), "w") as f:
+        f.write("<annotation>\n\t<object>\n\t\t<name>cat</name>\n")  # cut off mid-file
+    expected[os.path.join(ann, "bad_unparsable.xml")] = "cannot be parsed as XML"
+    pair("bad_unknown_class", (("unicorn", 2, 3, 20, 25, 0, 0),))
+    expected[os.path.join(ann, "bad_unknown_class.xml")] = "unknown class name 'unicorn'"
+    pair("bad_inverted_box", (("cat", 20, 3, 10, 25, 0, 0),))
+    expected[os.path.join(ann, "bad_inverted_box.xml")] = "xmax < xmin"
+    pair("bad_outside_box", (("cat", 2, 3, 41, 25, 0, 0),))  # the image is 40 wide: xmax runs 1..40
+    expected[os.path.join(ann, "bad_outside_box.xml")] = "outside the image"
+    pair("bad_too_many", tuple(("cat", 1 + i % 30, 1, 2 + i % 30, 5, 0, 0) for i in range(101)))
+    expected[os.path.join(ann, "bad_too_many.xml")] = "101 objects but max_boxes=100"
+    pair("bad_size_mismatch", xml_size=(30, 40))
+    expected[os.path.join(jpeg, "bad_size_mismatch.jpg")] = "says 30x40"
+    pair("bad_truncated_jpeg")
+    truncate(os.path.join(jpeg, "bad_truncated_jpeg.jpg"))
+    expected[os.path.join(jpeg, "bad_truncated_jpeg.jpg")] = "truncated"
+
+    names = sorted({os.path.splitext(os.path.basename(p))[0] for p in expected})
+    main = os.path.join(voc, "ImageSets", "Main")
+    with open(os.path.join(main, "trainval.txt"), "a") as f:
+        f.write("".join(n + "\n" for n in names))
+    with open(os.path.join(main, "bad.txt"), "w") as f:
+        f.write("".join(n + "\n" for n in names))
+    return expected
+
+
+COCO_CATEGORIES = ({"id": 1, "name": "person", "supercategory": "person"},
+                   {"id": 3, "name": "car", "supercategory": "vehicle"},
+                   {"id": 18, "name": "dog", "supercategory": "animal"})
+
+
+def write_coco(root, *, seed=0):
+    """COCO layout: root/val2017/*.jpg and root/annotations/instances_val2017.json.
+
+    Images (listed out of id order): id 42 a.jpg 40x56 (a person, a dog over the whole image,
+    a crowd region), id 7 b.jpg 48x40 (a car, a zero-height car, a car 0.4 px past the right
+    edge), id 13 c.jpg 36x36 (no annotations). Category ids 1, 3, 18 (COCO's person, car, dog).
+    """
+    rng = np.random.default_rng(seed)
+    images_dir = os.path.join(root, "val2017")
+    os.makedirs(images_dir, exist_ok=True)
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    images = [{"id": 42, "file_name": "a.jpg", "height": 40, "width": 56},
+              {"id": 7, "file_name": "b.jpg", "height": 48, "width": 40},
+              {"id": 13, "file_name": "c.jpg", "height": 36, "width": 36}]
+    for im in images:
+        save_jpeg(os.path.join(images_dir, im["file_name"]), image_array(rng, im["height"], im["width"]))
+    annotations = [
+        {"id": 1, "image_id": 42, "category_id": 1, "bbox": [10.5, 5.0, 20.0, 30.25], "area": 605.0, "iscrowd": 0},
+        {"id": 2, "image_id": 42, "category_id": 18, "bbox": [0, 0, 56, 40], "area": 2240.0, "iscrowd": 0},
+        {"id": 3, "image_id": 42, "category_id": 1, "bbox": [30, 20, 20, 15], "area": 300.0, "iscrowd": 1},
+        {"id": 4, "image_id": 7, "category_id": 3, "bbox": [5, 6, 10, 10], "area": 100.0, "iscrowd": 0},
+        {"id": 5, "image_id": 7, "category_id": 3, "bbox": [1, 1, 5, 0.0], "area": 0.0, "iscrowd": 0},
+        {"id": 6, "image_id": 7, "category_id": 3, "bbox": [30, 20, 10.4, 8], "area": 83.2, "iscrowd": 0},
+    ]
+    path = os.path.join(root, "annotations", "instances_val2017.json")
+    with open(path, "w") as f:
+        json.dump({"info": {"description": "kseg test"}, "images": images, "annotations": annotations,
+                   "categories": list(COCO_CATEGORIES)}, f)
+    return {"root": root, "images": images_dir, "annotations": path}
+
+
+def plant_coco_problems(coco):
+    """Rewrite a write_coco JSON with broken entries; returns {file the reader must name: phrase}."""
+    rng = np.random.default_rng(2)
+    with open(coco["annotations"]) as f:
+        data = json.load(f)
+    images_dir = coco["images"]
+    expected = {}
+    extra = [(100, "unknown_category.jpg", {"category_id": 2, "bbox": [1, 1, 5, 5]}, "category_id 2 is not in"),
+             (101, "outside.jpg", {"category_id": 1, "bbox": [30, 1, 20, 5]}, "outside the 32x40"),
+             (102, "negative.jpg", {"category_id": 1, "bbox": [3, 1, -2, 5]}, "negative width"),
+             (103, "size_mismatch.jpg", {"category_id": 1, "bbox": [1, 1, 5, 5]}, "says 32x44")]
+    for iid, name, ann, phrase in extra:
+        save_jpeg(os.path.join(images_dir, name), image_array(rng, 32, 40))
+        data["images"].append({"id": iid, "file_name": name, "height": 32, "width": 44 if iid == 103 else 40})
+        data["annotations"].append({"id": 1000 + iid, "image_id": iid, "iscrowd": 0, "area": 1.0, **ann})
+        expected[os.path.join(images_dir, name)] = phrase
+    data["images"].append({"id": 104, "file_name": "missing.jpg", "height": 32, "width": 40})
+    expected[os.path.join(images_dir, "missing.jpg")] = "missing"
+    data["annotations"].append({"id": 2000, "image_id": 999, "category_id": 1, "bbox": [1, 1, 2, 2], "iscrowd": 0})
+    expected[coco["annotations"]] = "image_id 999 is not in images"
+    with open(coco["annotations"], "w") as f:
+        json.dump(data, f)
+    return expected

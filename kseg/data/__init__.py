@@ -4,6 +4,9 @@
                        preprocessing="vgg16")   # or "caffe", or None
     model.fit(ds, ...)   # labels int32 [B, H, W, 1], 255 = ignore
 
+    det = kseg.data.voc_detection("VOCdevkit/VOC2007", "trainval", size=(300, 300), batch_size=32)
+    # (images, {"boxes": [B, 100, 4] xyxy px, "classes": [B, 100] (-1 pad), "difficult", "image_shape"})
+
 A dataset knows no network: this package imports kseg.registry (for preprocessing specs)
 but never kseg.models, kseg.train or kseg.cli.
 
@@ -32,6 +35,13 @@ _LAZY = {
     "write_label": "palette",
     "SYNTH_CLASSES": "synth",
     "make_synthetic": "synth",
+    "make_synthetic_detection": "synth",
+    "DETECTION_LAYOUTS": "detection",
+    "DetectionSource": "detection",
+    "coco_detection": "detection",
+    "list_coco": "detection",
+    "list_voc_detection": "detection",
+    "voc_detection": "detection",
     "ClassificationAugment": "augment",
     "SegmentationAugment": "augment",
     "SkipLog": "pipeline",
@@ -47,11 +57,20 @@ _LAZY = {
     "voc": "readers",
     "write_tfrecord": "readers",
 }
-_SUBMODULES = {"augment", "check", "cli", "decode", "layouts", "palette", "pipeline", "readers", "spec", "synth"}
+_SUBMODULES = {"augment", "check", "cli", "decode", "detection", "layouts", "palette", "pipeline", "readers", "spec",
+               "synth"}
 
 if TYPE_CHECKING:  # for static tools; at run time these load lazily
     from kseg.data.augment import ClassificationAugment, SegmentationAugment  # noqa: F401
     from kseg.data.check import CheckReport, check_dataset  # noqa: F401
+    from kseg.data.detection import (  # noqa: F401
+        DETECTION_LAYOUTS,
+        DetectionSource,
+        coco_detection,
+        list_coco,
+        list_voc_detection,
+        voc_detection,
+    )
     from kseg.data.layouts import LAYOUTS, PETS_CLASSES, list_source  # noqa: F401
     from kseg.data.palette import (  # noqa: F401
         IGNORE_LABEL,
@@ -76,7 +95,7 @@ if TYPE_CHECKING:  # for static tools; at run time these load lazily
         voc,
         write_tfrecord,
     )
-    from kseg.data.synth import SYNTH_CLASSES, make_synthetic  # noqa: F401
+    from kseg.data.synth import SYNTH_CLASSES, make_synthetic, make_synthetic_detection  # noqa: F401
 
 
 def __getattr__(name):
@@ -94,9 +113,11 @@ def __dir__():
 
 
 __all__ = [
-    "IGNORE_LABEL", "LAYOUTS", "PETS_CLASSES", "SYNTH_CLASSES", "VOC_CLASSES",
-    "CheckReport", "ClassificationAugment", "SegmentationAugment", "SkipLog",
-    "check_dataset", "classification_folder", "classification_list", "colorize", "edges", "folder", "list_source",
-    "make_synthetic", "overlay", "pets", "read_label", "resolve_preprocessing", "rgb_to_index",
-    "sbd", "synthetic", "tfrecord", "voc", "voc_palette", "write_label", "write_tfrecord",
+    "DETECTION_LAYOUTS", "IGNORE_LABEL", "LAYOUTS", "PETS_CLASSES", "SYNTH_CLASSES", "VOC_CLASSES",
+    "CheckReport", "ClassificationAugment", "DetectionSource", "SegmentationAugment", "SkipLog",
+    "check_dataset", "classification_folder", "classification_list", "coco_detection", "colorize", "edges",
+    "folder", "list_coco", "list_source", "list_voc_detection",
+    "make_synthetic", "make_synthetic_detection", "overlay", "pets", "read_label", "resolve_preprocessing",
+    "rgb_to_index", "sbd", "synthetic", "tfrecord", "voc", "voc_detection", "voc_palette", "write_label",
+    "write_tfrecord",
 ]

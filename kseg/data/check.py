@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from kseg.data import spec as rules
+from kseg.data.detection import DETECTION_LAYOUTS, list_detection
 from kseg.data.layouts import list_source
 from kseg.data.palette import IGNORE_LABEL, palette_table, voc_palette
 from kseg.progress import progress as progress_bar
@@ -44,6 +45,11 @@ class CheckReport:
     images_with: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(256, np.int64))
     errors: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     warnings: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    # Detection layouts: boxes and difficult boxes per class id, images per class id, images per box count.
+    boxes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    difficult: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    images_with_class: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    boxes_per_image: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
     @property
     def ok(self) -> bool:
@@ -193,7 +199,12 @@ def check_dataset(root, layout: str = "voc", *, limit: int | None = None, worker
     listing (split=, num_classes=, border=, palette=, ...), as for the readers.
 
     progress: True (or the bar's text) draws a transient progress bar on standard error.
+
+    Detection layouts ("voc-det", "coco": kseg.data.detection) report box statistics instead of
+    pixels; for "coco" root is the image folder and annotations= the instances JSON.
     """
+    if layout in DETECTION_LAYOUTS:
+        return _check_detection(root, layout, limit, workers, progress, list_options)
     source = list_source(layout, root, **list_options)
     report = CheckReport(layout, os.fspath(root), source.class_names)
     report.listed = len(source.images) + len({p for p, _ in source.problems})
@@ -222,4 +233,53 @@ def check_dataset(root, layout: str = "voc", *, limit: int | None = None, worker
             elif result["counts"] is not None:
                 report.pixels += result["counts"]
                 report.images_with += result["counts"] > 0
+    return report
+
+
+# === detection ===
+
+def _check_detection_image(path, annotation, expected, boxes):
+    result = {"errors": [], "warnings": [], "mode": None, "size": None, "converted": None}
+    im = _check_image(path, result)
+    if im is None:
+        return result
+    h, w = im.height, im.width
+    eh, ew = expected
+    if eh and (eh, ew) != (h, w):
+        result["errors"].append((path, f"image is {h}x{w} (HxW) but its annotation {annotation} says {eh}x{ew}"))
+    elif not eh and len(boxes) and (boxes[:, 2].max() > w or boxes[:, 3].max() > h):
+        result["errors"].append((path, f"a box of its annotation {annotation} reaches beyond the {h}x{w} (HxW) image"))
+    return result
+
+
+def _check_detection(root, layout, limit, workers, progress, list_options) -> CheckReport:
+    """The detection readers' listing (every annotation parsed) plus each image opened with Pillow."""
+    source = list_detection(layout, root, **list_options)
+    report = CheckReport(layout, os.fspath(root), source.class_names)
+    report.listed = len(source.images) + len({p for p, _ in source.problems})
+    report.errors.extend(source.problems)
+    report.warnings.extend(source.notes)
+    items = list(zip(source.images, source.annotations, source.sizes, source.boxes, source.classes,
+                     source.difficult))[:limit]
+    text = progress if isinstance(progress, str) else f"checking {os.fspath(root)}"
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool, \
+            progress_bar(bool(progress), text, len(items)) as advance:
+        results = pool.map(lambda item: _check_detection_image(*item[:4]), items)
+        for (_, _, _, _, classes, difficult), result in zip(items, results):
+            advance()
+            report.checked += 1
+            report.errors.extend(result["errors"])
+            report.warnings.extend(result["warnings"])
+            if result["mode"]:
+                report.image_modes[result["mode"]] += 1
+            if result["size"]:
+                report.sizes[result["size"]] += 1
+            if result["converted"]:
+                report.converted.append(result["converted"])
+            if result["errors"]:  # statistics describe the images a reader would read
+                continue
+            report.boxes.update(classes.tolist())
+            report.difficult.update(classes[difficult].tolist())
+            report.images_with_class.update(set(classes.tolist()))
+            report.boxes_per_image[len(classes)] += 1
     return report

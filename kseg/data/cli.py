@@ -7,7 +7,9 @@ import sys
 # `from kseg import cliutil`, not `import kseg.cliutil`: kseg.data's import test forbids "kseg.cli*" names.
 from kseg import cliutil
 
-DEFAULT_SPLITS = {"voc": None, "sbd": "train_aug", "pets": "trainval"}  # voc: every list file present
+# voc / voc-det: every list file present
+DEFAULT_SPLITS = {"voc": None, "sbd": "train_aug", "pets": "trainval", "voc-det": None}
+DETECTION_LAYOUTS = ("voc-det", "coco")  # kseg.data.detection's, without importing it for the parser
 
 
 def add_parser(subparsers):
@@ -18,7 +20,8 @@ def add_parser(subparsers):
     p = sub.add_parser("synth", help="write the built-in synthetic dataset (VOC layout)",
                        description="Write the synthetic shapes dataset (background + circle, square, "
                                    "triangle, cross; 255 boundary bands) as JPEG + palette PNG in the "
-                                   "VOC layout. Deterministic in --seed.")
+                                   "VOC layout; with --task detection as JPEG + Annotations XML (each "
+                                   "shape's tight box) in the VOC detection layout. Deterministic in --seed.")
     p.add_argument("dir", help="output folder (created)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train", type=int, default=200, help="training images (default 200)")
@@ -27,6 +30,8 @@ def add_parser(subparsers):
                    help=cliutil.size_help("image size (default 128)", 16))
     p.add_argument("--band", type=int, default=1, help="boundary band radius in pixels, 0 for none (default 1)")
     p.add_argument("--max-shapes", type=int, default=4)
+    p.add_argument("--task", default="segmentation", choices=["segmentation", "detection"],
+                   help="segmentation (SegmentationClass PNGs) or detection (Annotations XML, ImageSets/Main)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("check", help="check a dataset's files and labels; non-zero exit on errors",
@@ -34,12 +39,16 @@ def add_parser(subparsers):
                                    "errors (with file names) for colour masks, 0/255 masks, labels >= "
                                    "num_classes, size mismatches, missing pairs, unreadable or truncated "
                                    "files; grayscale/RGBA/CMYK images are reported (readers convert them).")
-    p.add_argument("dir", help="dataset root (for --layout edges: the list file)")
+    p.add_argument("dir", help="dataset root (for --layout edges: the list file; for --layout coco: the image folder)")
     p.add_argument("--layout", default="voc", choices=["voc", "sbd", "pets", "folder", "edges", "classification",
-                                                       "classification_list"])
+                                                       "classification_list", *DETECTION_LAYOUTS])
     p.add_argument("--split", help="list name or list file (default: voc: every ImageSets/Segmentation/*.txt "
-                                   "list present, each checked; pets: trainval; sbd: train_aug; "
+                                   "list present, each checked; voc-det: every ImageSets/Main split list; "
+                                   "pets: trainval; sbd: train_aug; "
                                    "classification_list: DIR/SPLIT.txt or DIR/meta/SPLIT.txt when DIR is a folder)")
+    p.add_argument("--annotations", metavar="JSON", help="coco layout: the instances_*.json file (required)")
+    p.add_argument("--max-boxes", type=int, default=100,
+                   help="voc-det / coco: the readers' max_boxes; an image with more objects is an error (default 100)")
     p.add_argument("--num-classes", type=int, help="voc/sbd: default 21 or DIR/classes.txt; folder: required "
                                                    "unless DIR/classes.txt exists")
     p.add_argument("--border", default="own", choices=["own", "ignore", "foreground"], help="pets border class")
@@ -59,16 +68,22 @@ def cmd_synth(args) -> int:
     from kseg.data.synth import make_synthetic
 
     console = Console()
+    detection = args.task == "detection"
     with console.status(f"writing {args.train + args.val} synthetic images to {args.dir}"):
         info = make_synthetic(args.dir, seed=args.seed, train=args.train, val=args.val, size=args.size,
-                              band=args.band, max_shapes=args.max_shapes)
+                              band=args.band, max_shapes=args.max_shapes, task=args.task)
     table = Table(title=f"kseg synthetic dataset: {args.dir}")
     table.add_column("")
     table.add_column("")
-    for key in ("seed", "train", "val", "size", "band", "classes"):
+    for key in ("seed", "train", "val", "size", "boxes" if detection else "band", "classes"):
         value = info[key]
         table.add_row(key, "x".join(map(str, value)) if key == "size" else
                       ", ".join(f"{i}={c}" for i, c in enumerate(value)) if key == "classes" else str(value))
+    if detection:
+        console.print(table)
+        console.print(f"read it with kseg.data.voc_detection({args.dir!r}, 'train'); check it with "
+                      f"`kseg data check {args.dir} --layout voc-det`")
+        return 0
     table.add_row("ignore", "255 (boundary bands)")
     console.print(table)
     console.print(f"read it with kseg.data.voc({args.dir!r}, 'train'); check it with "
@@ -81,9 +96,21 @@ def cmd_check(args) -> int:
 
     options = {}
     splits = [None]
-    if args.layout in ("voc", "sbd", "pets"):
+    if args.layout in DETECTION_LAYOUTS:
+        options["max_boxes"] = args.max_boxes
+    if args.layout == "coco":
+        if not args.annotations:
+            raise ValueError("--layout coco needs --annotations INSTANCES.json (DIR is the image folder)")
+        options["annotations"] = args.annotations
+    elif args.annotations:
+        raise ValueError(f"--annotations applies to --layout coco, not {args.layout}")
+    if args.layout in ("voc", "sbd", "pets", "voc-det"):
         if args.split or DEFAULT_SPLITS[args.layout]:
             splits = [args.split or DEFAULT_SPLITS[args.layout]]
+        elif args.layout == "voc-det":
+            from kseg.data.detection import voc_detection_splits
+
+            splits = voc_detection_splits(args.dir)
         else:
             from kseg.data.layouts import voc_splits
 
@@ -119,7 +146,8 @@ def _print_splits(reports, console) -> None:
     from rich.table import Table
 
     table = Table(title="kseg data check: splits")
-    for column in ("split", "pairs listed", "pairs checked", "errors", "warnings"):
+    unit = "images" if next(iter(reports.values())).layout in DETECTION_LAYOUTS else "pairs"
+    for column in ("split", f"{unit} listed", f"{unit} checked", "errors", "warnings"):
         table.add_column(column, justify="left" if column == "split" else "right")
     for split, r in reports.items():
         errors = f"[{'red' if r.errors else 'green'}]{len(r.errors):,}[/]"
@@ -137,8 +165,9 @@ def print_report(report, console, max_shown: int = 50, split: str | None = None)
     summary = Table(title=f"kseg data check: {report.root} ({what})", show_header=False)
     summary.add_column()
     summary.add_column(justify="right")
-    summary.add_row("pairs listed", f"{report.listed:,}")
-    summary.add_row("pairs checked", f"{report.checked:,}")
+    unit = "images" if report.layout in DETECTION_LAYOUTS else "pairs"
+    summary.add_row(f"{unit} listed", f"{report.listed:,}")
+    summary.add_row(f"{unit} checked", f"{report.checked:,}")
     if report.sizes:
         (h, w), n = report.sizes.most_common(1)[0]
         hs = [s[0] for s in report.sizes]
@@ -150,7 +179,11 @@ def print_report(report, console, max_shown: int = 50, split: str | None = None)
     summary.add_row("converted images (grayscale/RGBA/CMYK/...)", f"{len(report.converted):,}")
     summary.add_row("errors", f"[{'red' if report.errors else 'green'}]{len(report.errors):,}[/]")
     summary.add_row("warnings", f"{len(report.warnings):,}")
+    if report.layout in DETECTION_LAYOUTS:
+        _box_summary(report, summary)
     console.print(summary)
+    if report.layout in DETECTION_LAYOUTS:
+        _print_boxes(report, console)
 
     total = int(report.pixels.sum())
     if total:
@@ -181,3 +214,47 @@ def print_report(report, console, max_shown: int = 50, split: str | None = None)
             table.add_row(f"... and {len(rows) - max_shown:,} more", "")
         console.print(table)
     console.print("[green]no errors[/]" if report.ok else f"[red]{len(report.errors):,} errors[/]")
+
+
+# Buckets of the boxes-per-image histogram: (low, high) inclusive, None = no upper bound.
+BOX_BUCKETS = ((0, 0), (1, 1), (2, 2), (3, 3), (4, 4), (5, 9), (10, 19), (20, 49), (50, 99), (100, None))
+
+
+def _box_summary(report, summary) -> None:
+    total, difficult = sum(report.boxes.values()), sum(report.difficult.values())
+    images = sum(report.boxes_per_image.values())
+    summary.add_row("boxes", f"{total:,}")
+    summary.add_row("difficult boxes", f"{difficult:,} ({100 * difficult / total if total else 0:.1f}%)")
+    if images:
+        counts = sorted(report.boxes_per_image.elements())
+        summary.add_row("boxes per image", f"min {counts[0]}, mean {total / images:.2f}, "
+                                           f"median {counts[len(counts) // 2]}, max {counts[-1]}")
+
+
+def _print_boxes(report, console) -> None:
+    from rich.table import Table
+
+    total = sum(report.boxes.values())
+    if not total:
+        return
+    table = Table(title="boxes per class")
+    for column in ("id", "class", "boxes", "%", "difficult", "difficult %", "images containing"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    names = list(report.class_names)
+    for i in sorted(set(range(1, len(names))) | set(report.boxes)):
+        n, d = report.boxes[i], report.difficult[i]
+        name = names[i] if i < len(names) else "?"
+        if not n and name == "N/A":  # COCO's unused category ids
+            continue
+        table.add_row(str(i), name, f"{n:,}", f"{100 * n / total:.2f}", f"{d:,}",
+                      f"{100 * d / n if n else 0:.1f}", f"{report.images_with_class[i]:,}")
+    console.print(table)
+    images = sum(report.boxes_per_image.values())
+    hist = Table(title="boxes per image")
+    for column in ("boxes", "images", "%", ""):
+        hist.add_column(column, justify="left" if not column else "right")
+    for low, high in BOX_BUCKETS:
+        n = sum(c for k, c in report.boxes_per_image.items() if k >= low and (high is None or k <= high))
+        label = str(low) if low == high else f"{low}+" if high is None else f"{low}-{high}"
+        hist.add_row(label, f"{n:,}", f"{100 * n / images:.1f}", "#" * round(40 * n / images))
+    console.print(hist)
