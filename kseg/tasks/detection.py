@@ -13,7 +13,7 @@ boxes normalised [ymin, xmin, ymax, xmax], classes 1-based as float32, num_detec
 
 from __future__ import annotations
 
-from kseg.tasks.base import Head, Task
+from kseg.tasks.base import Evaluator, Head, Task
 
 
 class Detection(Task):
@@ -22,7 +22,8 @@ class Detection(Task):
     dense = False
     serving_key = "detection_classes"
     target_kind = "boxes"
-    data_layouts = ()
+    data_layouts = ("voc_detection", "coco_detection")
+    # No validation score during fit (mAP needs the decoder and the whole set): the lowest val_loss.
     checkpoint_metric = "loss"
     checkpoint_mode = "min"
 
@@ -30,6 +31,23 @@ class Detection(Task):
         # The class scores: mbox_conf (softmax over classes, background first).
         names = list(output_names)
         return Head(names.index("mbox_conf") if "mbox_conf" in names else len(names) - 1, "softmax")
+
+    def loss(self, **options):
+        """SSD's MultiBox loss, one instance for both outputs (targets: kseg.detection.losses)."""
+        from kseg.detection.losses import MultiBoxLoss
+
+        return MultiBoxLoss(**options)
+
+    def fit_targets(self, labels, num_outputs):
+        # The readers' encoded targets are already {"mbox_loc": (A, 5), "mbox_conf": (A,)}.
+        return labels
+
+    def random_targets(self, rng, batch, height, width, num_classes):
+        raise NotImplementedError("detection targets are boxes matched to a model's anchors: "
+                                  "kseg.detection.targets.ssd_targets")
+
+    def evaluator(self, num_classes, head, class_names=None):
+        return DetectionEvaluator(num_classes, class_names)
 
     def core_signatures(self, serving):
         """serving_default (float RGB 0..255 batch at the network size) and predict_images (encoded
@@ -63,6 +81,66 @@ class Detection(Task):
             return {**detect(images), "image_size": tf.identity(sizes, name="image_size")}
 
         return {"serving_default": serving_default, "predict_images": predict_images}
+
+
+class DetectionEvaluator(Evaluator):
+    """VOC mAP (VOC07 11-point and all-point, difficult objects excluded, IoU > 0.5) and COCO AP
+    (AP@[.5:.95], AP50, AP75) of decoded detections against a reader's padded ground truth; for
+    COCO, difficult objects count as crowd regions (detections on them are ignored, as VOC ignores them).
+
+    update(ground_truth, detections): ground truth {"boxes" (B, M, 4), "classes" (B, M) (-1
+    padding), "difficult" (B, M)} in the detections' pixel frame; detections the decoder's
+    (detection_boxes, detection_scores, detection_classes, num_detections). result():
+    {"map_voc07", "map_voc", "per_class": [...], "coco": {"ap", "ap50", "ap75", ...}, "count"}.
+    """
+
+    def __init__(self, num_classes, class_names=None):
+        from kseg.detection.eval_voc import VOCDetectionEvaluator
+
+        self.num_classes = int(num_classes)
+        self.class_names = list(class_names or [])
+        self.voc = VOCDetectionEvaluator(self.num_classes)
+        self.coco_gt, self.coco_dt = [], []
+        self.images = 0
+
+    def update(self, labels, outputs):
+        import numpy as np
+
+        gt = {k: np.asarray(labels[k]) for k in ("boxes", "classes", "difficult") if k in labels}
+        det = {k: np.asarray(v) for k, v in outputs.items()}
+        self.voc.update(gt, det)
+        for i in range(len(gt["classes"])):
+            image_id = self.images + i + 1
+            keep = gt["classes"][i] >= 0
+            for box, cls, hard in zip(gt["boxes"][i][keep], gt["classes"][i][keep],
+                                      gt.get("difficult", np.zeros_like(gt["classes"]))[i][keep]):
+                w, h = float(box[2] - box[0]), float(box[3] - box[1])
+                self.coco_gt.append({"id": len(self.coco_gt) + 1, "image_id": image_id, "category_id": int(cls),
+                                     "bbox": [float(box[0]), float(box[1]), w, h], "area": w * h,
+                                     "iscrowd": int(bool(hard))})
+            n = int(det["num_detections"][i])
+            for box, score, cls in zip(det["detection_boxes"][i][:n], det["detection_scores"][i][:n],
+                                       det["detection_classes"][i][:n]):
+                self.coco_dt.append({"image_id": image_id, "category_id": int(cls), "score": float(score),
+                                     "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]),
+                                              float(box[3] - box[1])]})
+        self.images += len(gt["classes"])
+
+    def result(self) -> dict:
+        from kseg.detection.eval_coco import coco_eval
+
+        out = self.voc.result()
+        for row in out["per_class"]:
+            c = row["class"]
+            row["name"] = self.class_names[c] if c < len(self.class_names) else str(c)
+        out["per_class"] = out["per_class"][1:]  # class 0 is background
+        ground_truth = {"images": [{"id": i + 1} for i in range(self.images)],
+                        "annotations": self.coco_gt,
+                        "categories": [{"id": c} for c in range(1, self.num_classes)]}
+        coco = coco_eval(ground_truth, self.coco_dt)
+        out["coco"] = {k: coco[k] for k in ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")}
+        out["count"] = self.images
+        return out
 
 
 def od_api_outputs(found, network_size):
