@@ -260,7 +260,7 @@ def save_format(model, path, *, metadata=None, input_size=None, **_):
         saved_model_format.save(model, path, metadata=metadata, input_size=input_size)
         return
     write_module(module, meta, path)
-    verify_export(path, model, meta)
+    verify_export(path, model, meta, module=module)
 
 
 def write_module(module, meta, directory):

@@ -24,6 +24,7 @@ CASES.update({
     "lenet5": ({}, (32, 32)),
     "alexnet": ({}, (224, 224)),
     "vgg16": ({}, (224, 224)),
+    "ssd300": ({}, (300, 300)),
     "resnet50": ({"include_top": False}, (64, 64)),
     "resnet101": ({"include_top": False}, (64, 64)),
 })

@@ -107,13 +107,17 @@ def test_export_has_object_detection_api_outputs_and_is_served(ssd, tmp_path):
     _assert_same_detections(served, {k: v.numpy() for k, v in out.items()}, 1, box_atol=1e-5)
 
 
-def test_evaluate_and_predict_say_detection_is_not_theirs_yet(ssd, tmp_path, capsys):
+def test_predict_runs_a_detector(ssd, tmp_path, capsys):
+    """kseg predict takes a detector now (tests/test_detection_cli.py checks its outputs); evaluate reads
+    the VOC detection layout and says so when it is missing."""
     path = str(tmp_path / "ssd.keras")
     ssd.save(path)
     photo = tmp_path / "photo.png"
     photo.write_bytes(encode_png(np.zeros((20, 30, 3), np.uint8)))
-    assert main(["predict", path, str(photo), "--out", str(tmp_path / "out")]) == 2
-    assert "does not handle detection models yet" in capsys.readouterr().err
+    assert main(["predict", path, str(photo), "--out", str(tmp_path / "out"), "--score-threshold", "0"]) == 0
+    with open(tmp_path / "out" / "detections.json") as f:
+        (entry,) = json.load(f)
+    assert entry["size"] == [20, 30] and len(entry["detections"]) == 200  # the decoder's max_detections
+    assert (tmp_path / "out" / "photo.png").is_file()
     assert main(["evaluate", path, "--data", str(tmp_path)]) == 2
-    assert "kseg.inference_model" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    assert "no Annotations/" in capsys.readouterr().err

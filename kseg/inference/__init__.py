@@ -20,6 +20,8 @@ _EXPORTS = {
     "load_inference_model": "kseg.inference.loading",
     "main_output": "kseg.inference.loading",
     "classify_images": "kseg.inference.files",
+    "detect_images": "kseg.inference.files",
+    "score_detections": "kseg.inference.scoring",
     "list_images": "kseg.inference.files",
     "plot_confusion": "kseg.inference.plots",
     "predict_edges": "kseg.inference.files",

@@ -13,26 +13,39 @@ import sys
 
 from kseg import cliutil
 
+# kseg.inference.files' default (not imported: it loads TensorFlow).
+SCORE_THRESHOLD = 0.3
+
 # A missing file, a bad setting or a missing optional dependency: a one-line message, no traceback.
 _EXPECTED = (*cliutil.INPUT_ERRORS, ImportError)
 CLASSIFICATION_LAYOUTS = ("classification_folder", "classification_list")
-_LAYOUT_CHOICES = ("voc", "sbd", "synthetic", "pets", *CLASSIFICATION_LAYOUTS, "edges")
+DETECTION_LAYOUTS = ("voc_detection", "coco_detection")
+_LAYOUT_CHOICES = ("voc", "sbd", "synthetic", "pets", *CLASSIFICATION_LAYOUTS, "edges", *DETECTION_LAYOUTS)
+# Detection evaluation reads batches of this many images (all resized to the network input).
+DETECTION_BATCH = 8
 
 
 def add_parser(subparsers):
     """Register `evaluate`, `predict` and `crf-search` on an argparse sub-parser collection."""
     e = subparsers.add_parser("evaluate", help="score a saved model on a dataset (FCN metrics, per-class IoU; "
-                                               "classifiers: top-1/top-5, per-class accuracy, confusion matrix)")
+                                               "classifiers: top-1/top-5, per-class accuracy, confusion matrix; "
+                                               "detectors: VOC mAP (VOC07 11-point and all-point), COCO AP)")
     _model_args(e)
-    e.add_argument("--data", required=True, help="dataset root (classification_list: the folder or the list file)")
+    e.add_argument("--data", required=True, help="dataset root (classification_list: the folder or the list file; "
+                                                 "coco_detection: the image folder)")
     e.add_argument("--layout", choices=_LAYOUT_CHOICES,
                    help="default: the training run's layout, else the model's task's first (voc, "
-                        "classification_folder, edges); "
+                        "classification_folder, edges, voc_detection); "
                         "classification_folder: DATA/SPLIT/CLASS/*.jpg (or DATA/CLASS/*.jpg); "
                         "classification_list: 'relative/path.jpg LABEL' lines in DATA/SPLIT.txt, "
                         "DATA/meta/SPLIT.txt or the file DATA; edges: 'image edge_map' lines (BSDS / HED "
-                        "lists) in the file DATA or DATA/SPLIT[.lst]")
+                        "lists) in the file DATA or DATA/SPLIT[.lst]; voc_detection: DATA/Annotations/*.xml, "
+                        "JPEGImages/, ImageSets/Main/SPLIT.txt (DATA: VOC2007 or a VOCdevkit holding one year); "
+                        "coco_detection: the images in DATA, the boxes in --annotations")
     e.add_argument("--split", default="val")
+    e.add_argument("--annotations", metavar="JSON",
+                   help="coco_detection: the instances JSON (e.g. annotations/instances_val2017.json); its file "
+                        "name, not --split, names the scores file")
     e.add_argument("--crf", nargs="?", const="paper", metavar="SETTINGS",
                    help="refine with the dense CRF: the paper's defaults, or e.g. w1=5,sigma_alpha=80,sigma_beta=3")
     e.add_argument("--json", dest="json_out", nargs="?", const="-", metavar="PATH",
@@ -42,10 +55,13 @@ def add_parser(subparsers):
     _edge_args(e)
     e.set_defaults(func=cmd_evaluate)
 
-    p = subparsers.add_parser("predict", help="label maps (palette PNGs) and colour overlays for image files")
+    p = subparsers.add_parser("predict", help="label maps (palette PNGs) and colour overlays for image files; "
+                                              "classifiers: predictions.json; detectors: detections.json and "
+                                              "the images with their boxes drawn")
     _model_args(p)
     p.add_argument("images", nargs="+", help="image files or directories of images")
-    p.add_argument("--out", required=True, help="output directory: STEM.png (class indices) and STEM_overlay.png")
+    p.add_argument("--out", required=True, help="output directory: STEM.png (class indices) and STEM_overlay.png; "
+                                                "detectors: detections.json and STEM.png (boxes drawn)")
     p.add_argument("--crf", nargs="?", const="paper", metavar="SETTINGS",
                    help="refine with the dense CRF: the paper's defaults, or e.g. w1=5,sigma_alpha=80,sigma_beta=3")
     p.add_argument("--size", type=cliutil.parse_size, metavar="HxW",
@@ -55,6 +71,11 @@ def add_parser(subparsers):
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     _classifier_args(p)
     _edge_args(p)
+    g = p.add_argument_group("detectors (SSD)", "each image is resized to the network input (per axis) and the "
+                                                "boxes are scaled back to its pixels")
+    g.add_argument("--score-threshold", type=float, metavar="S",
+                   help="keep the detections scoring >= S in detections.json and the drawings (default "
+                        f"{SCORE_THRESHOLD}; kseg evaluate scores every detection the decoder keeps)")
     p.set_defaults(func=cmd_predict)
 
     c = subparsers.add_parser("crf-search", help="cross-validate the dense CRF's settings over the paper's ranges")
@@ -178,8 +199,6 @@ def _default_out(args, suffix):
 def _raw_data(args, inference=None):
     import kseg.data as kd
 
-    if inference is not None:
-        _check_supported(inference, "evaluate")
     if args.layout is None:
         args.layout = _default_layout(args.model, inference)
     if inference is not None and args.layout not in inference.task.data_layouts:
@@ -190,16 +209,34 @@ def _raw_data(args, inference=None):
         return _classification_data(args, inference)
     if args.layout == "edges":
         return kd.edges(edge_list(args.data, args.split), batch_size=1)
+    if getattr(args, "annotations", None) and args.layout != "coco_detection":
+        raise ValueError("--annotations goes with --layout coco_detection")
+    if args.layout in DETECTION_LAYOUTS:
+        return _detection_data(args, inference)
     reader = {"voc": kd.voc, "sbd": kd.sbd, "synthetic": kd.synthetic, "pets": kd.pets}[args.layout]
     # Raw RGB: the model's preprocessing is applied before the network, the CRF sees the colours.
     return reader(args.data, args.split, batch_size=1)
 
 
 def _check_supported(inference, command):
-    """A task without data layouts (detection, for now) has no evaluate / predict here yet: say so."""
+    """A task without data layouts has no evaluate / predict here: say so."""
     if not inference.task.data_layouts:
-        raise ValueError(f"kseg {command} does not handle {inference.task.name} models yet; run them in Python "
-                         "(kseg.inference_model(model) adds the decoder)")
+        raise ValueError(f"kseg {command} does not handle {inference.task.name} models")
+
+
+def _detection_data(args, inference):
+    """Raw (0..255) batches of a detection set resized to the detector's input, boxes scaled with them;
+    VOC's class ids from the training run's class names when it has them."""
+    import kseg.data as kd
+    from kseg.inference.scoring import network_size
+
+    options = dict(size=network_size(inference.model), batch_size=DETECTION_BATCH)
+    if args.layout == "coco_detection":
+        if not args.annotations:
+            raise ValueError("--layout coco_detection reads the images in --data and the boxes in --annotations "
+                             "(an instances JSON)")
+        return kd.coco_detection(args.data, args.annotations, **options)
+    return kd.voc_detection(args.data, args.split, class_names=inference.class_names or None, **options)
 
 
 def _default_layout(model, inference):
@@ -252,6 +289,7 @@ def cmd_evaluate(args):
 
     try:
         inference = _classifier_options(args, _load(args))
+        _check_supported(inference, "evaluate")
         ds = _raw_data(args, inference)
         edges = inference.task.target_kind == "edge_map"
         if args.edge_output and not edges:
@@ -262,12 +300,21 @@ def cmd_evaluate(args):
     except _EXPECTED as e:
         return _fail("evaluate", e)
     name = os.path.basename(args.model)
-    title = f"{name} on {args.data} ({args.split}, {scores['images']} images)"
+    detection = inference.task.target_kind == "boxes"
+    split = (os.path.splitext(os.path.basename(args.annotations))[0] if args.layout == "coco_detection"
+             else args.split)
+    title = f"{name} on {args.data} ({split}, {scores['images']} images)"
     to_stdout = args.json_out == "-"
     say = (lambda text: print(text, file=sys.stderr)) if to_stdout else print
-    suffix = f"_{args.split}{'_crf' if args.crf else ''}_scores.json"
+    suffix = f"_{split}{'_crf' if args.crf else ''}_scores.json"
     out = _default_out(args, suffix) if args.json_out in (None, "-") else args.json_out
-    if not inference.task.dense:
+    drawn = None
+    if detection:
+        if not to_stdout:
+            console = cliutil.console()
+            console.print(detection_table(scores, title))
+            console.print(coco_table(scores))
+    elif not inference.task.dense:
         from kseg.inference.plots import plot_confusion
 
         stem = next((out[: -len(end)] for end in ("_scores.json", ".json") if out.endswith(end)), out)
@@ -292,9 +339,51 @@ def cmd_evaluate(args):
     if to_stdout:
         print(json.dumps(scores))
     say(f"scores written to {out}")
-    if not inference.task.dense and drawn:
+    if drawn:
         say(f"confusion matrix drawn in {drawn}")
     return cliutil.OK
+
+
+def _percent(value):
+    """An AP as a percentage; "-" where it is undefined (None, or COCO's -1)."""
+    return "-" if value is None or value < 0 else f"{100 * value:.2f}"
+
+
+def detection_table(scores, title):
+    """Per-class VOC AP (VOC07 11-point and all-point, IoU > 0.5, difficult objects left out) and the mAPs.
+
+    Classes with no ground truth and no detections (COCO's unused ids) are left out."""
+    from rich.table import Table
+
+    rows = [r for r in scores["per_class"] if r["gt"] or r["detections"]]
+    hidden = len(scores["per_class"]) - len(rows)
+    more = f"; {hidden} classes with neither left out" if hidden else ""
+    table = Table(title=title, caption=f"VOC AP at IoU > 0.5, difficult objects ignored{more}")
+    for column, justify in (("id", "right"), ("class", "left"), ("AP VOC07 %", "right"), ("AP %", "right"),
+                            ("objects", "right"), ("detections", "right")):
+        table.add_column(column, justify=justify, no_wrap=True)
+    for r in rows:
+        table.add_row(str(r["class"]), r["name"], _percent(r["ap_voc07"]), _percent(r["ap_voc"]), f"{r['gt']:,}",
+                      f"{r['detections']:,}")
+    table.add_section()
+    table.add_row("", "mAP", _percent(scores["map_voc07"]), _percent(scores["map_voc"]),
+                  f"{sum(r['gt'] for r in rows):,}", f"{sum(r['detections'] for r in rows):,}")
+    return table
+
+
+def coco_table(scores):
+    """COCO's box AP: AP@[.5:.95], AP50, AP75 and by object area (difficult objects as crowd regions)."""
+    from rich.table import Table
+
+    coco = scores["coco"]
+    table = Table(title="COCO AP (100 detections per image; areas in the original pixels)")
+    labels = {"ap": "AP@[.5:.95]", "ap50": "AP50", "ap75": "AP75", "ap_small": "AP small",
+              "ap_medium": "AP medium", "ap_large": "AP large"}
+    for key in labels:
+        if key in coco:
+            table.add_column(labels[key], justify="right", no_wrap=True)
+    table.add_row(*(_percent(coco[key]) for key in labels if key in coco))
+    return table
 
 
 def edge_table(scores, title):
@@ -349,14 +438,26 @@ def per_class_table(scores):
 
 def cmd_predict(args):
     from kseg.inference import classify_images, predict_edges, predict_images
+    from kseg.inference.files import DETECTIONS_FILE, detect_images
 
     try:
         inference = _classifier_options(args, _load(args))
         _check_supported(inference, "predict")
         edges = inference.task.target_kind == "edge_map"
+        detection = inference.task.target_kind == "boxes"
         if args.edge_output and not edges:
             raise ValueError(f"--output chooses an edge model's map; {args.model} is a {inference.task.name} model")
-        if edges:
+        if args.score_threshold is not None and not detection:
+            raise ValueError(f"--score-threshold filters a detector's boxes; {args.model} is a "
+                             f"{inference.task.name} model")
+        if detection:
+            if args.crf:
+                raise ValueError(f"{args.model} is a {inference.task.name} model; the dense CRF refines "
+                                 "per-pixel class scores")
+            threshold = SCORE_THRESHOLD if args.score_threshold is None else args.score_threshold
+            results = detect_images(inference, args.images, args.out, score_threshold=threshold, size=args.size,
+                                    overwrite=args.force)
+        elif edges:
             if args.crf:
                 raise ValueError(f"{args.model} is a {inference.task.name} model; the dense CRF refines "
                                  "per-pixel class scores")
@@ -372,6 +473,12 @@ def cmd_predict(args):
                                      alpha=args.alpha, overwrite=args.force)
     except _EXPECTED as e:
         return _fail("predict", e)
+    if detection:
+        cliutil.console().print(detections_table(results, threshold))
+        print(f"wrote the detections scoring >= {threshold:g} of {len(results)} images to "
+              f"{os.path.join(args.out, DETECTIONS_FILE)} and the images with their boxes drawn (STEM.png) to "
+              f"{args.out}")
+        return cliutil.OK
     if edges:
         print(f"wrote {len(results)} edge maps (STEM.png, edge probability x 255, the {results[0]['output']} "
               f"map) to {args.out}" if results else f"no images: nothing written to {args.out}")
@@ -397,6 +504,24 @@ def predictions_table(results):
     for r in results:
         table.add_row(os.path.basename(r["file"]),
                       *(f"{t['name']} {100 * t['probability']:.1f}%" for t in r["top_k"]))
+    return table
+
+
+DETECTIONS_SHOWN = 5
+
+
+def detections_table(results, threshold):
+    """Per image: its size, how many detections, the best few as "name score"."""
+    from rich.table import Table
+
+    table = Table(title=f"detections scoring >= {threshold:g} in {len(results)} images")
+    for column, justify in (("image", "left"), ("size", "right"), ("detections", "right"),
+                            (f"best {DETECTIONS_SHOWN}", "left")):
+        table.add_column(column, justify=justify, no_wrap=column != f"best {DETECTIONS_SHOWN}")
+    for r in results:
+        best = ", ".join(f"{d['name']} {d['score']:.2f}" for d in r["detections"][:DETECTIONS_SHOWN])
+        table.add_row(os.path.basename(r["file"]), f"{r['size'][0]}x{r['size'][1]}", str(len(r["detections"])),
+                      best or "-")
     return table
 
 

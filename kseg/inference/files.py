@@ -1,6 +1,7 @@
 """Prediction on image files: label maps as palette PNGs, colour overlays, optional dense CRF;
 for classifiers, the top classes of each image in one predictions.json; for edge models, one
-grey PNG of edge probabilities per image (predict_edges).
+grey PNG of edge probabilities per image (predict_edges); for detectors, detections.json and
+each image with its boxes drawn (detect_images).
 
     from kseg.inference import classify_images, load_inference_model, predict_images
     m = load_inference_model("runs/dl/best.keras")                 # preprocessing from kseg_run.json
@@ -28,6 +29,9 @@ from kseg.inference.traced import Predictor, predictor
 from kseg.progress import progress as progress_bar
 
 PREDICTIONS_FILE = "predictions.json"
+DETECTIONS_FILE = "detections.json"
+# detect_images keeps (in detections.json and the drawings) the detections scoring at least this.
+SCORE_THRESHOLD = 0.3
 
 
 def _check_image(path):
@@ -211,6 +215,90 @@ def classify_images(inference: InferenceModel, images, out_dir, *, top_k=5, size
                                                      "probability": float(probs[i])} for i in best]})
             advance()
     os.makedirs(out_dir, exist_ok=True)
+
+    def save(tmp):
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+
+    _atomic_save(target, save)
+    return results
+
+
+def detector_class_names(inference: InferenceModel, num_classes) -> list[str]:
+    """Names indexed by class id (0 = background): the training run's classes, else VOC's for a
+    21-class model (ssd300's default and the VOC readers'), else the ids as strings."""
+    from kseg.data.palette import VOC_CLASSES
+    from kseg.inference.scoring import with_background
+
+    names = with_background(inference.class_names)
+    if not names and num_classes == len(VOC_CLASSES):
+        names = list(VOC_CLASSES)
+    return names[:num_classes] + [str(i) for i in range(len(names), num_classes)]
+
+
+def detect_images(inference: InferenceModel, images, out_dir, *, score_threshold=SCORE_THRESHOLD, size=None,
+                  overwrite=False, progress=True) -> list[dict]:
+    """Write OUT/detections.json and OUT/STEM.png (the image with its boxes and labels) per image.
+
+    Each image is resized (bilinear, per axis) to the detector's fixed input, as the readers and
+    the TF Serving predict_images signature do; the decoder's boxes are scaled back per axis to
+    the original image's pixels. detections.json holds one entry per image: {"file", "size":
+    [h, w], "detections": [{"class", "name", "score", "box": [x1, y1, x2, y2]}]}, best first,
+    the detections scoring >= score_threshold (default 0.3; the decoder itself keeps > 0.01 for
+    mAP); boxes are continuous corners (x1 <= x < x2) of the original image. Names as
+    detector_class_names. `size` (h, w) must be the model's input size if given. Inputs and
+    outputs are checked before anything is written, every file written atomically; an existing
+    output is an error without overwrite=True. Returns the entries.
+    """
+    import tensorflow as tf
+
+    from kseg.inference.plots import draw_detections
+    from kseg.inference.scoring import detector, network_size
+
+    if not 0 <= float(score_threshold) <= 1:
+        raise ValueError(f"the score threshold must be in [0, 1], got {score_threshold}")
+    images = list_images(images)
+    for p in images:
+        _check_image(p)
+    drawings = [label for label, _ in output_paths(images, out_dir)]
+    target = os.path.join(out_dir, DETECTIONS_FILE)
+    if not overwrite:
+        existing = [t for t in (target, *drawings) if os.path.exists(t)]
+        if existing:
+            raise FileExistsError(f"{len(existing)} output(s) exist already, e.g. {existing[0]}; pass --force "
+                                  "(overwrite=True) to replace them")
+    model = inference.model
+    hw = network_size(model)
+    if size and tuple(size) != hw:
+        raise ValueError(f"{model.name} detects on {hw[0]}x{hw[1]} images (its decoder's anchors are laid out "
+                         "for that size); every image is resized to it: drop --size")
+    decoding, num_classes = detector(model)
+    names = detector_class_names(inference, num_classes)
+    run = predictor(decoding, preprocessing=inference.preprocessing)
+    os.makedirs(out_dir, exist_ok=True)
+    results = []
+    with progress_bar(progress, "detecting", len(images)) as advance:
+        for path, drawing in zip(images, drawings):
+            image = read_image(path)
+            h, w = image.shape[:2]
+            x = tf.image.resize(tf.constant(image[None], tf.float32), hw, method="bilinear")
+            found = {k: np.asarray(v)[0] for k, v in run(x).items()}
+            n = int(found["num_detections"])
+            scale = np.array([w / hw[1], h / hw[0], w / hw[1], h / hw[0]])
+            limits = np.array([w, h, w, h], np.float64)
+            detections = []
+            for box, score, cls in zip(found["detection_boxes"][:n], found["detection_scores"][:n],
+                                       found["detection_classes"][:n]):
+                if cls < 0 or score < score_threshold:
+                    continue
+                box = np.clip(np.asarray(box, np.float64) * scale, 0, limits)
+                detections.append({"class": int(cls), "name": names[int(cls)], "score": round(float(score), 5),
+                                   "box": [round(float(v), 2) for v in box]})
+            detections.sort(key=lambda d: -d["score"])
+            picture = draw_detections(image, detections)
+            _atomic_save(drawing, lambda tmp: picture.save(tmp, format="PNG"))
+            results.append({"file": path, "size": [h, w], "detections": detections})
+            advance()
 
     def save(tmp):
         with open(tmp, "w") as f:

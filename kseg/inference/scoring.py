@@ -4,7 +4,8 @@
     evaluate(model, raw, preprocessing="deeplab_largefov", crf=True)["before_crf"]["mean_iou"]
 
 `evaluate` scores a segmentation model at the labels' own resolution (one traced graph for
-every image size); `crf_search` scores a grid of CRF settings on the first images of a split,
+every image size) and a detector with its decoder appended (VOC mAP and COCO AP in the original
+images' pixels, `score_detections`); `crf_search` scores a grid of CRF settings on the first images of a split,
 running the network once per image. `kseg evaluate` and `kseg crf-search` are the faces.
 """
 
@@ -29,8 +30,12 @@ def evaluate(model, dataset, *, num_classes=None, class_names=None, progress=Tru
     "per_class": [...], "confusion": [[...]]}; classification: {"top1", "top5" (more than 5
     classes), "per_class": [{"class", "accuracy", "images", ...}], "confusion", "count"}; edges: the
     BSDS benchmark (kseg.tasks.bsds) {"ods", "ods_threshold", "ods_precision", "ods_recall", "ois",
-    "ois_thresholds", ..., "output"} of `edge_output` ("average" of HED's outputs, or "fuse").
-    Always "images": N. The task is the model's kseg
+    "ois_thresholds", ..., "output"} of `edge_output` ("average" of HED's outputs, or "fuse");
+    detection (a kseg.data.voc_detection / coco_detection dataset resized to the network input,
+    size=(300, 300) for SSD300, any batch size): {"map_voc07", "map_voc", "per_class": [{"class",
+    "name", "ap_voc07", "ap_voc", "gt", "detections"}], "coco": {"ap", "ap50", "ap75", ...}, "count"}
+    (kseg.tasks.detection.DetectionEvaluator) of every detection the decoder keeps, boxes mapped
+    back to each image's original pixels (see score_detections). Always "images": N. The task is the model's kseg
     architecture's (kseg.identity.task_of).
 
     `preprocessing` (a kseg.Preprocessing, kind or model name) is applied to the dataset's images
@@ -44,6 +49,10 @@ def evaluate(model, dataset, *, num_classes=None, class_names=None, progress=Tru
         evaluate(model, raw, preprocessing="deeplab_largefov", crf=True)["before_crf"]["mean_iou"]
     """
     task = task_of(model)
+    if task.target_kind == "boxes":
+        if as_params(crf) is not None:
+            raise ValueError(f"{model.name} is a {task.name} model; the dense CRF refines per-pixel class scores")
+        return _evaluate_detection(model, dataset, task, class_names, preprocessing, progress)
     head = task.head(list(model.output_names), identify(model).options, output_rank=len(model.outputs[0].shape))
     num_classes = num_classes or model.outputs[head.output_index].shape[-1]
     names = class_names or getattr(dataset, "class_names", None)
@@ -67,6 +76,90 @@ def evaluate(model, dataset, *, num_classes=None, class_names=None, progress=Tru
             images += int(x.shape[0])
             advance()
     return {**scores.result(), "images": images}
+
+
+def detector(model):
+    """(the model with its decoder, its class count incl. background) of a kseg detector: the model
+    itself when it already decodes (built with postprocess=True), else kseg.inference_model(model)."""
+    from kseg.api import inference_model
+
+    output = getattr(model, "output", None)
+    if isinstance(output, dict) and "detection_boxes" in output:
+        ident = identify(model)
+        if ident is None or not ident.num_classes:
+            raise ValueError(f"{model.name}: a decoding model whose class count is unknown (not a kseg detector)")
+        return model, int(ident.num_classes)
+    task = task_of(model)
+    head = task.head(list(model.output_names), identify(model).options, output_rank=len(model.outputs[0].shape))
+    return inference_model(model), int(model.outputs[head.output_index].shape[-1])
+
+
+def network_size(model) -> tuple[int, int]:
+    """The fixed (h, w) input of a detector (its decoder's anchors are laid out for it)."""
+    h, w = tuple(model.input_shape[1:3])
+    if not h or not w:
+        raise ValueError(f"{model.name} takes images of any size, but its decoder needs a fixed input size: "
+                         "build it with input_shape=(h, w, 3)")
+    return int(h), int(w)
+
+
+def with_background(names):
+    """Class names indexed by class id: "background" put in front when the first is not it (a run's
+    or a dataset's list of object classes)."""
+    from kseg.data.detection import BACKGROUND_NAMES
+
+    names = [str(n) for n in names or ()]
+    if names and names[0].lower() not in BACKGROUND_NAMES:
+        names = ["background", *names]
+    return names
+
+
+def to_original(boxes, image_shape, network_hw):
+    """xyxy boxes (B, K, 4) in pixels of the network input -> each image's original pixels (per-axis
+    scale by image_shape (B, 2) = (H, W) over the network's (h, w), as the readers' resize)."""
+    boxes = np.asarray(boxes, np.float64)
+    shape = np.asarray(image_shape, np.float64).reshape(-1, 1, 2)
+    sy, sx = shape[..., 0] / network_hw[0], shape[..., 1] / network_hw[1]
+    return boxes * np.stack([sx, sy, sx, sy], axis=-1)
+
+
+def score_detections(detect, dataset, evaluator, network_hw, *, progress=True, total=None) -> dict:
+    """Feed a detection dataset's batches through `detect` into `evaluator` (a DetectionEvaluator).
+
+    dataset: (images (B, h, w, 3), {"boxes", "classes", "difficult", "image_shape"}) batches read
+    at the network size network_hw = (h, w) (kseg.data.voc_detection(..., size=(h, w))). detect:
+    images -> the decoder's outputs (detection_boxes xyxy pixels of the input, detection_scores,
+    detection_classes, num_detections). The ground truth and the detections are both scaled back
+    to each image's original pixels (image_shape) before scoring: VOC AP does not change (IoU is
+    invariant to a per-axis scale), COCO's small / medium / large areas are the original's.
+    Returns evaluator.result() with "images": N.
+    """
+    images = 0
+    with progress_bar(progress, "evaluating detections", total) as advance:
+        for x, y in dataset:
+            found = {k: np.asarray(v) for k, v in detect(x).items()}
+            truth = {k: np.asarray(y[k]) for k in ("boxes", "classes", "difficult") if k in y}
+            shape = np.asarray(y["image_shape"])
+            truth["boxes"] = to_original(truth["boxes"], shape, network_hw)
+            found["detection_boxes"] = to_original(found["detection_boxes"], shape, network_hw)
+            evaluator.update(truth, found)
+            images += int(shape.shape[0])
+            advance()
+    return {**evaluator.result(), "images": images}
+
+
+def _evaluate_detection(model, dataset, task, class_names, preprocessing, progress):
+    decoding, num_classes = detector(model)
+    names = with_background(class_names or getattr(dataset, "class_names", None))
+    data_classes = getattr(dataset, "class_names", None)
+    if data_classes is not None and len(data_classes) > num_classes:
+        raise ValueError(f"the dataset has {len(data_classes)} class ids (background included) but {model.name} "
+                         f"scores {num_classes}: evaluate it on a dataset of its own classes")
+    total = dataset.cardinality().numpy()
+    total = int(total) if total >= 0 else None
+    run = predictor(decoding, preprocessing=resolve_preprocessing(preprocessing))
+    evaluator = task.evaluator(num_classes, None, names)
+    return score_detections(run, dataset, evaluator, network_size(model), progress=progress, total=total)
 
 
 def _evaluate_crf(model, dataset, params, preprocessing, num_classes, names, progress, total):
