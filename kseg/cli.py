@@ -129,16 +129,33 @@ def run_models(names):
     return cliutil.PROBLEMS if failed else cliutil.OK
 
 
+# `kseg demo --task detection`'s defaults (kseg.demo's DETECTION_*), for --help without importing Keras;
+# tests/test_detection_train.py checks they agree.
+DETECTION_DEMO = {"train_images": 1000, "val_images": 100, "size": 128, "budget": 480.0}
+
+
 def cmd_demo(args):
-    from kseg.demo import print_summary, run_demo
     from kseg.train import RecipeError, TrainingSetupError
 
+    detection = args.task == "detection"
+    defaults = DETECTION_DEMO if detection else {
+        "train_images": cliutil.DEMO_TRAIN_IMAGES, "val_images": cliutil.DEMO_VAL_IMAGES, "size": cliutil.DEMO_SIZE,
+        "budget": cliutil.DEMO_BUDGET_S}
+    given = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in defaults}
+    options = dict(seed=args.seed, train_images=given["train_images"], val_images=given["val_images"],
+                   size=given["size"], epochs=args.epochs, overrides=args.set, budget_s=given["budget"])
     try:
-        summary = run_demo(args.out, seed=args.seed, train_images=args.train_images, val_images=args.val_images,
-                           size=args.size, epochs=args.epochs, overrides=args.set, budget_s=args.budget)
+        if detection:
+            from kseg.demo import print_detection_summary, run_detection_demo
+
+            summary = run_detection_demo(args.out, **options)
+        else:
+            from kseg.demo import print_summary, run_demo
+
+            summary = run_demo(args.out, **options)
     except (RecipeError, TrainingSetupError) as e:
         return cliutil.fail(e, "kseg demo")
-    print_summary(summary, cliutil.console())
+    (print_detection_summary if detection else print_summary)(summary, cliutil.console())
     return cliutil.OK
 
 
@@ -155,20 +172,27 @@ def build_parser():
     p.set_defaults(func=cmd_models)
 
     d = sub.add_parser("demo", help="the main job: synthetic data -> train a small DeepLab-LargeFOV on the "
-                                           "CPU -> evaluate (+CRF) -> predictions, plots, ONNX export (no downloads)")
+                                           "CPU -> evaluate (+CRF) -> predictions, plots, ONNX export (no downloads); "
+                                           "--task detection: a small SSD300 -> VOC mAP")
+    det = DETECTION_DEMO
+    d.add_argument("--task", choices=("segmentation", "detection"), default="segmentation",
+                   help="segmentation (default): DeepLab-LargeFOV, the synthetic_demo recipe; detection: SSD300 at "
+                        "width 0.125, the synthetic_detection_demo recipe, scored by VOC mAP@0.5")
     d.add_argument("--out", default="kseg_demo", help="output directory (default ./kseg_demo); an interrupted "
                                                       "demo resumes there")
-    d.add_argument("--budget", type=float, default=cliutil.DEMO_BUDGET_S, metavar="SECONDS",
+    d.add_argument("--budget", type=float, metavar="SECONDS",
                    help=f"training time limit; training stops after the epoch that would overrun it "
-                        f"(default {cliutil.DEMO_BUDGET_S:.0f})")
+                        f"(default {cliutil.DEMO_BUDGET_S:.0f}; detection {det['budget']:.0f})")
     d.add_argument("--epochs", type=int, help="override the recipe's epochs")
-    d.add_argument("--train-images", type=int, default=cliutil.DEMO_TRAIN_IMAGES)
-    d.add_argument("--val-images", type=int, default=cliutil.DEMO_VAL_IMAGES)
-    d.add_argument("--size", type=int, default=cliutil.DEMO_SIZE,
-                   help=f"side of the square images in pixels (default {cliutil.DEMO_SIZE})")
+    d.add_argument("--train-images", type=int,
+                   help=f"default {cliutil.DEMO_TRAIN_IMAGES}; detection {det['train_images']}")
+    d.add_argument("--val-images", type=int, help=f"default {cliutil.DEMO_VAL_IMAGES}; detection {det['val_images']}")
+    d.add_argument("--size", type=int,
+                   help=f"side of the square images in pixels (default {cliutil.DEMO_SIZE}; detection "
+                        f"{det['size']}, resized to SSD300's 300x300 input)")
     d.add_argument("--seed", type=int, default=cliutil.DEMO_SEED)
     d.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a value of the synthetic_demo recipe, e.g. --set optimizer.learning_rate=1e-3")
+                   help="override a value of the demo's recipe, e.g. --set optimizer.learning_rate=1e-3")
     d.set_defaults(func=cmd_demo)
 
     # Each feature package owns its subcommands. Neither its cli module nor its (lazy) __init__

@@ -4,6 +4,10 @@
     summary = run_demo("demo_out")      # {"val_mean_iou": ..., "seconds": ..., "per_class": [...], ...}
     print_summary(summary)
 
+`kseg demo --task detection` (run_detection_demo, print_detection_summary) does the same for
+object detection: the synthetic shapes as a VOC detection set, SSD300 at width 0.125 trained
+from scratch (the `synthetic_detection_demo` recipe), VOC mAP@0.5 of its decoded detections.
+
 Everything runs from scratch and offline, deterministically from `seed` (as far as
 TensorFlow's CPU kernels allow):
 
@@ -71,8 +75,9 @@ class TimeBudget(keras.callbacks.Callback):
             self.stopped = True
 
 
-def he_init(model, seed=0, input_std=64.0):
-    """Re-initialise every conv kernel with He et al. 2015's normal init (biases zero).
+def he_init(model, seed=0, input_std=64.0, keep=None):
+    """Re-initialise every conv kernel with He et al. 2015's normal init (biases zero); `keep(layer)`
+    True leaves a layer as built (a detector's linear box and class heads: detection_init).
 
     The paper's networks start from ImageNet weights; from scratch, a 16-layer ReLU net trains
     faster with He's variance-preserving init than with Keras' default Glorot uniform. Caffe-
@@ -83,7 +88,7 @@ def he_init(model, seed=0, input_std=64.0):
     rng = np.random.default_rng(seed)
     first = True
     for layer in model.layers:
-        if isinstance(layer, keras.layers.Conv2D):
+        if isinstance(layer, keras.layers.Conv2D) and not (keep is not None and keep(layer)):
             kernel, *rest = layer.get_weights()
             fan_in = int(np.prod(kernel.shape[:3]))
             std = np.sqrt(2.0 / fan_in) / (input_std if first else 1.0)
@@ -92,7 +97,8 @@ def he_init(model, seed=0, input_std=64.0):
             layer.set_weights([new, *[np.zeros_like(r) for r in rest]])
 
 
-def _plot_curves(log_csv, path):
+def _plot_curves(log_csv, path, right=("mean_iou", "val_mean_iou", "val_pixel_accuracy"), right_title="scores"):
+    """curves.png: the loss per epoch, and beside it the log's `right` columns."""
     try:
         import matplotlib
 
@@ -109,11 +115,11 @@ def _plot_curves(log_csv, path):
     for key in ("loss", "val_loss"):
         if key in rows[0]:
             ax1.plot(epochs, [float(r[key]) for r in rows], marker="o", label=key)
-    for key in ("mean_iou", "val_mean_iou", "val_pixel_accuracy"):
+    for key in right:
         if key in rows[0]:
             ax2.plot(epochs, [float(r[key]) for r in rows], marker="o", label=key)
     ax1.set_xlabel("epoch"), ax2.set_xlabel("epoch"), ax1.legend(), ax2.legend()
-    ax1.set_title("loss"), ax2.set_title("scores")
+    ax1.set_title("loss"), ax2.set_title(right_title)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -310,3 +316,198 @@ def print_summary(summary, console=None):
                       f"({onnx['seconds']:.0f} s)")
     console.print(f"Outputs in {summary['out_dir']}: grid.png, curves.png, predictions/, summary.json, "
                   f"run/final.keras" + (", model.onnx" if summary.get("onnx") else ""))
+
+
+# === detection: `kseg demo --task detection` ===
+
+DETECTION_RECIPE = "synthetic_detection_demo"
+# The synthetic detection set the demo trains on: images of DETECTION_SIZE pixels (the reader resizes them to
+# SSD300's 300x300 input), DETECTION_TRAIN_IMAGES / DETECTION_VAL_IMAGES of them. Measured with these on 2
+# cores (AMD EPYC): 12 epochs in 396 s of training, 409 s in all, VOC mAP@0.5 0.821 (VOC07 11-point) and
+# 0.839 (all-point) on the 100 validation images. DETECTION_BUDGET_S caps the training time.
+DETECTION_TRAIN_IMAGES = 1000
+DETECTION_VAL_IMAGES = 100
+DETECTION_SIZE = 128
+DETECTION_BUDGET_S = 480.0
+# Detections drawn in detections.png: those scoring at least this.
+DRAW_SCORE = 0.5
+
+
+def detection_init(model, seed=0):
+    """he_init for the ReLU convs of a detector; its heads (`*_mbox_loc`, `*_mbox_conf`: linear box
+    offsets and class logits) keep Keras' Glorot init, which starts the logits near zero (He's would
+    start the MultiBox loss ~6 times higher)."""
+    he_init(model, seed=seed, keep=lambda layer: "_mbox_" in layer.name)
+
+
+def _make_detection_data(data_dir, *, seed, train_images, val_images, size):
+    """The synthetic detection set in data_dir, reused when it was made with the same parameters."""
+    info_path = os.path.join(data_dir, "synth.json")
+    want = {"seed": seed, "train": train_images, "val": val_images, "size": [size, size], "layout": "voc-det"}
+    if os.path.exists(info_path):
+        with open(info_path) as f:
+            have = json.load(f)
+        if {k: have.get(k) for k in want} == want:
+            return False
+        shutil.rmtree(data_dir)  # made by an earlier demo with other parameters
+    kd.make_synthetic_detection(data_dir, seed=seed, train=train_images, val=val_images, size=(size, size))
+    return True
+
+
+def evaluate_detector(model, dataset, class_names=None):
+    """VOC mAP (VOC07 11-point and all-point, IoU 0.5) and COCO AP of a trained detector (raw outputs) on a
+    kseg.data detection reader's batches (images at the network's input size, boxes in its pixels), with
+    the Detection task's evaluator on kseg.inference_model's decoded detections."""
+    import kseg
+    from kseg.identity import task_of
+
+    detector = kseg.inference_model(model)
+    task = task_of(model)
+    head = task.head(list(model.output_names))
+    num_classes = int(model.outputs[head.output_index].shape[-1])
+    evaluator = task.evaluator(num_classes, head, class_names)
+    for images, target in dataset:
+        found = detector(images, training=False)
+        evaluator.update(target, {k: np.asarray(v) for k, v in found.items()})
+    return evaluator.result()
+
+
+def _draw_detections(model, dataset, path, class_names, count=8, preprocessing=None):
+    """detections.png: validation images with their true boxes (green) and the detections scoring at
+    least DRAW_SCORE (red, with class and score); None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    import kseg
+    from kseg.train.pictures import _unpreprocess
+
+    detector = kseg.inference_model(model)
+    images, targets = next(iter(dataset.unbatch().batch(count)))
+    found = {k: np.asarray(v) for k, v in detector(images, training=False).items()}
+    cols = 4
+    rows = -(-len(images) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    for i, ax in enumerate(axes.ravel()):
+        ax.axis("off")
+        if i >= len(images):
+            continue
+        image = np.clip(_unpreprocess(np.asarray(images[i]), preprocessing), 0, 255).astype(np.uint8)
+        ax.imshow(image)
+        for box, cls in zip(np.asarray(targets["boxes"][i]), np.asarray(targets["classes"][i])):
+            if cls >= 0:
+                ax.add_patch(plt.Rectangle(box[:2], box[2] - box[0], box[3] - box[1], fill=False, color="lime", lw=1))
+        for j in range(int(found["num_detections"][i])):
+            score, cls, box = found["detection_scores"][i, j], found["detection_classes"][i, j], \
+                found["detection_boxes"][i, j]
+            if score < DRAW_SCORE:
+                break
+            ax.add_patch(plt.Rectangle(box[:2], box[2] - box[0], box[3] - box[1], fill=False, color="red", lw=1.5))
+            ax.text(box[0], box[1], f"{class_names[cls]} {score:.2f}", color="white", fontsize=7,
+                    bbox=dict(facecolor="red", alpha=0.7, pad=1, lw=0))
+    fig.suptitle("validation: true boxes (green), detections scoring >= 0.5 (red)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def run_detection_demo(out_dir, *, seed=SEED, train_images=DETECTION_TRAIN_IMAGES, val_images=DETECTION_VAL_IMAGES,
+                       size=DETECTION_SIZE, epochs=None, width=None, overrides=None, budget_s=DETECTION_BUDGET_S,
+                       verbose=2) -> dict:
+    """`kseg demo --task detection`: the synthetic shapes as a VOC detection set (out_dir/data), the
+    `synthetic_detection_demo` recipe (a width-reduced SSD300, from scratch) trained into out_dir/run,
+    then VOC mAP@0.5 (VOC07 11-point and all-point) and COCO AP on the validation split; writes
+    out_dir/detections.png, out_dir/curves.png and out_dir/summary.json; returns the summary.
+
+    epochs / width / overrides / budget_s as run_demo's. The images are `size` pixels square; the
+    reader resizes them to the network's 300x300.
+    """
+    from kseg.identity import identify
+
+    if min(train_images, val_images) < 1:
+        raise ValueError(f"the demo needs at least one training and one validation image, got "
+                         f"train_images={train_images}, val_images={val_images}")
+    start = time.perf_counter()
+    os.makedirs(out_dir, exist_ok=True)
+    data_dir = os.path.join(out_dir, "data")
+    made = _make_detection_data(data_dir, seed=seed, train_images=train_images, val_images=val_images, size=size)
+    data_seconds = time.perf_counter() - start
+
+    fixed = {"training.seed": seed}
+    if epochs is not None:
+        fixed["training.epochs"] = int(epochs)
+    if width is not None:
+        fixed["model_options.width"] = float(width)
+    recipe = apply_overrides(load_recipe(DETECTION_RECIPE, fixed), overrides)
+    run_dir = os.path.join(out_dir, "run")
+    _clear_finished_run(run_dir)
+    budget = TimeBudget(budget_s)
+    result = train(recipe, data_dir, run_dir, init=lambda m: detection_init(m, seed=seed), verbose=verbose,
+                   extra_callbacks=[budget])
+    model = result["model"]
+
+    t = time.perf_counter()
+    ident = identify(recipe.model, dict(recipe.model_options))
+    prep = ident.preprocessing if not recipe.data.get("preprocessing") else recipe.data["preprocessing"]
+    val = kd.voc_detection(data_dir, recipe.data.get("val_split", "val"), size=tuple(ident.input_shape[:2]),
+                           preprocessing=prep, batch_size=16)
+    scores = evaluate_detector(model, val, class_names=list(kd.SYNTH_CLASSES))
+    eval_seconds = time.perf_counter() - t
+    picture = _draw_detections(model, val, os.path.join(out_dir, "detections.png"), list(kd.SYNTH_CLASSES),
+                               preprocessing=ident.preprocessing)
+    curves = _plot_curves(os.path.join(run_dir, "log.csv"), os.path.join(out_dir, "curves.png"),
+                          right=("mbox_loc_loss", "val_mbox_loc_loss", "mbox_conf_loss", "val_mbox_conf_loss"),
+                          right_title="MultiBox loss terms")
+
+    history = result["history"]
+    summary = {
+        "task": "detection", "model": recipe.model, "model_options": dict(recipe.model_options),
+        "params": int(model.count_params()), "recipe": recipe.name, "seed": seed,
+        "data": {"train": train_images, "val": val_images, "size": size, "made": made},
+        "epochs_planned": result["epochs"], "epochs_run": len(history.get("loss", [])),
+        "stopped_by_budget": budget.stopped, "budget_s": budget_s,
+        "map_voc07": scores["map_voc07"], "map_voc": scores["map_voc"], "coco": scores["coco"],
+        "per_class": scores["per_class"], "val_images": scores["count"],
+        "loss": history.get("loss", []), "val_loss": history.get("val_loss", []),
+        "data_seconds": round(data_seconds, 1), "train_seconds": round(result["train_seconds"], 1),
+        "eval_seconds": round(eval_seconds, 1), "seconds": round(time.perf_counter() - start, 1),
+        "out_dir": out_dir, "detections": picture, "curves": curves,
+        "checkpoint": os.path.join(run_dir, "final.keras"),
+        "load_average": [round(v, 2) for v in os.getloadavg()], "cpus": os.cpu_count(),
+    }
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=float)
+        f.write("\n")
+    return summary
+
+
+def print_detection_summary(summary, console=None):
+    """Print the detection demo's per-class AP table and its mAP, time and outputs."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"{summary['model']} {summary['model_options']} ({summary['params']:,} parameters): "
+                        f"validation, {summary['val_images']} images, IoU 0.5")
+    for column in ("class", "AP (VOC07 11-point)", "AP (all-point)", "objects"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for row in summary["per_class"]:
+        table.add_row(str(row.get("name", row.get("class"))), _fmt(row.get("ap_voc07")), _fmt(row.get("ap_voc")),
+                      str(row["gt"]))
+    console.print(table)
+    budget = " (stopped by the time budget)" if summary["stopped_by_budget"] else ""
+    console.print(
+        f"VOC mAP@0.5 {summary['map_voc07']:.3f} (VOC07 11-point), {summary['map_voc']:.3f} (all-point); COCO AP "
+        f"{summary['coco']['ap']:.3f} after {summary['epochs_run']}/{summary['epochs_planned']} epochs{budget}; "
+        f"{summary['seconds']:.0f} s in all (data {summary['data_seconds']:.0f} s, training "
+        f"{summary['train_seconds']:.0f} s, evaluation {summary['eval_seconds']:.0f} s) on {summary['cpus']} CPUs, "
+        f"load average {summary['load_average'][0]:.1f}.")
+    console.print(f"Outputs in {summary['out_dir']}: detections.png, curves.png, summary.json, run/final.keras")
+
+
+def _fmt(value):
+    return "-" if value is None else f"{value:.3f}"

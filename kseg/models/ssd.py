@@ -46,7 +46,7 @@ from keras import layers
 
 from kseg.layers import L2Normalization
 from kseg.models._common import model_input
-from kseg.models.deeplab import _adapt_vgg
+from kseg.models.deeplab import _adapt_vgg, check_width, scaled
 from kseg.models.vgg import CFGS, VGG16_CONV_NAMES
 from kseg.registry import TorchMapping, register_model
 
@@ -113,24 +113,26 @@ def _conv(x, filters, kernel, name, *, stride=1, dilation=1, padding="same"):
                          activation="relu", name=name)(x)
 
 
-def ssd_vgg16_sources(inputs, *, layout="paper"):
-    """The six feature maps SSD300 predicts from, in SOURCES order."""
+def ssd_vgg16_sources(inputs, *, layout="paper", width=1.0):
+    """The six feature maps SSD300 predicts from, in SOURCES order; `width` scales every conv's
+    filters (kseg.models.deeplab.scaled: rounded, at least 8)."""
     pool_padding = POOL_PADDING[layout]
     x, sources = inputs, []
     for b, convs in enumerate(CFGS["D"], start=1):
         for c, filters in enumerate(convs, start=1):
-            x = layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"block{b}_conv{c}")(x)
+            x = layers.Conv2D(scaled(filters, width), 3, padding="same", activation="relu",
+                              name=f"block{b}_conv{c}")(x)
         if b == 4:
             sources.append(L2Normalization(name="conv4_3_norm")(x))
         if b < 5:
             x = layers.MaxPooling2D(2, strides=2, padding=pool_padding[b - 1], name=f"block{b}_pool")(x)
     # pool5 3x3/1 pad 1: Keras' "same" pads 1 on each side, ignoring the padding, as PyTorch's -inf.
     x = layers.MaxPooling2D(3, strides=1, padding="same", name="pool5")(x)
-    x = _conv(x, 1024, 3, "fc6", dilation=6)
-    x = _conv(x, 1024, 1, "fc7")
+    x = _conv(x, scaled(1024, width), 3, "fc6", dilation=6)
+    x = _conv(x, scaled(1024, width), 1, "fc7")
     sources.append(x)
     for name, filters, kernel, stride in EXTRA_LAYERS:
-        x = _conv(x, filters, kernel, name, stride=stride, padding="same" if kernel == 1 else "valid")
+        x = _conv(x, scaled(filters, width), kernel, name, stride=stride, padding="same" if kernel == 1 else "valid")
         if name.endswith("_2"):
             sources.append(x)
     return sources
@@ -192,19 +194,22 @@ def decoder(options: dict):
     backbone_adapt=_adapt_vgg,
     postprocess=decoder,
 )
-def ssd300(*, num_classes=21, input_shape=None, layout="paper", postprocess=False):
+def ssd300(*, num_classes=21, input_shape=None, layout="paper", postprocess=False, width=1.0):
     """SSD300 on VGG16: raw mbox_loc (N, 8732, 4) and mbox_conf (N, 8732, C); layout="torchvision" for its weights.
 
     postprocess=True appends kseg.detection's SSDDecoder (the layout's prior boxes, PRIORS)
     and returns its decoded, padded detections instead of the raw outputs; it needs a fixed
-    input size.
+    input size. width: a channel multiplier in (0, 1] for every conv of the trunk and the extra
+    layers (rounded, at least 8; kseg's, for CPU demos: not the paper's); the heads keep their
+    anchors and classes, so the outputs and the prior boxes are the same at any width.
     """
+    check_width(width, "ssd300")
     if layout not in LAYOUTS:
         raise ValueError(f"ssd300: layout must be one of {LAYOUTS}, got {layout!r}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
         raise ValueError(f"ssd300: num_classes must be an int >= 2 (background + classes), got {num_classes!r}")
     inputs = model_input(input_shape, (300, 300, 3))
-    sources = ssd_vgg16_sources(inputs, layout=layout)
+    sources = ssd_vgg16_sources(inputs, layout=layout, width=width)
     mbox_loc, mbox_conf = multibox_head(sources, int(num_classes))
     if not postprocess:
         return keras.Model(inputs, [mbox_loc, mbox_conf], name="ssd300")

@@ -4,7 +4,8 @@
     model = kseg.train.compile_segmentation(model, recipe, steps_per_epoch=len_train)
     model.fit(train_ds, validation_data=val_ds, epochs=..., callbacks=kseg.train.callbacks(recipe, out))
 
-`train(recipe, data_dir, out_dir)` strings these together for `kseg train`.
+`train(recipe, data_dir, out_dir)` strings these together for `kseg train`; the datasets are
+kseg.train.inputs' (`datasets(recipe, data_dir)`, re-exported here).
 """
 
 from __future__ import annotations
@@ -21,21 +22,26 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import kseg.data as kd
 from kseg.api import build_model, layout_options
 from kseg.data.check import check_dataset
-from kseg.identity import RUN_FILE, identify, resolve_preprocessing
+from kseg.identity import RUN_FILE
 from kseg.registry import get_spec
 from kseg.tasks import losses as losses_mod
 from kseg.train.distribute import float32_outputs, multi_worker_fit, set_precision
 from kseg.train.distribute import strategy as make_strategy
+from kseg.train.inputs import (  # noqa: F401 (the dataset builders, re-exported from here as before)
+    TrainingSetupError,
+    _classification_datasets,
+    _widen_one_hot,
+    classification_augment,
+    datasets,
+    edge_lists,
+    eval_transform,
+    input_preprocessing,
+)
 from kseg.train.optim import FusedSGD
 from kseg.train.pictures import SAMPLES_FILE, plot_samples
 from kseg.train.recipes import Recipe, apply_overrides, load_recipe, soft_labels
-
-
-class TrainingSetupError(ValueError):
-    """Bad input found before the first training step (data, model or output directory)."""
 
 
 class FromScratchWarning(UserWarning):
@@ -88,6 +94,8 @@ def make_loss(recipe: Recipe):
     if soft_labels(recipe):  # mixed or smoothed one-hot targets
         return get_spec(recipe.model).task_object.soft_loss(spec.get("label_smoothing", 0.0))
     stride8 = spec.get("stride8", False)
+    if spec["name"] == "multibox":  # the detection task's: SSD's MultiBox loss for both outputs
+        return get_spec(recipe.model).task_object.loss(neg_pos_ratio=spec.get("neg_pos_ratio", 3.0))
     if spec["name"] == "sparse_cross_entropy":
         return losses_mod.SparseCrossEntropy(class_weights=spec.get("class_weights"), resize_labels=stride8)
     if spec["name"] == "sparse_focal_loss":
@@ -165,166 +173,6 @@ def checkpoint_mode(recipe) -> str:
     return get_spec(recipe.model).task_object.checkpoint_mode
 
 
-# === data ===
-
-
-def datasets(recipe: Recipe, data_dir, *, batch_size=None, seed=0):
-    """(train, val) tf.data from the recipe's [data] section, in the layouts of the model's task.
-
-    Segmentation: val is batch 1 at full size unless resized or padded. Classification: the
-    training set with the recipe's augmentation (classification_augment), the validation set
-    with its evaluation transform (eval_resize, then the centre eval_crop), both batched.
-    """
-    d = recipe.data
-    layout = d.get("layout", "voc")
-    task = get_spec(recipe.model).task_object
-    if layout not in task.data_layouts:
-        raise TrainingSetupError(f"{recipe.source}: {recipe.model} is a {task.name} model; its data layouts are "
-                                 f"{', '.join(task.data_layouts)}, not {layout!r}")
-    batch = batch_size or recipe.training["batch_size"]
-    if not task.dense:
-        return _classification_datasets(recipe, data_dir, batch, seed)
-    readers = {"voc": kd.voc, "sbd": kd.sbd, "synthetic": kd.synthetic, "pets": kd.pets, "folder": kd.folder,
-               "edges": kd.edges}
-    if layout not in readers:
-        raise TrainingSetupError(f"{recipe.source}: kseg train reads segmentation layouts {sorted(readers)}; "
-                                 f"{layout!r} datasets are built with kseg.data in Python for now")
-    reader = readers[layout]
-    prep = input_preprocessing(recipe)
-    crop = d.get("crop") or None
-    scale = d.get("scale") or None
-    jitter = 0.0 if not d.get("color_jitter") else None
-    aug_kwargs = dict(crop=crop, scale=scale, flip=d.get("flip", False))
-    if jitter is not None:
-        aug_kwargs.update(brightness=0, contrast=0, saturation=0, hue=0)
-    augment = kd.SegmentationAugment(**aug_kwargs)
-    common = dict(preprocessing=prep, resize=d.get("resize") or None, pad_to=d.get("pad_to") or None)
-    split = (lambda s: s) if layout != "folder" else None
-    try:
-        if layout == "edges":
-            train_list, val_list = edge_lists(d, data_dir)
-            train = reader(train_list, augment=augment, batch_size=batch, seed=seed, **common)
-            val = reader(val_list, batch_size=1, **common)
-        elif layout == "folder":
-            train = reader(os.path.join(data_dir, d.get("train_split", "train")), augment=augment, batch_size=batch,
-                           seed=seed, **common)
-            val = reader(os.path.join(data_dir, d.get("val_split", "val")), batch_size=1, **common)
-        else:
-            train = reader(data_dir, split(d.get("train_split", "train")), augment=augment, batch_size=batch,
-                           seed=seed, **common)
-            val = reader(data_dir, split(d.get("val_split", "val")), batch_size=1, **common)
-    except (FileNotFoundError, OSError) as e:
-        raise TrainingSetupError(f"cannot read {layout} data at {data_dir}: {e}") from None
-    except ValueError as e:
-        if layout != "edges":
-            raise
-        raise TrainingSetupError(f"cannot read {layout} data at {data_dir}: {e}") from None
-    return train, val
-
-
-def edge_lists(data: dict, data_dir) -> tuple[str, str]:
-    """(training list, validation list) of an edges recipe: lists of 'image edge_map' lines.
-
-    data_dir is a list file (trained on; validated on [data] val_split beside it when that
-    exists, else on the same list) or a folder holding [data] train_split and val_split.
-    """
-    data_dir = os.fspath(data_dir)
-    train_split, val_split = data.get("train_split", "train_pair.lst"), data.get("val_split", "val_pair.lst")
-    if os.path.isfile(data_dir):
-        val = os.path.join(os.path.dirname(os.path.abspath(data_dir)), val_split)
-        return data_dir, val if os.path.isfile(val) else data_dir
-    train, val = os.path.join(data_dir, train_split), os.path.join(data_dir, val_split)
-    if not os.path.isfile(train):
-        raise FileNotFoundError(f"no {train}: --data takes a list file of 'image edge_map' lines or a folder "
-                                f"with {train_split} ([data] train_split)")
-    return train, val if os.path.isfile(val) else train
-
-
-def classification_augment(data: dict):
-    """The training augmentation of a classifier's [data] section, or None (resize only).
-
-    crop + scale: shorter side jittered in scale (pixels), random crop (VGG, AlexNet); crop
-    alone: Inception-style random resized crop to crop; no crop: the whole image resized.
-    flip: random horizontal flips; color_jitter: ClassificationAugment's default jitter;
-    mixup / cutmix / switch_prob / mix_prob / cutout: the batch mixing of ClassificationAugment.
-    """
-    crop, scale, flip = data.get("crop") or None, data.get("scale") or None, data.get("flip", False)
-    jitter = {} if data.get("color_jitter") else dict(brightness=0, contrast=0, saturation=0, hue=0)
-    mixing = {k: data[k] for k in ("mixup", "cutmix", "cutout", "switch_prob", "mix_prob") if k in data}
-    if crop and scale:
-        return kd.ClassificationAugment(area=None, scale=tuple(scale), flip=flip, **jitter, **mixing)
-    if crop:
-        return kd.ClassificationAugment(flip=flip, **jitter, **mixing)
-    if flip or not jitter or mixing:
-        return kd.ClassificationAugment(area=None, flip=flip, **jitter, **mixing)
-    return None
-
-
-def eval_transform(data: dict):
-    """(resize_shorter, crop) of a classifier's [data] eval_resize / eval_crop, or None."""
-    if not data.get("eval_resize"):
-        return None
-    return data["eval_resize"], data["eval_crop"]
-
-
-def _classification_datasets(recipe, data_dir, batch, seed):
-    d = recipe.data
-    layout = d["layout"]
-    ident = identify(recipe.model, dict(recipe.model_options))
-    h, w, channels = ident.input_shape
-    model_size = (h, w) if h and w else None
-    train_size = d.get("crop") or d.get("resize") or model_size
-    val_size = d.get("resize") or d.get("crop") or model_size
-    if train_size is None:
-        raise TrainingSetupError(f"{recipe.source}: {recipe.model} takes any input size: give [data] crop or "
-                                 "resize")
-    transform = eval_transform(d)
-    # Soft targets (mixing, label smoothing): one-hot labels from both sets, for one loss.
-    labels = "categorical" if soft_labels(recipe) else "int"
-    common = dict(preprocessing=input_preprocessing(recipe), channels=channels, batch_size=batch, label_mode=labels)
-    interpolation = d.get("interpolation", "bilinear")
-    train_split, val_split = d.get("train_split", "train"), d.get("val_split", "val")
-    try:
-        if layout == "classification_list":
-            train = kd.classification_list(data_dir, train_split, image_size=train_size,
-                                           augment=classification_augment(d), shuffle=True, seed=seed, **common)
-            val = kd.classification_list(data_dir, val_split, class_names=train.class_names,
-                                         image_size=None if transform else val_size, eval_transform=transform,
-                                         interpolation=interpolation, **common)
-        else:
-            folders = [os.path.join(data_dir, s) for s in (train_split, val_split)]
-            missing = [f for f in folders if not os.path.isdir(f)]
-            if missing:
-                raise FileNotFoundError(f"no {' or '.join(missing)}: expected {data_dir}/{train_split}/CLASS/*.jpg "
-                                        f"and {data_dir}/{val_split}/CLASS/*.jpg ([data] train_split, val_split)")
-            train = kd.classification_folder(folders[0], image_size=train_size, augment=classification_augment(d),
-                                             shuffle=True, seed=seed, **common)
-            val = kd.classification_folder(folders[1], class_names=train.class_names,
-                                           image_size=None if transform else val_size, eval_transform=transform,
-                                           interpolation=interpolation, **common)
-    except (FileNotFoundError, OSError, ValueError) as e:
-        raise TrainingSetupError(f"cannot read {layout} data at {data_dir}: {e}") from None
-    outputs, classes = ident.num_classes, train.num_classes
-    if labels == "categorical" and outputs and classes and outputs > classes:
-        # One-hot rows as wide as the model's output (fewer data classes than outputs: the extra never occur).
-        train, val = (_widen_one_hot(ds, outputs) for ds in (train, val))
-    return train, val
-
-
-def _widen_one_hot(ds, depth):
-    out = ds.map(lambda x, y: (x, tf.pad(y, [[0, 0], [0, depth - tf.shape(y)[-1]]])))
-    for name in ("class_names", "num_classes", "skipped"):
-        setattr(out, name, getattr(ds, name, None))
-    return out
-
-
-def input_preprocessing(recipe: Recipe):
-    """What the recipe's images go through: its [data] preprocessing, else its model's (weight layout's)."""
-    if recipe.data.get("preprocessing"):
-        return resolve_preprocessing(recipe.data["preprocessing"])
-    return identify(recipe.model, dict(recipe.model_options)).preprocessing
-
-
 def _count(ds, limit=None):
     n = ds.cardinality().numpy()
     if n >= 0:
@@ -333,8 +181,14 @@ def _count(ds, limit=None):
 
 
 def check_setup(model, train, val, out_dir, run_info, task=None):
-    """Clear errors before any training step: class counts, empty data, a foreign resume directory."""
-    num_classes = model.outputs[0].shape[-1]
+    """Clear errors before any training step: class counts, empty data, a foreign resume directory.
+
+    With several outputs the class scores are the task's head output (a detector's mbox_conf), and
+    labels given as a dict by output name (a detector's encoded targets) are checked by that name.
+    """
+    names = list(model.output_names)
+    head = task.head(names).output_index if task is not None and len(names) > 1 else 0
+    num_classes = model.outputs[head].shape[-1]
     class_labels = task is None or task.target_kind != "edge_map"  # edge maps are strengths in [0, 1]
     declared = getattr(train, "num_classes", None)
     if declared is not None and num_classes is not None and declared > num_classes:
@@ -346,7 +200,7 @@ def check_setup(model, train, val, out_dir, run_info, task=None):
         first = next(iter(ds.take(1)), None)
         if first is None:
             raise TrainingSetupError(f"the {name} dataset is empty: no image/label pairs were found")
-        labels = np.asarray(first[1])
+        labels = np.asarray(first[1][names[head]] if isinstance(first[1], dict) else first[1])
         seen = labels[labels != losses_mod.IGNORE_LABEL]
         if class_labels and seen.size and seen.max() >= num_classes:
             raise TrainingSetupError(
@@ -439,7 +293,15 @@ def train(recipe, data_dir, out_dir, *, epochs=None, batch_size=None, overrides=
         json.dump({**run_info, "recipe_file": recipe.source, "recipe_values": recipe.to_dict()}, f, indent=1)
     # One target per loss (HED's deep supervision: every output learns the same edge map).
     task, num_losses = get_spec(recipe.model).task_object, len(fit_model.outputs)
-    fit_train, fit_val = (ds.map(lambda x, y: (x, task.fit_targets(y, num_losses))) for ds in (train_ds, val_ds))
+    names, renamed = list(model.output_names), list(fit_model.output_names) != list(model.output_names)
+
+    def fit_targets(y):
+        y = task.fit_targets(y, num_losses)
+        # Targets by output name (a detector's), for outputs renamed by the float32 casts of mixed precision:
+        # by position instead.
+        return tuple(y[n] for n in names) if renamed and isinstance(y, dict) else y
+
+    fit_train, fit_val = (ds.map(lambda x, y: (x, fit_targets(y))) for ds in (train_ds, val_ds))
     start = time.perf_counter()
     # shuffle=False: kseg's readers shuffle (seeded); Keras only warns that it ignores shuffle=True.
     with _naming_undecodable(recipe, data_dir):
@@ -449,13 +311,20 @@ def train(recipe, data_dir, out_dir, *, epochs=None, batch_size=None, overrides=
     seconds = time.perf_counter() - start
     model.save(os.path.join(out_dir, "final.keras"))
     logs = {k: [float(v) for v in vs] for k, vs in history.history.items()}
-    samples = plot_samples(model, val_ds, os.path.join(out_dir, SAMPLES_FILE),
-                           preprocessing=input_preprocessing(recipe))
+    samples = None
+    if task.target_kind in DRAWN_TARGETS:
+        samples = plot_samples(model, val_ds, os.path.join(out_dir, SAMPLES_FILE),
+                               preprocessing=input_preprocessing(recipe))
     monitor = checkpoint_monitor(recipe)
     return {"model": model, "history": logs, "train_seconds": seconds, "epochs": epochs_, "out_dir": out_dir,
             "val_mean_iou": logs.get("val_mean_iou", [None])[-1] if logs.get("val_mean_iou") else None,
             "monitor": monitor, "val_score": logs[monitor][-1] if logs.get(monitor) else None,
             "samples": samples}
+
+
+# The targets kseg.train.pictures.plot_samples draws (class maps, edge maps, image classes):
+# samples.png is drawn for those.
+DRAWN_TARGETS = ("class_map", "edge_map", "class")
 
 
 # Phrases of libjpeg / libpng failures as TF reports them (they name no file).
@@ -483,7 +352,7 @@ def _undecodable_files(error, recipe, data_dir):
     if not any(phrase in str(error) for phrase in _DECODER_ERRORS):
         return []
     d = recipe.data
-    layout = {"synthetic": "voc"}.get(d.get("layout", "voc"), d.get("layout", "voc"))
+    layout = {"synthetic": "voc", "voc_detection": "voc-det"}.get(d.get("layout", "voc"), d.get("layout", "voc"))
     bad = []
     for split in dict.fromkeys((d.get("train_split", "train"), d.get("val_split", "val"))):
         try:

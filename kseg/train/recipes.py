@@ -35,6 +35,11 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         # classifiers' batch mixing: Beta(alpha, alpha) MixUp / CutMix, CutMix's share of the mixed
         # batches when both are given, the share of batches mixed at all; Cutout's probability
         "mixup": _NUM, "cutmix": _NUM, "switch_prob": _NUM, "mix_prob": _NUM, "cutout": _NUM,
+        # detection: boxes padded to max_boxes per image, VOC's difficult objects trained on or not;
+        # SSD's augmentation (kseg.train.inputs.DetectionAugment): photometric distortion, zoom out
+        # to at most zoom_out times the image (1: none), the min-IoU random crop (and flip, above)
+        "max_boxes": (int,), "use_difficult": (bool,), "photometric_distort": (bool,), "zoom_out": _NUM,
+        "iou_crop": (bool,),
     },
     "optimizer": {"name": (str,), "learning_rate": _NUM, "momentum": _NUM, "weight_decay": _NUM},
     "schedule": {
@@ -44,17 +49,19 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "training": {"batch_size": (int,), "epochs": (int,), "iterations": (int,), "steps_per_epoch": (int,),
                  "seed": (int,)},
     "loss": {"name": (str,), "stride8": (bool,), "class_weights": (list,), "gamma": _NUM,
-             "label_smoothing": _NUM},
+             "label_smoothing": _NUM,
+             # multibox: hard negatives kept per positive (kseg.detection.losses.MultiBoxLoss)
+             "neg_pos_ratio": _NUM},
 }
 CHOICES = {
     ("", "backbone_init"): ("imagenet",),
     ("data", "layout"): ("voc", "sbd", "synthetic", "pets", "edges", "folder", "classification_folder",
-                         "classification_list"),
+                         "classification_list", "voc_detection", "coco_detection"),
     ("data", "interpolation"): ("bilinear", "bicubic", "nearest", "area", "lanczos3", "lanczos5"),
     ("optimizer", "name"): ("sgd", "adam", "adamw"),
     ("schedule", "kind"): ("constant", "step", "poly", "piecewise"),
     ("schedule", "step_unit"): ("iterations", "epochs"),
-    ("loss", "name"): ("sparse_cross_entropy", "sparse_focal_loss", "balanced_sigmoid_cross_entropy"),
+    ("loss", "name"): ("sparse_cross_entropy", "sparse_focal_loss", "balanced_sigmoid_cross_entropy", "multibox"),
 }
 REQUIRED = (("", "model"), ("optimizer", "name"), ("optimizer", "learning_rate"), ("training", "batch_size"),
             ("loss", "name"))
