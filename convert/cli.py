@@ -73,6 +73,10 @@ def _report_table(report, title):
         agree = "-" if o.argmax_agreement is None else f"{o.argmax_agreement:.4%}"
         table.add_row(o.name, "x".join(map(str, o.shape)), f"{o.max_abs:.3g}", f"{o.mean_abs:.3g}",
                       f"{o.max_rel:.3g}", f"{o.allowed_max_abs:.3g}", agree, "yes" if o.passed else "NO")
+    notes = list(dict.fromkeys(o.note for o in report.outputs if o.note))  # a detector's: detections as sets
+    if notes or report.unmatched:
+        table.caption = "; ".join(notes + ([f"only on one side, not compared: {', '.join(report.unmatched)}"]
+                                           if report.unmatched else []))
     return table
 
 

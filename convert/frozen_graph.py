@@ -17,7 +17,9 @@ def save(model, path, *, metadata=None, input_size=None, **_):
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     from convert.saved_model import serving_function
+    from kseg.api import deployment_model
 
+    model = deployment_model(model)  # a detector: raw outputs and decoded detections
     concrete = serving_function(model, input_size).get_concrete_function()
     # Which placeholder carries which variable: after freezing, each becomes a Const node of
     # the same name.
@@ -30,7 +32,7 @@ def save(model, path, *, metadata=None, input_size=None, **_):
     graph_def = frozen.graph.as_graph_def()
     with open(path, "wb") as f:
         f.write(graph_def.SerializeToString())
-    side = dict(metadata or {})
+    side = dict(metadata or {}, outputs=list(model.output_names))
     side["graph"] = {
         "inputs": ["image:0"],
         "outputs": [f"{n}:0" for n in model.output_names],

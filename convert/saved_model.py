@@ -34,15 +34,20 @@ def serving_function(model, input_size=None):
 
 
 def save(model, path, *, metadata=None, input_size=None, **_):
+    """Write the SavedModel; a detector's serving_default returns its raw outputs and its decoded
+    detections (kseg.api.deployment_model)."""
     import tensorflow as tf
 
+    from kseg.api import deployment_model
+
+    model = deployment_model(model)
     path = os.fspath(path)
     module = tf.Module()
     module.kseg_weights = {v.path: v.value for v in model.weights}
     module.serve = serving_function(model, input_size)
     tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
     if metadata is not None:
-        md.write_saved_model(path, metadata)
+        md.write_saved_model(path, dict(metadata, outputs=list(model.output_names)))
 
 
 def serving_version_dir(base, version=None) -> str:

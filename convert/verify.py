@@ -57,16 +57,20 @@ class Runner:
 
 
 def keras_runner(model, metadata=None, batch_size=8) -> Runner:
-    """A runner for an in-memory Keras model (inference mode, batches of `batch_size`)."""
+    """A runner for an in-memory Keras model (inference mode, batches of `batch_size`), as the
+    graph formats deploy it (kseg.api.deployment_model: a detector's decoded detections too)."""
+    from kseg.api import deployment_model
+
+    deployed = deployment_model(model)
 
     def run(x):
         parts = []
         for i in range(0, len(x), batch_size):
-            out = model(x[i : i + batch_size], training=False)
+            out = deployed(x[i : i + batch_size], training=False)
             parts.append([np.asarray(o) for o in (out if isinstance(out, (list, tuple)) else [out])])
         return [np.concatenate(col) for col in zip(*parts)]
 
-    runner = Runner(run, tuple(model.input_shape[1:]), metadata, "tf", list(model.output_names))
+    runner = Runner(run, tuple(model.input_shape[1:]), metadata, "tf", list(deployed.output_names))
     runner.keras_model = model
     return runner
 
@@ -88,6 +92,7 @@ class Report:
     outputs: list
     passed: bool
     error: str | None = None
+    unmatched: list | None = None  # outputs only one side has (not compared)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -101,6 +106,8 @@ class Report:
         worst = max((o.max_abs for o in self.outputs), default=0.0)
         agree = [o.argmax_agreement for o in self.outputs if o.argmax_agreement is not None]
         tail = f", argmax agreement {min(agree):.4%}" if agree else ""
+        notes = list(dict.fromkeys(o.note for o in self.outputs if o.note))
+        tail += "".join(f"; detections {n}" for n in notes)
         return f"{'PASS' if self.passed else 'FAIL'} ({self.kind}: max-abs {worst:.3g}{tail})"
 
 
@@ -172,16 +179,34 @@ def verify(a, b, *, inputs=None, images=None, input_size=None, batch=2, seed=0, 
                              seed=seed, images=images)
     inputs = np.asarray(inputs, dtype=np.float32)
     ref_outputs, outputs = a(inputs), b(inputs)
-    names = a.output_names or b.output_names or [f"output_{i}" for i in range(len(ref_outputs))]
-    if len(ref_outputs) != len(outputs):
+    if a.output_names and b.output_names:
+        # By name: a detector's export carries its decoded detections beside the raw outputs, a
+        # TF Serving export's raw_outputs signature only the raw ones; the shared ones are compared.
+        ref, out = dict(zip(a.output_names, ref_outputs)), dict(zip(b.output_names, outputs))
+    elif len(ref_outputs) != len(outputs):
         return Report(kind, tol, tuple(inputs.shape), [], False,
                       f"{len(ref_outputs)} outputs against {len(outputs)}")
-    task = _task_of(a.metadata or b.metadata)
-    reports = [task.compare(r, o, n, tol) for r, o, n in zip(ref_outputs, outputs, names)]
-    return Report(kind, tol, tuple(inputs.shape), reports, all(r.passed for r in reports))
+    else:
+        names = a.output_names or b.output_names or [f"output_{i}" for i in range(len(ref_outputs))]
+        ref, out = dict(zip(names, ref_outputs)), dict(zip(names, outputs))
+    unmatched = sorted(set(ref) ^ set(out))
+    if not set(ref) & set(out):
+        return Report(kind, tol, tuple(inputs.shape), [], False,
+                      f"no output in common: {sorted(ref)} against {sorted(out)}", unmatched)
+    meta = a.metadata or b.metadata
+    reports = _task_of(meta).compare_outputs(ref, out, tol, postprocess=_decoder_of(meta))
+    return Report(kind, tol, tuple(inputs.shape), reports, all(r.passed for r in reports), None,
+                  unmatched or None)
 
 
 def _task_of(metadata):
     """The task whose comparison applies: the architecture's, else the generic one."""
     name = (metadata or {}).get("architecture")
     return get_spec(name).task_object if name else Task()
+
+
+def _decoder_of(metadata):
+    """The decoder layer of a detector's metadata (its thresholds), else None."""
+    ident = of_metadata(metadata or {})
+    make = getattr(ident.spec, "postprocess", None) if ident.spec is not None else None
+    return make(ident.options) if make is not None else None

@@ -57,15 +57,54 @@ def inference_model(model):
     The same as build_model(name, postprocess=True), for a model built, trained or loaded without."""
     import keras
 
+    raw, decoder = _raw_and_decoder(model)
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    return keras.Model(inputs, decoder(raw), name=f"{model.name}_detector")
+
+
+# A detector's decoded outputs, in the order deployment_model appends them.
+DETECTION_OUTPUTS = ("detection_boxes", "detection_scores", "detection_classes", "num_detections")
+
+
+def deployment_model(model, *, nms=None):
+    """The network a graph format (SavedModel, frozen graph, ONNX, TFLite) holds: for a kseg
+    detector, its raw outputs followed by the decoded detections (DETECTION_OUTPUTS, each a named
+    output), so one file serves training-style checks and deployment; any other model unchanged.
+
+    nms: the decoder's NMS realisation (kseg.detection.nms: "combined", or "v5" for TFLite's
+    builtin ops); None keeps the decoder's. The result shares the model's weights and identity.
+    """
+    import keras
+
+    info = model_info(model)
+    spec = get_spec(info["name"]) if info else None
+    if spec is None or spec.postprocess is None:
+        return model
+    raw, decoder = _raw_and_decoder(model)
+    if nms is not None and nms != decoder.nms:
+        decoder = type(decoder).from_config({**decoder.get_config(), "nms": nms})
+    found = decoder(raw)
+    outputs = [keras.layers.Identity(name=name)(found[name]) for name in DETECTION_OUTPUTS]
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    deployed = keras.Model(inputs, [*raw, *outputs], name=model.name)
+    remember_identity(deployed, info)
+    return deployed
+
+
+def _raw_and_decoder(model):
+    """(the raw output tensors, a decoder layer) of a kseg detector: a model built with
+    postprocess=True gives its decoder and the decoder's inputs, others their outputs and a fresh one."""
     info = model_info(model)
     spec = get_spec(info["name"]) if info else None
     if spec is None or spec.postprocess is None:
         raise ValueError(f"{model.name}: not a kseg detector (no decoder in its registry spec)")
     options = {**{k: p.default for k, p in inspect.signature(spec.builder).parameters.items()
                   if p.default is not inspect.Parameter.empty}, **info["kwargs"]}
-    outputs = spec.postprocess(options)(list(model.outputs))
-    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
-    return keras.Model(inputs, outputs, name=f"{model.name}_detector")
+    fresh = spec.postprocess(options)
+    for layer in model.layers:
+        if isinstance(layer, type(fresh)):
+            return list(layer.input), layer
+    return list(model.outputs), fresh
 
 
 def layout_options(name, *weight_files) -> dict:

@@ -13,7 +13,7 @@ from kseg.detection import anchors as anchors_mod
 from kseg.detection.anchors import PRIORS, anchors_per_location, ssd_anchors
 from kseg.detection.boxes import DEFAULT_CLIP, SSD_WEIGHTS, box_iou, clip_boxes, decode, encode
 from kseg.detection.matching import match, ssd_match
-from kseg.detection.nms import batched_class_nms
+from kseg.detection.nms import METHODS, batched_class_nms
 from kseg.detection.postprocess import SSDDecoder, ssd_postprocess
 
 F32 = np.float32
@@ -339,12 +339,16 @@ def _check_against_reference(out, want):
         np.testing.assert_allclose(out["detection_boxes"][b, :n].numpy()[got_order], boxes[want_order], atol=1e-3)
 
 
+NMS = pytest.mark.parametrize("nms", METHODS)  # every realisation selects the reference's detections
+
+
+@NMS
 @pytest.mark.parametrize("conf_scale,kwargs", [(0.5, {}), (3.0, {}), (0.5, dict(top_k=30, max_detections=300))])
-def test_ssd_postprocess_vs_reference(conf_scale, kwargs):
+def test_ssd_postprocess_vs_reference(conf_scale, kwargs, nms):
     rng = np.random.default_rng(int(conf_scale * 10) + len(kwargs))
     anchors = ssd_anchors((300, 300), "voc")
     loc, conf = _raw(rng, 2, len(anchors), 21, conf_scale)
-    out = ssd_postprocess(loc, conf, anchors, (300, 300), **kwargs)
+    out = ssd_postprocess(loc, conf, anchors, (300, 300), nms=nms, **kwargs)
     want = _reference(loc, conf, anchors, (300, 300), **kwargs)
     assert out["detection_boxes"].shape == (2, kwargs.get("max_detections", 200), 4)
     _check_against_reference(out, want)
@@ -353,10 +357,11 @@ def test_ssd_postprocess_vs_reference(conf_scale, kwargs):
         assert ((probs[:, 1:] > 0.01).sum(0) > 400).all()
 
 
-def test_nms_suppresses_above_threshold_only():
+@NMS
+def test_nms_suppresses_above_threshold_only(nms):
     boxes = np.array([[[0, 0, 100, 100], [0, 0, 100, 45], [0, 0, 100, 46], [200, 200, 250, 250]]], F32)
     scores = np.array([[[0.9, 0.1], [0.8, 0.005], [0.7, 0.005], [0.6, 0.005]]], F32)  # IoU 0.45 kept, 0.46 not
-    got_boxes, got_scores, got_classes, num = batched_class_nms(boxes, scores, max_detections=6)
+    got_boxes, got_scores, got_classes, num = batched_class_nms(boxes, scores, max_detections=6, method=nms)
     assert int(num[0]) == 4
     np.testing.assert_array_equal(got_classes[0], [0, 0, 0, 1, -1, -1])
     np.testing.assert_allclose(got_scores[0], [0.9, 0.8, 0.6, 0.1, 0, 0])
@@ -364,7 +369,8 @@ def test_nms_suppresses_above_threshold_only():
     assert ref_nms(boxes[0], scores[0, :, 0], 0.45) == [0, 1, 3]
 
 
-def test_top_k_limits_candidates_before_nms():
+@NMS
+def test_top_k_limits_candidates_before_nms(nms):
     # Class 1's 500 best anchors all regress onto one box B, its next 500 keep their own boxes: its
     # top 400 candidates collapse to B under NMS, and torchvision keeps nothing below them.
     anchors = ssd_anchors((300, 300), "voc")
@@ -374,21 +380,42 @@ def test_top_k_limits_candidates_before_nms():
     conf[..., 0] = 0.0
     conf[0, :500, 1] = 8.0 - 0.001 * np.arange(500)
     conf[0, 500:1000, 1] = 3.0 - 0.001 * np.arange(500)
-    out = ssd_postprocess(loc, conf, anchors, (300, 300))
+    out = ssd_postprocess(loc, conf, anchors, (300, 300), nms=nms)
     want = _reference(loc, conf, anchors, (300, 300))
     _check_against_reference(out, want)
     assert int(out["num_detections"][0]) == 1
     np.testing.assert_allclose(out["detection_boxes"][0, 0], [100, 100, 180, 170], atol=1e-3)
 
 
-def test_ssd_postprocess_fewer_anchors_than_top_k(rng):
+@NMS
+def test_ssd_postprocess_fewer_anchors_than_top_k(rng, nms):
     anchors = ssd_anchors((64, 64), "coco")
     assert len(anchors) < 400
     loc, conf = _raw(rng, 2, len(anchors), 4, 1.0)
-    out = ssd_postprocess(loc, conf, anchors, (64, 64))
+    out = ssd_postprocess(loc, conf, anchors, (64, 64), nms=nms)
     _check_against_reference(out, _reference(loc, conf, anchors, (64, 64)))
     boxes = out["detection_boxes"].numpy()
     assert boxes.min() >= 0 and boxes.max() <= 64
+
+
+@NMS
+def test_zero_area_boxes_are_kept_once_and_suppress_nothing(nms):
+    # Boxes clipped to a line (zero area) have IoU 0 with everything, themselves included: kept
+    # once each (TF's and torchvision's NMS). TFLite's NMS op alone would repeat such a box.
+    boxes = np.array([[[10, 0, 50, 0], [10, 0, 50, 0], [10, 0, 50, 30], [12, 0, 52, 30], [60, 60, 60, 90]]], F32)
+    scores = np.array([[[0.9], [0.8], [0.7], [0.6], [0.5]]], F32)
+    got_boxes, got_scores, got_classes, num = batched_class_nms(boxes, scores, max_detections=8, method=nms)
+    assert int(num[0]) == 4  # box 3 (IoU 0.9 with box 2) is suppressed, the flat ones are not
+    np.testing.assert_allclose(got_scores[0, :4], [0.9, 0.8, 0.7, 0.5])
+    np.testing.assert_array_equal(got_boxes[0, :4], boxes[0, [0, 1, 2, 4]])
+    assert ref_nms(boxes[0], scores[0, :, 0], 0.45) == [0, 1, 2, 4]
+
+
+def test_unknown_nms_method():
+    with pytest.raises(ValueError, match="v5"):
+        batched_class_nms(np.zeros((1, 2, 4), F32), np.zeros((1, 2, 1), F32), method="soft")
+    with pytest.raises(ValueError, match="combined"):
+        SSDDecoder(nms="soft")
 
 
 def test_decoder_layer_config_round_trip(rng):

@@ -12,11 +12,11 @@ import tensorflow as tf
 
 from kseg.detection.anchors import prior_set, ssd_anchors
 from kseg.detection.boxes import SSD_WEIGHTS, clip_boxes, decode
-from kseg.detection.nms import batched_class_nms
+from kseg.detection.nms import METHODS, batched_class_nms
 
 
 def ssd_postprocess(mbox_loc, mbox_conf, anchors, input_hw, *, score_threshold=0.01, top_k=400,
-                    iou_threshold=0.45, max_detections=200):
+                    iou_threshold=0.45, max_detections=200, nms="combined"):
     """Detections from SSD's mbox_loc (B, A, 4) deltas and mbox_conf (B, A, C) logits (class 0
     background) over `anchors` (A, 4) xyxy pixels of an `input_hw` (height, width) input.
 
@@ -25,6 +25,7 @@ def ssd_postprocess(mbox_loc, mbox_conf, anchors, input_hw, *, score_threshold=0
     (torchvision `SSD.postprocess_detections`). Returns {"detection_boxes" (B, K, 4) float32,
     "detection_scores" (B, K), "detection_classes" (B, K) int32 class ids 1..C-1 (-1 padding),
     "num_detections" (B,) int32}, K = max_detections, each image's rows by score descending.
+    nms: kseg.detection.nms's realisation ("combined", or "v5" for TFLite's builtin ops).
     """
     height, width = (int(v) for v in input_hw)
     scores = tf.nn.softmax(tf.cast(mbox_conf, tf.float32), axis=-1)
@@ -33,7 +34,7 @@ def ssd_postprocess(mbox_loc, mbox_conf, anchors, input_hw, *, score_threshold=0
     boxes = clip_boxes(boxes, height, width)
     boxes, scores, classes, num = batched_class_nms(
         boxes, scores[..., 1:], top_k=top_k, iou_threshold=iou_threshold, score_threshold=score_threshold,
-        max_detections=max_detections)
+        max_detections=max_detections, method=nms)
     classes = tf.where(classes >= 0, classes + 1, classes)  # columns 0.. of classes 1..: model class ids
     return {"detection_boxes": boxes, "detection_scores": scores, "detection_classes": classes,
             "num_detections": num}
@@ -44,16 +45,21 @@ class SSDDecoder(keras.layers.Layer):
     """[mbox_loc (B, A, 4), mbox_conf (B, A, C) logits] -> ssd_postprocess's padded detections.
 
     The anchors are recomputed from `priors` and `input_hw` (and `feature_sizes`, see
-    anchors.ssd_anchors), not stored: the config holds those and the thresholds only.
+    anchors.ssd_anchors), not stored: the config holds those and the thresholds only. nms picks
+    kseg.detection.nms's realisation (both select the same detections); TFLite exports trace
+    the layer with "v5".
     """
 
     def __init__(self, priors="voc", input_hw=(300, 300), score_threshold=0.01, top_k=400, iou_threshold=0.45,
-                 max_detections=200, feature_sizes=None, **kwargs):
+                 max_detections=200, feature_sizes=None, nms="combined", **kwargs):
         super().__init__(**kwargs)
         prior_set(priors)
         if score_threshold < 0:
             raise ValueError(f"score_threshold must be >= 0, got {score_threshold}")
+        if nms not in METHODS:
+            raise ValueError(f"nms must be one of {METHODS}, got {nms!r}")
         self.priors = priors
+        self.nms = nms
         self.input_hw = tuple(int(v) for v in input_hw)
         self.score_threshold = float(score_threshold)
         self.top_k = int(top_k)
@@ -73,7 +79,7 @@ class SSDDecoder(keras.layers.Layer):
         self._check(mbox_loc.shape[1])
         return ssd_postprocess(mbox_loc, mbox_conf, tf.constant(self.anchors), self.input_hw,
                                score_threshold=self.score_threshold, top_k=self.top_k,
-                               iou_threshold=self.iou_threshold, max_detections=self.max_detections)
+                               iou_threshold=self.iou_threshold, max_detections=self.max_detections, nms=self.nms)
 
     def compute_output_spec(self, inputs):
         mbox_loc = inputs[0]
@@ -88,4 +94,4 @@ class SSDDecoder(keras.layers.Layer):
         return {**super().get_config(), "priors": self.priors, "input_hw": list(self.input_hw),
                 "score_threshold": self.score_threshold, "top_k": self.top_k,
                 "iou_threshold": self.iou_threshold, "max_detections": self.max_detections,
-                "feature_sizes": self.feature_sizes}
+                "feature_sizes": self.feature_sizes, "nms": self.nms}

@@ -120,6 +120,12 @@ class Task:
 
     # --- verification ----------------------------------------------------------------------
 
+    def compare_outputs(self, ref: dict, out: dict, tol, postprocess=None) -> list:
+        """Every output two runs of a model share ({name: array} each; `ref` the reference) ->
+        OutputReports, in ref's order. By default each output on its own (`compare`).
+        postprocess: the model's decoder layer, where it has one (a detector's thresholds)."""
+        return [self.compare(ref[name], out[name], name, tol) for name in ref if name in out]
+
     def compare(self, ref, out, name, tol):
         """One output of two runs of a model (e.g. Keras and its ONNX export) -> an OutputReport.
 
@@ -218,3 +224,4 @@ class OutputReport:
     argmax_agreement: float | None  # None for single-channel outputs
     argmax_disagreements_not_near_tie: int
     passed: bool
+    note: str | None = None  # how the output was compared, where not element-wise

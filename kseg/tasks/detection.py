@@ -13,7 +13,9 @@ boxes normalised [ymin, xmin, ymax, xmax], classes 1-based as float32, num_detec
 
 from __future__ import annotations
 
-from kseg.tasks.base import Evaluator, Head, Task
+import numpy as np
+
+from kseg.tasks.base import Evaluator, Head, OutputReport, Task
 
 
 class Detection(Task):
@@ -45,6 +47,34 @@ class Detection(Task):
     def random_targets(self, rng, batch, height, width, num_classes):
         raise NotImplementedError("detection targets are boxes matched to a model's anchors: "
                                   "kseg.detection.targets.ssd_targets")
+
+    def compare_outputs(self, ref, out, tol, postprocess=None):
+        """Raw outputs element-wise; the decoded detections (both runs must have all four) as sets
+        per image (kseg.detection.compare): one report per detection output, their differences
+        over matched detections. Scores within max(1e-5, tol["atol"]), boxes within 1e-3 of the
+        input's larger side (tol["box"] overrides, as a fraction)."""
+        from kseg.detection.compare import compare_detection_sets
+
+        names = ("detection_boxes", "detection_scores", "detection_classes", "num_detections")
+        reports = super().compare_outputs({k: v for k, v in ref.items() if k not in names}, out, tol)
+        if not all(k in ref and k in out for k in names):
+            return reports
+        size = max(getattr(postprocess, "input_hw", (300, 300)))
+        score_atol, box_atol = max(1e-5, tol["atol"]), tol.get("box", 1e-3) * size
+        found = compare_detection_sets(
+            ref, out, score_atol=score_atol, box_atol=box_atol,
+            score_threshold=getattr(postprocess, "score_threshold", 0.0),
+            iou_threshold=getattr(postprocess, "iou_threshold", 0.5))
+        note = (f"as sets: {found.matched} matched, {found.excused} excused at a threshold or cut, "
+                f"{len(found.unmatched)} unmatched" + (f" (first: {found.unmatched[:3]})" if found.unmatched else ""))
+        diffs = {"detection_boxes": (found.box_diffs, box_atol), "detection_scores": (found.score_diffs, score_atol),
+                 "detection_classes": ([0.0], 0.0), "num_detections": ([0.0], 0.0)}
+        for name in names:
+            diff, allowed = diffs[name]
+            worst, mean = max(diff, default=0.0), float(np.mean(diff)) if diff else 0.0
+            reports.append(OutputReport(name, tuple(np.shape(out[name])), worst, mean, 0.0, allowed, found.passed,
+                                        None, 0, found.passed, note))
+        return reports
 
     def evaluator(self, num_classes, head, class_names=None):
         return DetectionEvaluator(num_classes, class_names)

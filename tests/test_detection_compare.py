@@ -1,0 +1,72 @@
+"""Detections compared as sets (kseg.detection.compare): what verifies a detector's export."""
+
+import numpy as np
+import pytest
+
+from kseg.detection.compare import compare_detection_sets
+
+F32 = np.float32
+
+
+def _dets(rows, capacity=6):
+    """Padded detections of one image from (class, score, x1, y1, x2, y2) rows."""
+    boxes = np.zeros((1, capacity, 4), F32)
+    scores = np.zeros((1, capacity), F32)
+    classes = np.full((1, capacity), -1, np.int32)
+    for i, (c, s, *box) in enumerate(rows):
+        boxes[0, i], scores[0, i], classes[0, i] = box, s, c
+    return {"detection_boxes": boxes, "detection_scores": scores, "detection_classes": classes,
+            "num_detections": np.array([len(rows)], np.int32)}
+
+
+ROWS = [(1, 0.9, 10, 10, 50, 50), (2, 0.8, 100, 100, 150, 160), (1, 0.7, 60, 60, 90, 90)]
+TOL = dict(score_atol=1e-5, box_atol=0.3, score_threshold=0.01, iou_threshold=0.45)
+
+
+def test_order_does_not_matter_and_differences_are_measured():
+    moved = [(c, s + 2e-6, x1 + 0.1, y1, x2, y2) for c, s, x1, y1, x2, y2 in ROWS]
+    found = compare_detection_sets(_dets(ROWS), _dets(moved[::-1]), **TOL)
+    assert found.passed and found.matched == 3 and found.excused == 0
+    assert found.max_box_diff == pytest.approx(0.1, abs=1e-5)
+    assert found.max_score_diff == pytest.approx(2e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("change", [
+    lambda r: (3, *r[1:]),  # another class
+    lambda r: (r[0], r[1] - 1e-3, *r[2:]),  # another score
+    lambda r: (*r[:2], r[2] + 1.0, *r[3:]),  # a box moved by 1 px
+])
+def test_a_changed_detection_is_unmatched(change):
+    rows = [ROWS[0], change(ROWS[1]), ROWS[2]]
+    found = compare_detection_sets(_dets(ROWS), _dets(rows), **TOL)
+    assert not found.passed
+    assert {(side, cls) for _, side, cls, _ in found.unmatched} >= {("a", 2)}
+
+
+def test_a_missing_or_extra_detection_fails():
+    assert not compare_detection_sets(_dets(ROWS), _dets(ROWS[:2]), **TOL).passed
+    assert not compare_detection_sets(_dets(ROWS[:2]), _dets(ROWS), **TOL).passed
+
+
+def test_near_the_score_threshold_is_excused():
+    edge = (3, 0.010004, 200, 200, 220, 220)
+    found = compare_detection_sets(_dets(ROWS + [edge]), _dets(ROWS), **TOL)
+    assert found.passed and found.excused == 1
+
+
+def test_the_top_k_cut_is_excused_only_when_the_other_run_is_full():
+    full = ROWS + [(3, 0.5, 0, 0, 5, 5), (3, 0.4, 200, 0, 205, 5), (4, 0.3, 0, 200, 5, 205)]
+    swapped = full[:-1] + [(4, 0.3 - 5e-6, 250, 250, 260, 260)]  # a near-tie for the last place
+    assert compare_detection_sets(_dets(full), _dets(swapped), **TOL).passed
+    # The same difference in a run that is not full is a real one.
+    assert not compare_detection_sets(_dets(full[:-1] + [full[-1]], 8), _dets(swapped, 8), **TOL).passed
+
+
+def test_an_iou_tie_at_the_nms_threshold_is_excused():
+    # [0, 0, 100, 45] against [0, 0, 100, 100]: IoU exactly 0.45, kept by one rounding, not by another.
+    tie = (1, 0.85, 0, 0, 100, 45)
+    better = (1, 0.95, 0, 0, 100, 100)
+    found = compare_detection_sets(_dets([better, tie] + ROWS[1:]), _dets([better] + ROWS[1:]), **TOL)
+    assert found.passed and found.excused == 1
+    clear = (1, 0.85, 0, 0, 100, 60)  # IoU 0.6: one run suppressed it and the other did not
+    assert not compare_detection_sets(_dets([better, clear] + ROWS[1:]), _dets([better] + ROWS[1:]), **TOL).passed
