@@ -105,3 +105,52 @@ def ssd_anchors(input_hw=(300, 300), priors="voc", feature_sizes=None):
         for k, (rows, cols) in enumerate(sizes)])
     xyxy = np.concatenate([rel[:, :2] - 0.5 * rel[:, 2:], rel[:, :2] + 0.5 * rel[:, 2:]], axis=-1)
     return (xyxy * np.array([w, h, w, h], np.float64)).astype(np.float32)
+
+
+# --- Faster R-CNN's region proposal anchors ----------------------------------------------------
+
+RPN_LAYOUTS = ("torchvision", "pyfaster")
+
+
+def rpn_cell_anchors(sizes=(128, 256, 512), ratios=(0.5, 1.0, 2.0), layout="torchvision"):
+    """One location's RPN anchors [len(ratios) * len(sizes), 4] float32 xyxy, ratio-major then size
+    (Ren et al., "Faster R-CNN", NIPS 2015, section 3.1.1: 3 scales x 3 aspect ratios, ratio = h / w).
+
+    layout="torchvision" (`AnchorGenerator.generate_anchors`): centred on 0, h = sqrt(r) * s,
+    w = s / sqrt(r), corners rounded (half to even, as torch.round). layout="pyfaster"
+    (py-faster-rcnn `generate_anchors`, sizes = 16 x 2^(3..5)): Caffe's +1 pixel convention on a
+    16x16 base box at (0, 0, 15, 15) (centre 7.5), width round(sqrt(256 / r)), height
+    round(width * r), then scaled; the sizes must be multiples of 16.
+    """
+    if layout not in RPN_LAYOUTS:
+        raise ValueError(f"unknown anchor layout {layout!r}: known are {list(RPN_LAYOUTS)}")
+    sizes, ratios = np.asarray(sizes, np.float64), np.asarray(ratios, np.float64)
+    if layout == "torchvision":
+        h_ratios = np.sqrt(ratios.astype(np.float32)).astype(np.float32)
+        w_ratios = (np.float32(1) / h_ratios).astype(np.float32)
+        ws = (w_ratios[:, None] * sizes.astype(np.float32)[None, :]).reshape(-1)
+        hs = (h_ratios[:, None] * sizes.astype(np.float32)[None, :]).reshape(-1)
+        return np.round(np.stack([-ws, -hs, ws, hs], axis=1) / np.float32(2)).astype(np.float32)
+    scales = sizes / 16.0
+    if not np.allclose(scales, np.round(scales)):
+        raise ValueError(f"pyfaster anchors scale a 16-pixel base box: sizes must be multiples of 16, got {sizes}")
+    centre = 7.5
+    base_ws = np.round(np.sqrt(256.0 / ratios))
+    base_hs = np.round(base_ws * ratios)
+    ws = (base_ws[:, None] * scales[None, :]).reshape(-1)
+    hs = (base_hs[:, None] * scales[None, :]).reshape(-1)
+    return np.stack([centre - 0.5 * (ws - 1), centre - 0.5 * (hs - 1),
+                     centre + 0.5 * (ws - 1), centre + 0.5 * (hs - 1)], axis=1).astype(np.float32)
+
+
+def rpn_anchors(feature_hw, stride, cell_anchors):
+    """Every location's anchors [H * W * A, 4] float32: cell anchors shifted by (x, y) * stride,
+    location-major (row, then column), a location's A anchors consecutively (torchvision
+    `AnchorGenerator.grid_anchors`; py-faster-rcnn's proposal layer orders them the same).
+    stride: (sy, sx) or one int; torchvision's is image size // feature size per axis."""
+    rows, cols = (int(v) for v in feature_hw)
+    sy, sx = (int(stride), int(stride)) if np.ndim(stride) == 0 else (int(v) for v in stride)
+    grid_y, grid_x = np.meshgrid(np.arange(rows) * sy, np.arange(cols) * sx, indexing="ij")
+    shifts = np.stack([grid_x.ravel(), grid_y.ravel(), grid_x.ravel(), grid_y.ravel()], axis=1)
+    cells = np.asarray(cell_anchors, np.float32)
+    return (shifts[:, None, :].astype(np.float32) + cells[None, :, :]).reshape(-1, 4)
