@@ -22,6 +22,8 @@ _LAZY = {
     "get_spec": "kseg.registry",
     "list_models": "kseg.registry",
     "register_model": "kseg.registry",
+    "list_weights": "kseg.pretrained",
+    "register_weights": "kseg.pretrained",
 }
 
 
@@ -78,4 +80,4 @@ else:
     sys.meta_path.insert(0, _AfterImport("keras", _register_layers))
 
 __all__ = ["Preprocessing", "__version__", "build_model", "get_spec", "inference_model", "list_models",
-           "register_model"]
+           "list_weights", "register_model", "register_weights"]

@@ -15,19 +15,45 @@ def build_model(name, *, num_classes=None, input_shape=None, weights=None, backb
         name: a name from `kseg.list_models()`.
         num_classes: classes of the output layer; the spec's default if None.
         input_shape: (height, width, channels); None dims accept any size at run time.
-        weights: None, or a path to a Keras weight file (.h5, .weights.h5, .keras; loaded
-            by layer name) or a torchvision-layout state_dict (.pth, .pt, .safetensors, .npz).
+        weights: None; the name of registered pretrained weights (`kseg weights list NAME`, e.g.
+            "imagenet" for keras.applications' file, "imagenet_torchvision"), found in the cache
+            ($KSEG_HOME/weights) or downloaded and verified once (kseg.pretrained); or a path to a
+            Keras weight file (.h5, .weights.h5, .keras; loaded by layer name) or a
+            torchvision-layout state_dict (.pth, .pt, .safetensors, .npz). Named weights set the
+            build options their file needs (layout, num_classes) unless given, and the model
+            records their name, preprocessing, class names and evaluation transform (kseg.identity).
             For architectures with two published layouts (ResNet), a state_dict selects the
             torchvision layout unless `layout` is given.
         backbone_weights: for dense-prediction models, ImageNet weights of the backbone
-            classifier (a keras.applications file or a torchvision state_dict) to initialise
-            from, as the papers did; the head keeps its own initialisation.
+            classifier (a registered name of the backbone's weights, a keras.applications file or a
+            torchvision state_dict) to initialise from, as the papers did; the head keeps its own
+            initialisation.
         **kwargs: architecture options (see the builder's signature).
     """
     spec = get_spec(name)
+    from kseg import pretrained
     from kseg import weights as weights_mod
 
-    build_kwargs = {**layout_options(name, weights, backbone_weights), **kwargs}
+    if backbone_weights is not None and spec.backbone is None:
+        raise ValueError(f"{name} has no ImageNet backbone to initialise from {os.fspath(backbone_weights)}")
+    entry = pretrained.lookup(name, weights)
+    backbone_entry = pretrained.lookup(spec.backbone, backbone_weights)
+    implied = {}
+    # A model whose layouts are all weight layouts (fcn_resnet: torchvision only) refuses the others' files
+    # before downloading them.
+    weight_layouts = set(spec.layouts) if set(spec.layouts) <= {"keras", "torchvision"} else set()
+    if backbone_entry is not None and weight_layouts and backbone_entry.layout not in weight_layouts:
+        usable = [e.name for e in pretrained.list_weights(spec.backbone) if e.layout in weight_layouts]
+        raise ValueError(f"{name} takes {' or '.join(sorted(weight_layouts))}-layout {spec.backbone} weights; "
+                         f"{backbone_weights!r} has the {backbone_entry.layout} layout (use {', '.join(usable)})")
+    if backbone_entry is not None:
+        implied.update(spec.layouts.get(backbone_entry.layout, {}))
+    if entry is not None:
+        implied.update(pretrained.build_options(entry, spec.layouts))
+    files = (None if entry else weights, None if backbone_entry else backbone_weights)
+    build_kwargs = {**layout_options(name, *files), **implied, **kwargs}
+    if num_classes is None and "num_classes" in build_kwargs:  # named weights' classes (ssd300 coco: 91)
+        num_classes = build_kwargs.pop("num_classes")
     spec.task_object.check_num_classes(name, num_classes)
     if num_classes is not None:
         build_kwargs["num_classes"] = num_classes
@@ -40,14 +66,50 @@ def build_model(name, *, num_classes=None, input_shape=None, weights=None, backb
             f"build_model({name!r}) got unknown option(s) {unknown}; "
             f"{name} accepts {sorted(options)}"
         )
+    # Named weights: the cached file, downloaded and verified first if needed (after the options are checked).
+    if backbone_entry is not None:
+        backbone_weights = pretrained.ensure(backbone_entry)
+    if entry is not None:
+        weights = pretrained.ensure(entry)
     model = spec.builder(**build_kwargs)
     # What rebuilds this model: conversion metadata and serving read it (see model_info).
-    remember_identity(model, {"name": name, "kwargs": _jsonable(build_kwargs)})
+    info = {"name": name, "kwargs": _jsonable(build_kwargs)}
+    if entry is not None or backbone_entry is not None:
+        info.update(pretrained_identity(spec, build_kwargs, entry, backbone_entry))
+    remember_identity(model, info)
     if backbone_weights is not None:
         weights_mod.load_backbone(model, backbone_weights, spec)
     if weights is not None:
         weights_mod.load_weights(model, os.fspath(weights), spec=spec)
     return model
+
+
+def pretrained_identity(spec, build_kwargs, entry=None, backbone_entry=None) -> dict:
+    """What a model built with named weights records (model_info): the weights' names and the
+    preprocessing, class names and evaluation transform they imply, so the model's files carry
+    them without the weights registry. Class names and the transform only where the model keeps
+    the weights' classifier (its output has as many classes as the names)."""
+    info = {}
+    if backbone_entry is not None:
+        info["backbone_weights"] = backbone_entry.name
+        layout_prep = spec.layout_preprocessing.get(_layout_name(spec, build_kwargs))
+        info["preprocessing"] = (layout_prep or backbone_entry.resolved_preprocessing()).to_dict()
+    if entry is not None:
+        info["weights"] = entry.name
+        info["preprocessing"] = entry.resolved_preprocessing().to_dict()
+        names = entry.class_names
+        classes = build_kwargs.get("num_classes", spec.num_classes)
+        if names is not None and classes == len(names) and build_kwargs.get("include_top", True):
+            info["class_names"] = list(names)
+            resize, crop, interpolation = entry.eval_transform or (None, None, None)
+            if crop is not None and spec.task == "classification":
+                info["eval_transform"] = [resize, crop, interpolation]
+    return info
+
+
+def _layout_name(spec, build_kwargs):
+    built = {**{k: p.default for k, p in inspect.signature(spec.builder).parameters.items()}, **build_kwargs}
+    return next((n for n, o in spec.layouts.items() if o and all(built.get(k) == v for k, v in o.items())), None)
 
 
 def inference_model(model):
@@ -123,7 +185,9 @@ IDENTITY_KEY = "kseg"
 
 
 def remember_identity(model, info: dict):
-    """Record {"name", "kwargs"} on `model` and in its Keras config.
+    """Record {"name", "kwargs"} (and, for named weights, "weights", "backbone_weights",
+    "preprocessing", "class_names", "eval_transform": see pretrained_identity) on `model` and in
+    its Keras config.
 
     Keras' own saving (model.save to .keras or .h5, ModelCheckpoint) serializes get_config(), so
     the saved file names the architecture: kseg reads it back (kseg.identity), and plain Keras
@@ -140,7 +204,7 @@ def remember_identity(model, info: dict):
 
 
 def model_info(model) -> dict | None:
-    """{"name": registry name, "kwargs": build kwargs} of a model made by build_model, else None."""
+    """{"name": registry name, "kwargs": build kwargs, ...} of a model made by build_model, else None."""
     info = getattr(model, "_kseg_info", None)
     return dict(info) if info is not None else None
 

@@ -54,7 +54,8 @@ def _rows(entries, task=None):
     for m in entries:
         if task is None or m["task"] == task:
             h, w, c = m["input_shape"]
-            rows.append((m["name"], m["task"], f"{m['params']:,}", f"{h}x{w}x{c}", m["paper"]))
+            size = f"{h}x{w}x{c}" if h and w else f"any HxWx{c}"
+            rows.append((m["name"], m["task"], f"{m['params']:,}", size, m["paper"]))
     return rows
 
 
@@ -159,6 +160,61 @@ def cmd_demo(args):
     return cliutil.OK
 
 
+def _weights_table(entries, title):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column, justify in [("model", "left"), ("weights", "left"), ("from", "left"), ("layout", "left"),
+                            ("size", "right"), ("metric", "left"), ("cached", "left")]:
+        table.add_column(column, justify=justify, no_wrap=column in ("model", "weights", "size", "cached"),
+                         overflow="fold")
+    for e in entries:
+        names = e.name + (f" ({', '.join(e.aliases)})" if e.aliases else "")
+        size = f"{e.size_mb:g} MB" if e.size_mb is not None else "-"
+        table.add_row(e.model, names, e.description, e.layout or "-", size, e.metric_text(),
+                      "yes" if e.cached() else "no")
+    return table
+
+
+def cmd_weights(args):
+    """`kseg weights list|fetch|path|verify`: the pretrained-weights registry and its cache (no Keras
+    unless a model name needs checking)."""
+    from kseg import pretrained
+
+    console = cliutil.console()
+    if args.weights_command == "list":
+        entries = pretrained.list_weights(args.model)
+        if args.model and not entries:
+            raise ValueError(f"no weights are registered for {args.model!r}; `kseg weights list` shows them all")
+        console.print(_weights_table(entries, f"kseg weights (cache: {pretrained.cache_dir()})"))
+        return cliutil.OK
+    if args.weights_command == "fetch":
+        entry = pretrained.get_weights(args.model, args.name)
+        path = pretrained.ensure(entry)
+        print(path)
+        return cliutil.OK
+    if args.weights_command == "path":
+        entry = pretrained.get_weights(args.model, args.name)
+        print(entry.cache_path())
+        if not entry.cached():
+            print(f"kseg weights: not downloaded yet (`kseg weights fetch {entry.model} {entry.name}`, or put "
+                  f"{entry.filename} from {entry.url} there)", file=sys.stderr)
+            return cliutil.PROBLEMS
+        return cliutil.OK
+    results = pretrained.verify_cache(args.model)
+    from rich.table import Table
+
+    table = Table(title=f"kseg weights verify (cache: {pretrained.cache_dir()})")
+    for column in ("model", "weights", "file", "hash"):
+        table.add_column(column, overflow="fold")
+    for entry, path, problem in results:
+        table.add_row(entry.model, entry.name, path, "ok" if problem is None else f"MISMATCH: {problem}")
+    console.print(table)
+    bad = sum(problem is not None for _, _, problem in results)
+    console.print(f"{len(results) - bad} of {len(results)} cached files match their registered hashes.")
+    return cliutil.PROBLEMS if bad else cliutil.OK
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="kseg", description=__doc__)
     parser.add_argument("--version", action="version", version=_version())
@@ -194,6 +250,24 @@ def build_parser():
     d.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a value of the demo's recipe, e.g. --set optimizer.learning_rate=1e-3")
     d.set_defaults(func=cmd_demo)
+
+    w = sub.add_parser("weights", help="pretrained weights by name: list, fetch (download + verify), path, verify",
+                       description="The registered pretrained weights (keras.applications and torchvision files for "
+                                   "kseg's models) and their cache ($KSEG_HOME/weights, default ~/.kseg/weights). "
+                                   "build_model(NAME, weights=WEIGHTS) uses the same entries; KSEG_WEIGHTS_MIRROR=URL "
+                                   "downloads every file from a mirror instead.")
+    wsub = w.add_subparsers(dest="weights_command", required=True)
+    p = wsub.add_parser("list", help="a table: model, weights, source, layout, size, metric, cached")
+    p.add_argument("model", nargs="?", help="only this model's weights")
+    p = wsub.add_parser("fetch", help="download and verify one entry into the cache; prints its path")
+    p.add_argument("model")
+    p.add_argument("name", help="the weights name, e.g. imagenet or imagenet_torchvision")
+    p = wsub.add_parser("path", help="print where an entry's file is (or goes) in the cache; exit 1 if not there yet")
+    p.add_argument("model")
+    p.add_argument("name")
+    p = wsub.add_parser("verify", help="re-hash the cached files against the registry; exit 1 on a mismatch")
+    p.add_argument("model", nargs="?", help="only this model's files")
+    w.set_defaults(func=cmd_weights)
 
     # Each feature package owns its subcommands. Neither its cli module nor its (lazy) __init__
     # imports TensorFlow: the handlers do, when they run.

@@ -53,8 +53,10 @@ class Identity:
     class_names: tuple | None = None
     source: str = ""  # where the answer came from: a registry name, "model", a file
     # Classifiers: (resize_shorter, crop, interpolation) of the training run's evaluation
-    # transform (its recipe's [data] eval_resize, eval_crop, interpolation); None: not recorded.
+    # transform (its recipe's [data] eval_resize, eval_crop, interpolation) or of its named
+    # pretrained weights; None: not recorded.
     eval_transform: tuple | None = None
+    weights: str | None = None  # the registered pretrained weights it was built with (kseg.pretrained)
 
     @property
     def spec(self) -> ModelSpec | None:
@@ -121,7 +123,28 @@ def of_model(model, *, class_names=None) -> Identity:
         return Identity(None, {}, None, None, shape, int(last) if last is not None else None,
                         _tuple(class_names), "model")
     named = of_name(info["name"], info["kwargs"], class_names=class_names)
-    return dataclasses.replace(named, input_shape=shape, source="model")
+    return dataclasses.replace(with_recorded(named, info), input_shape=shape, source="model")
+
+
+# What a model's info (kseg.api.model_info) and kseg metadata may record beyond the architecture and
+# build options: named pretrained weights and what they imply (kseg.api.pretrained_identity), or what
+# a file's metadata said. Recorded values win over the registry's.
+RECORDED = ("weights", "backbone_weights", "preprocessing", "class_names", "eval_transform")
+
+
+def with_recorded(ident: Identity, recorded: dict) -> Identity:
+    """`ident` with the preprocessing, class names, evaluation transform and weights name `recorded`
+    (a model's info or a metadata dict) holds; explicitly given class names stay."""
+    changes = {}
+    if recorded.get("preprocessing"):
+        changes["preprocessing"] = resolve_preprocessing(recorded["preprocessing"])
+    if recorded.get("class_names") and ident.class_names is None:
+        changes["class_names"] = tuple(recorded["class_names"])
+    if recorded.get("eval_transform"):
+        changes["eval_transform"] = tuple(recorded["eval_transform"])
+    if recorded.get("weights"):
+        changes["weights"] = recorded["weights"]
+    return dataclasses.replace(ident, **changes)
 
 
 def of_metadata(meta: dict, source: str = "metadata") -> Identity:
@@ -133,11 +156,10 @@ def of_metadata(meta: dict, source: str = "metadata") -> Identity:
     ident = of_name(name, kwargs) if name else Identity(build_kwargs=kwargs)
     shape = meta.get("input_shape")
     recorded = {
-        "preprocessing": resolve_preprocessing(meta["preprocessing"]) if meta.get("preprocessing") else None,
         "input_shape": tuple(shape) if shape is not None else None,
         "num_classes": meta.get("num_classes"),
-        "class_names": _tuple(meta.get("class_names")),
     }
+    ident = with_recorded(ident, meta)
     return dataclasses.replace(ident, source=source, **{k: v for k, v in recorded.items() if v is not None})
 
 
@@ -214,17 +236,21 @@ def build_metadata(model, *, class_names=None) -> dict:
     """Architecture, build kwargs, classes, preprocessing, input size and outputs of a Keras model."""
     from kseg import __version__
 
-    ident = of_model(model)
+    ident = of_model(model, class_names=class_names)
     info = model_info(model)
     return {
         "kseg_version": __version__,
         "architecture": ident.architecture,
         "build_kwargs": dict(info["kwargs"]) if info else {},
         "num_classes": ident.num_classes,
-        "class_names": list(class_names) if class_names is not None else None,
+        "class_names": list(ident.class_names) if ident.class_names is not None else None,
         "preprocessing": ident.preprocessing.to_dict() if ident.preprocessing else None,
         "input_shape": [d for d in model.input_shape[1:]],
         "outputs": list(model.output_names),
+        # Named pretrained weights (kseg.pretrained) and their evaluation transform, when recorded.
+        "weights": ident.weights,
+        "backbone_weights": (info or {}).get("backbone_weights"),
+        "eval_transform": list(ident.eval_transform) if ident.eval_transform else None,
     }
 
 
@@ -274,10 +300,13 @@ def _from_keras_config(text, path) -> dict | None:
     info = (config.get("config") or {}).get(IDENTITY_KEY)
     if not isinstance(info, dict) or not info.get("name"):
         return None
-    ident = of_name(info["name"], dict(info.get("kwargs") or {}))
+    ident = with_recorded(of_name(info["name"], dict(info.get("kwargs") or {})), info)
     return {"architecture": ident.architecture, "build_kwargs": ident.build_kwargs, "num_classes": ident.num_classes,
-            "class_names": None, "preprocessing": ident.preprocessing.to_dict() if ident.preprocessing else None,
-            "input_shape": list(ident.input_shape) if ident.input_shape else None}
+            "class_names": list(ident.class_names) if ident.class_names else None,
+            "preprocessing": ident.preprocessing.to_dict() if ident.preprocessing else None,
+            "input_shape": list(ident.input_shape) if ident.input_shape else None,
+            "weights": ident.weights, "backbone_weights": info.get("backbone_weights"),
+            "eval_transform": list(ident.eval_transform) if ident.eval_transform else None}
 
 
 def read_safetensors(path) -> dict | None:
@@ -392,7 +421,20 @@ def rebuild(metadata, path, *, model=None, build_kwargs=None):
 
 
 def attach(model, metadata):
-    """Record a file's kseg architecture on a loaded model, so re-saving keeps the metadata."""
-    if metadata and metadata.get("architecture") and getattr(model, "_kseg_info", None) is None:
-        remember_identity(model, {"name": metadata["architecture"], "kwargs": dict(metadata.get("build_kwargs") or {})})
+    """Record a file's kseg architecture on a loaded model, so re-saving keeps the metadata: its
+    build options, and the weights names, preprocessing, class names and evaluation transform it
+    records where they differ from what the registry gives for the architecture."""
+    if not metadata or not metadata.get("architecture"):
+        return model
+    info = model_info(model)
+    if info is None:
+        info = {"name": metadata["architecture"], "kwargs": dict(metadata.get("build_kwargs") or {})}
+    elif info["name"] != metadata["architecture"]:
+        return model
+    registry = of_name(info["name"], info["kwargs"])
+    extra = {k: metadata[k] for k in RECORDED if metadata.get(k) is not None and k not in info}
+    if "preprocessing" in extra and resolve_preprocessing(extra["preprocessing"]) == registry.preprocessing:
+        del extra["preprocessing"]
+    if extra or model_info(model) is None:
+        remember_identity(model, {**info, **extra})
     return model

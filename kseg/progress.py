@@ -52,3 +52,19 @@ def stages(on, title):
         return
     with Console(stderr=True).status(title) as status:
         yield lambda text: status.update(f"{title}: {text}")
+
+
+class transfer(progress):  # noqa: N801
+    """A transient bar counting bytes (size, speed, time left) for downloads; `advance(n_bytes)`.
+    total None (no Content-Length) gives a bar of unknown length."""
+
+    def __enter__(self):
+        if not self.on:
+            return lambda n=1: None
+        from rich.progress import DownloadColumn, TransferSpeedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                            TimeRemainingColumn(), transient=True, console=Console(stderr=True))
+        self.bar.start()
+        task = self.bar.add_task(self.description, total=self.total)
+        return lambda n=1: self.bar.advance(task, n)

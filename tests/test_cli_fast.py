@@ -14,7 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 COMMANDS = [[], ["models"], ["demo"], ["data"], ["data", "synth"], ["data", "check"], ["train"], ["evaluate"],
-            ["predict"], ["crf-search"], ["convert"], ["verify"], ["inspect"], ["export"], ["serve"]]
+            ["predict"], ["crf-search"], ["convert"], ["verify"], ["inspect"], ["export"], ["serve"], ["weights"],
+            ["weights", "list"], ["weights", "fetch"], ["weights", "path"], ["weights", "verify"]]
 
 
 def _run(code, *args, timeout=120):
@@ -131,7 +132,8 @@ def test_import_kseg_after_keras_registers_layers_at_once():
     assert _run(code, timeout=300) == {"layers": True, "registered": True}
 
 
-@pytest.mark.parametrize("name", ["build_model", "get_spec", "list_models", "register_model", "Preprocessing"])
+@pytest.mark.parametrize("name", ["build_model", "get_spec", "list_models", "register_model", "Preprocessing",
+                                  "register_weights", "list_weights"])
 def test_lazy_public_names(name):
     import kseg
 

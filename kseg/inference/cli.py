@@ -114,7 +114,8 @@ def scores_table(scores, title):
 
 def _model_args(p):
     p.add_argument("model", help="a .keras file (e.g. best.keras from kseg train) or a registry name with --weights")
-    p.add_argument("--weights", help="weights for a registry name (.h5, .weights.h5, .keras, .pth, .safetensors)")
+    p.add_argument("--weights", help="weights for a registry name: registered pretrained weights (e.g. imagenet; "
+                                     "`kseg weights list`) or a file (.h5, .weights.h5, .keras, .pth, .safetensors)")
     p.add_argument("--num-classes", type=int, help="output classes of a registry-name model")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="build option of a registry-name model, e.g. --option width=0.25 (repeatable)")
@@ -125,7 +126,8 @@ def _model_args(p):
 
 def _classifier_args(p):
     g = p.add_argument_group("classifiers", "the evaluation transform (default: the training run's recipe, "
-                                            "[data] eval_resize / eval_crop / interpolation; else a plain resize "
+                                            "[data] eval_resize / eval_crop / interpolation, or the named "
+                                            "weights' transform; else a plain resize "
                                             "to the model's input)")
     g.add_argument("--eval-resize", type=int, metavar="N", help="resize the shorter side to N (e.g. 256)")
     g.add_argument("--eval-crop", type=int, metavar="N", help="then keep the centre NxN (e.g. 224)")

@@ -57,7 +57,8 @@ def load_inference_model(model, *, weights=None, num_classes=None, preprocessing
 
     Preprocessing: `preprocessing=` (a kind or model name) if given; else, for a file, the
     run's kseg_run.json next to it or the file's conversion metadata; for a registry name,
-    its weight layout's (the torchvision layout's for a state_dict).
+    its weight layout's (the torchvision layout's for a state_dict), or its named weights'
+    (`weights="imagenet"`: kseg.pretrained), which also give the class names and eval transform.
     """
     model = os.fspath(model)
     options = dict(options or {})
@@ -95,5 +96,11 @@ def load_inference_model(model, *, weights=None, num_classes=None, preprocessing
     if weights is None:
         raise ValueError(f"{model}: a registry name needs --weights (a trained file), or pass a saved .keras file")
     net = build_model(model, num_classes=num_classes, weights=weights, **options)
-    prep = resolve_preprocessing(preprocessing) if preprocessing is not None else identify(net).preprocessing
-    return InferenceModel(net, prep, f"{model} ({os.fspath(weights)})", class_names)
+    # Named pretrained weights (kseg.pretrained) bring their preprocessing, class names and eval transform.
+    ident = identify(net)
+    prep = resolve_preprocessing(preprocessing) if preprocessing is not None else ident.preprocessing
+    if class_names is None and ident.class_names:
+        class_names = list(ident.class_names)
+    resize, crop, interpolation = ident.eval_transform or (None, None, "bilinear")
+    return InferenceModel(net, prep, f"{model} ({os.fspath(weights)})", class_names,
+                          (resize, crop) if resize else None, interpolation)

@@ -35,7 +35,9 @@ def add_parser(subparsers):
     p.add_argument("--num-classes", type=int, help="build option (registered names and --arch)")
     p.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
                    help="another build option, e.g. --option width=0.25 (repeatable; values are JSON)")
-    p.add_argument("--weights", help="weights file for a registered model name")
+    p.add_argument("--weights", help="weights for a registered model name: a file, or registered pretrained "
+                                     "weights such as imagenet (`kseg weights list`; their classes and "
+                                     "preprocessing come along)")
     p.add_argument("--class-names", help="file with one class name per line (stored in the metadata)")
     p.add_argument("--preprocessing", help="override the registry's preprocessing (caffe|torch|unit|batchnorm)")
     p.add_argument("--force", action="store_true", help="replace an existing version directory")
@@ -79,9 +81,11 @@ def cmd_export(args):
                           unsafe=args.unsafe)
     if args.weights is None and not os.path.exists(args.model):
         print(f"kseg export: note: {args.model} has freshly initialised weights (no --weights)", file=sys.stderr)
+    if recorded is None:  # a registry name: named pretrained weights record their classes and transform
+        recorded = identify(model)
     path = export(model, args.serving, version=args.version, image_size=args.image_size,
                   preprocessing=args.preprocessing, class_names=class_names, force=args.force,
-                  progress=sys.stderr.isatty(), eval_transform=recorded.eval_transform if recorded else None)
+                  progress=sys.stderr.isatty(), eval_transform=recorded.eval_transform)
     if args.json:
         print(json.dumps({"path": path, "model": model.name}))
     else:

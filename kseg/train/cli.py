@@ -22,9 +22,10 @@ def add_parser(subparsers):
     p.add_argument("--lr", type=float, help="override [optimizer] learning_rate")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any recipe value, e.g. --set model_options.width=0.25 (repeatable)")
-    p.add_argument("--backbone-weights", metavar="FILE",
+    p.add_argument("--backbone-weights", metavar="FILE|NAME",
                    help="ImageNet weights of the backbone to start from, as the recipe's paper does (a "
-                        "keras.applications .h5 or a torchvision state_dict); without them such a recipe "
+                        "keras.applications .h5, a torchvision state_dict, or a registered name such as imagenet "
+                        "or imagenet_torchvision: `kseg weights list`); without them such a recipe "
                         "trains from scratch and says so")
     p.add_argument("--precision", default="float32", choices=("float32", "mixed_float16", "mixed_bfloat16"))
     p.add_argument("--xla", action="store_true", help="compile train steps with XLA (jit_compile)")

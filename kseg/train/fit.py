@@ -223,6 +223,36 @@ def check_setup(model, train, val, out_dir, run_info, task=None):
 # === train ===
 
 
+def _named_backbone(recipe: Recipe, backbone_weights: str):
+    """(recipe, file, name) for --backbone-weights: a registered name of the backbone's pretrained weights
+    (kseg.pretrained) becomes its cached file (downloaded and verified once), and the recipe's images get
+    the weights' preprocessing unless its [data] names one; a file path passes unchanged (name None)."""
+    from kseg import pretrained
+
+    spec = get_spec(recipe.model)
+    try:
+        entry = pretrained.lookup(spec.backbone, backbone_weights) if spec.backbone else None
+        if entry is None:  # a file (build_model refuses a model without a backbone)
+            return recipe, backbone_weights, None
+        path = pretrained.ensure(entry)
+    except (ValueError, OSError) as e:
+        raise TrainingSetupError(f"--backbone-weights {backbone_weights}: {e}") from None
+    options = {**spec.layouts.get(entry.layout, {}), **recipe.model_options}
+    recipe = dataclasses.replace(recipe, model_options=options)
+    if not recipe.data.get("preprocessing"):
+        from kseg.identity import identify
+
+        own = identify(recipe.model, options)
+        # The layout's own normalisation (SegNet's input BatchNorm) wins over the backbone's.
+        if own.layout is None or own.layout not in spec.layout_preprocessing:
+            from kseg.registry import PREPROCESSING
+
+            prep = entry.resolved_preprocessing()
+            value = prep.kind if PREPROCESSING.get(prep.kind) == prep else prep.to_dict()
+            recipe = dataclasses.replace(recipe, data={**recipe.data, "preprocessing": value})
+    return recipe, path, entry.name
+
+
 def from_scratch_notice(recipe: Recipe, backbone_weights=None) -> str | None:
     """What to tell a user who trains a recipe whose paper starts from ImageNet weights without them."""
     if recipe.backbone_init and backbone_weights is None:
@@ -240,8 +270,9 @@ def train(recipe, data_dir, out_dir, *, epochs=None, batch_size=None, overrides=
 
     Running the same call again after an interruption resumes from the last completed epoch.
     `init(model)` may modify the fresh model before training (e.g. re-initialise it).
-    backbone_weights: ImageNet weights of the backbone (kseg.build_model's backbone_weights=),
-    as the recipe's paper starts from; without them a recipe with backbone_init warns.
+    backbone_weights: ImageNet weights of the backbone (kseg.build_model's backbone_weights=: a file, or
+    a registered name such as "imagenet", whose preprocessing the data then gets), as the recipe's
+    paper starts from; without them a recipe with backbone_init warns.
     """
     overrides = dict(overrides or {})
     if epochs is not None:
@@ -255,8 +286,10 @@ def train(recipe, data_dir, out_dir, *, epochs=None, batch_size=None, overrides=
     notice = from_scratch_notice(recipe, backbone_weights)
     if notice:
         warnings.warn(notice, FromScratchWarning, stacklevel=2)
+    backbone_name = None
     if backbone_weights is not None:
         backbone_weights = os.fspath(backbone_weights)
+        recipe, backbone_weights, backbone_name = _named_backbone(recipe, backbone_weights)
         if not os.path.isfile(backbone_weights):
             raise TrainingSetupError(f"--backbone-weights {backbone_weights}: no such file")
         # A torchvision backbone selects the torchvision layout (and its preprocessing) where there are two.
@@ -269,10 +302,12 @@ def train(recipe, data_dir, out_dir, *, epochs=None, batch_size=None, overrides=
     strategy = strategy or make_strategy()
     run_info = {"model": recipe.model, "model_kwargs": dict(recipe.model_options), "recipe": recipe.name,
                 "class_names": list(getattr(train_ds, "class_names", None) or []) or None,
-                "backbone_weights": os.path.abspath(backbone_weights) if backbone_weights else None}
+                "backbone_weights": os.path.abspath(backbone_weights) if backbone_weights else None,
+                "backbone_weights_name": backbone_name}
     with strategy.scope():
         try:
-            model = build_model(recipe.model, backbone_weights=backbone_weights, **recipe.model_options)
+            model = build_model(recipe.model, backbone_weights=backbone_name or backbone_weights,
+                                **recipe.model_options)
         except (ValueError, OSError, KeyError) as e:
             if backbone_weights is None:
                 raise
