@@ -192,7 +192,7 @@ def build_module(model, *, image_size=None, preprocessing=None, class_names=None
         decode=decode_raw, probabilities=lambda images: head(images)[0], network_size=(height, width),
         channels=channels, class_names=tuple(names), outputs=outputs, head=head_,
         any_size=not all(input_hw), eval_transform=tuple(eval_transform) if eval_transform else None,
-        postprocess=md.postprocess_of(model))
+        postprocess=_postprocess(model))
     # The task's own serving_default / predict_images (detection), else the probability ones.
     core = task.core_signatures(serving) or {"serving_default": serve, "predict_images": predict_images,
                                              "label_images": label_images}
@@ -216,6 +216,21 @@ def build_module(model, *, image_size=None, preprocessing=None, class_names=None
     if eval_transform:
         meta["serving"]["eval_transform"] = list(eval_transform)
     return module, meta
+
+
+def _postprocess(model):
+    """A detector's decoder as f(raw outputs list, images): it reads the outputs it names (and the
+    input's size from the images); None for other models."""
+    decoder = md.postprocess_of(model)
+    if decoder is None:
+        return None
+    names = list(model.output_names)
+
+    def postprocess(raw, images):
+        named = dict(zip(names, raw))
+        return decoder([images if n == "image" else named[n] for n in decoder.inputs_from])
+
+    return postprocess
 
 
 def export(model, path, *, version=None, image_size=None, preprocessing=None, class_names=None, force=False,

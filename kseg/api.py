@@ -121,7 +121,7 @@ def inference_model(model):
 
     raw, decoder = _raw_and_decoder(model)
     inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
-    return keras.Model(inputs, decoder(raw), name=f"{model.name}_detector")
+    return keras.Model(inputs, _decode(model, raw, decoder), name=f"{model.name}_detector")
 
 
 # A detector's decoded outputs, in the order deployment_model appends them.
@@ -145,17 +145,17 @@ def deployment_model(model, *, nms=None):
     raw, decoder = _raw_and_decoder(model)
     if nms is not None and nms != decoder.nms:
         decoder = type(decoder).from_config({**decoder.get_config(), "nms": nms})
-    found = decoder(raw)
+    found = _decode(model, raw, decoder)
     outputs = [keras.layers.Identity(name=name)(found[name]) for name in DETECTION_OUTPUTS]
     inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
-    deployed = keras.Model(inputs, [*raw, *outputs], name=model.name)
+    deployed = keras.Model(inputs, [*raw.values(), *outputs], name=model.name)
     remember_identity(deployed, info)
     return deployed
 
 
 def _raw_and_decoder(model):
-    """(the raw output tensors, a decoder layer) of a kseg detector: a model built with
-    postprocess=True gives its decoder and the decoder's inputs, others their outputs and a fresh one."""
+    """({name: raw output tensor}, a decoder layer) of a kseg detector: a model built with
+    postprocess=True gives its decoder and the tensors it reads, others their outputs and a fresh one."""
     info = model_info(model)
     spec = get_spec(info["name"]) if info else None
     if spec is None or spec.postprocess is None:
@@ -165,8 +165,17 @@ def _raw_and_decoder(model):
     fresh = spec.postprocess(options)
     for layer in model.layers:
         if isinstance(layer, type(fresh)):
-            return list(layer.input), layer
-    return list(model.outputs), fresh
+            return {n: model.get_layer(n).output for n in layer.inputs_from if n != "image"}, layer
+    return dict(zip(model.output_names, model.outputs)), fresh
+
+
+def _decode(model, raw, decoder):
+    """The decoder called on the raw outputs it names (`inputs_from`; "image": the model's input)."""
+    missing = [n for n in decoder.inputs_from if n != "image" and n not in raw]
+    if missing:
+        raise ValueError(f"{model.name}: its decoder reads outputs {missing}, which the model lacks "
+                         f"(it has {sorted(raw)})")
+    return decoder([model.inputs[0] if n == "image" else raw[n] for n in decoder.inputs_from])
 
 
 def layout_options(name, *weight_files) -> dict:

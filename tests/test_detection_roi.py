@@ -20,13 +20,13 @@ def ref_roi_pool(features, rois, out, scale):
         sx, sy = (math.copysign(math.floor(abs(v * scale) + 0.5), v) for v in (x1, y1))
         ex, ey = (math.copysign(math.floor(abs(v * scale) + 0.5), v) for v in (x2, y2))
         rw, rh = max(ex - sx + 1, 1), max(ey - sy + 1, 1)
-        bw, bh = rw / out, rh / out
+        bw, bh = np.float32(rw) / np.float32(out), np.float32(rh) / np.float32(out)  # float, as the kernel
         for ph in range(out):
             for pw in range(out):
-                hs = min(max(math.floor(ph * bh) + sy, 0), h)
-                he = min(max(math.ceil((ph + 1) * bh) + sy, 0), h)
-                ws = min(max(math.floor(pw * bw) + sx, 0), w)
-                we = min(max(math.ceil((pw + 1) * bw) + sx, 0), w)
+                hs = min(max(math.floor(np.float32(ph) * bh) + sy, 0), h)
+                he = min(max(math.ceil(np.float32(ph + 1) * bh) + sy, 0), h)
+                ws = min(max(math.floor(np.float32(pw) * bw) + sx, 0), w)
+                we = min(max(math.ceil(np.float32(pw + 1) * bw) + sx, 0), w)
                 if he <= hs or we <= ws:
                     continue  # empty bin: 0
                 result[r, ph, pw] = features[int(b), int(hs):int(he), int(ws):int(we)].max(axis=(0, 1))
@@ -113,7 +113,8 @@ def test_roi_pool_rounds_half_away_from_zero():
     np.testing.assert_array_equal(roi_pool(features, rois, 1, 1 / 16).numpy().ravel(), [5.0])  # cell (1, 1)
 
 
-@pytest.mark.parametrize("seed,aligned,sr,out", [(0, False, 2, 7), (1, True, 2, 7), (2, False, 1, 14), (3, False, 3, 5)])
+@pytest.mark.parametrize("seed,aligned,sr,out",
+                         [(0, False, 2, 7), (1, True, 2, 7), (2, False, 1, 14), (3, False, 3, 5)])
 def test_roi_align_equals_the_kernel(seed, aligned, sr, out):
     features, rois = _case(seed)
     got = roi_align(features, rois, out, 1 / 16, sr, aligned).numpy()
@@ -166,3 +167,17 @@ def test_rpn_anchors_are_location_major():
         rpn_cell_anchors(layout="caffe")
     with pytest.raises(ValueError, match="multiples of 16"):
         rpn_cell_anchors(sizes=(100,), layout="pyfaster")
+
+
+def test_roi_pool_bin_edges_are_the_kernels_float32_ones_in_a_graph_too():
+    # 57 cells in 7 bins: float32 puts the last bin's end at ceil(7 * 8.142858) = 58 (torchvision's
+    # kernel; exact arithmetic says 57), and a size of 3 must end at ceil(7 * (3 / 7)) = 3 even in a
+    # tf.function, where Grappler would compute 3 * (1 / 7) * 7 = 3.0000002 -> 4.
+    import tensorflow as tf
+
+    features = np.random.default_rng(5).normal(size=(1, 70, 70, 2)).astype(np.float32)
+    rois = np.array([[0, 0, 0, 56 * 16, 56 * 16], [0, 0, 0, 2 * 16, 2 * 16], [0, 16, 16, 3 * 16, 3 * 16]], np.float32)
+    want = ref_roi_pool(features, rois, 7, 1 / 16)
+    np.testing.assert_array_equal(roi_pool(features, rois, 7, 1 / 16).numpy(), want)
+    graph = tf.function(lambda f, r: roi_pool(f, r, 7, 1 / 16))
+    np.testing.assert_array_equal(graph(features, rois).numpy(), want)

@@ -42,7 +42,8 @@ METHODS = ("combined", "v5")
 
 def batched_class_nms(boxes, scores, *, top_k=400, iou_threshold=0.45, score_threshold=0.01,
                       max_detections=200, method="combined"):
-    """Per-class NMS of boxes [B, A, 4] (shared by all classes) scored by scores [B, A, C] >= 0.
+    """Per-class NMS of boxes [B, A, 4] (shared by all classes, SSD) or [B, A, C, 4] (one box per
+    class, Fast R-CNN's head) scored by scores [B, A, C] >= 0.
 
     Returns (boxes [B, K, 4], scores [B, K], classes [B, K] int32 column indices 0..C-1 with -1
     for padding, num_detections [B] int32), K = max_detections, sorted by score descending; padding
@@ -64,8 +65,9 @@ def batched_class_nms(boxes, scores, *, top_k=400, iou_threshold=0.45, score_thr
                              max_detections=max_detections)
     masked = per_class_top_k(scores, top_k)
     found = tf.image.combined_non_max_suppression(
-        boxes[:, :, None, :], masked, max_output_size_per_class=top_k, max_total_size=max_detections,
-        iou_threshold=iou_threshold, score_threshold=score_threshold, pad_per_class=False, clip_boxes=False)
+        boxes if boxes.shape.rank == 4 else boxes[:, :, None, :], masked, max_output_size_per_class=top_k,
+        max_total_size=max_detections, iou_threshold=iou_threshold, score_threshold=score_threshold,
+        pad_per_class=False, clip_boxes=False)
     num = tf.cast(found.valid_detections, tf.int32)
     valid = padding_mask(num, max_detections)
     classes = tf.where(valid, tf.cast(found.nmsed_classes, tf.int32), -1)
@@ -75,6 +77,7 @@ def batched_class_nms(boxes, scores, *, top_k=400, iou_threshold=0.45, score_thr
 def _class_nms_v5(boxes, scores, *, top_k, iou_threshold, score_threshold, max_detections):
     """batched_class_nms with NonMaxSuppressionV5 per image and class (needs a static class count)."""
     num_classes, num_boxes = scores.shape[-1], boxes.shape[1]
+    per_class = boxes.shape.rank == 4
     if num_classes is None or num_boxes is None:
         raise ValueError(f"the v5 NMS needs static box and class counts, got boxes {boxes.shape}, "
                          f"scores {scores.shape}")
@@ -86,7 +89,7 @@ def _class_nms_v5(boxes, scores, *, top_k, iou_threshold, score_threshold, max_d
         found_scores, found_boxes, found_classes = [], [], []
         for c in range(num_classes):
             top, at = tf.math.top_k(image_scores[:, c], k=k, sorted=True)
-            candidates = tf.gather(image_boxes, at)
+            candidates = tf.gather(image_boxes[:, c] if per_class else image_boxes, at)
             # A box of zero area has IoU 0 with every box (TF's and torchvision's NMS): it neither
             # suppresses nor is suppressed. TFLite's NON_MAX_SUPPRESSION_V5 would select it again
             # and again (its IoU with itself is 0 too), so such boxes bypass the op.

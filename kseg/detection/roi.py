@@ -21,7 +21,10 @@ into SavedModels and tf2onnx graphs without per-RoI loops.
 
 from __future__ import annotations
 
+import functools
+
 import keras
+import numpy as np
 import tensorflow as tf
 
 
@@ -53,24 +56,26 @@ def roi_align(features, rois, output_size, spatial_scale, sampling_ratio=2, alig
     if not aligned:
         width, height = tf.maximum(width, 1.0), tf.maximum(height, 1.0)
     # Sample positions along each axis: (R, bins * sr), bin-major.
-    steps_y = (tf.repeat(tf.range(ph, dtype=tf.float32), sr) + (tf.tile(tf.range(sr, dtype=tf.float32), [ph]) + 0.5) / sr)
-    steps_x = (tf.repeat(tf.range(pw, dtype=tf.float32), sr) + (tf.tile(tf.range(sr, dtype=tf.float32), [pw]) + 0.5) / sr)
-    ys = start_y[:, None] + steps_y[None, :] * (height / ph)[:, None]
-    xs = start_x[:, None] + steps_x[None, :] * (width / pw)[:, None]
+    steps_y = tf.constant(np.repeat(np.arange(ph), sr) + (np.tile(np.arange(sr), ph) + 0.5) / sr, tf.float32)
+    steps_x = tf.constant(np.repeat(np.arange(pw), sr) + (np.tile(np.arange(sr), pw) + 0.5) / sr, tf.float32)
+    # Explicit expand_dims rather than `[:, None]` indexing throughout: TFLite has no builtin for
+    # StridedSlice with new or ellipsis axes (it would need the Flex delegate).
+    ys = tf.expand_dims(start_y, 1) + tf.expand_dims(steps_y, 0) * tf.expand_dims(height / ph, 1)
+    xs = tf.expand_dims(start_x, 1) + tf.expand_dims(steps_x, 0) * tf.expand_dims(width / pw, 1)
     shape = tf.shape(features)
     h, w = shape[1], shape[2]
     y_low, y_high, ly, y_in = _bilinear_axis(ys, h)
     x_low, x_high, lx, x_in = _bilinear_axis(xs, w)
     # Corner values (R, ph*sr, pw*sr, C) weighted and summed; out-of-range points weigh 0.
-    inside = tf.cast(y_in[:, :, None] & x_in[:, None, :], features.dtype)
-    b = tf.broadcast_to(batch[:, None, None], tf.shape(inside))
+    inside = tf.cast(tf.expand_dims(y_in, 2) & tf.expand_dims(x_in, 1), features.dtype)
+    b = tf.broadcast_to(tf.reshape(batch, [-1, 1, 1]), tf.shape(inside))
     total = 0.0
     for rows, wy in ((y_low, 1.0 - ly), (y_high, ly)):
         for cols, wx in ((x_low, 1.0 - lx), (x_high, lx)):
-            index = tf.stack([b, tf.broadcast_to(rows[:, :, None], tf.shape(b)),
-                              tf.broadcast_to(cols[:, None, :], tf.shape(b))], axis=-1)
-            weight = wy[:, :, None] * wx[:, None, :] * inside
-            total += tf.gather_nd(features, index) * weight[..., None]
+            index = tf.stack([b, tf.broadcast_to(tf.expand_dims(rows, 2), tf.shape(b)),
+                              tf.broadcast_to(tf.expand_dims(cols, 1), tf.shape(b))], axis=-1)
+            weight = tf.expand_dims(wy, 2) * tf.expand_dims(wx, 1) * inside
+            total += tf.gather_nd(features, index) * tf.expand_dims(weight, -1)
     channels = features.shape[-1] if features.shape[-1] is not None else tf.shape(features)[-1]
     total = tf.reshape(total, tf.stack([-1, ph, sr, pw, sr, channels]))
     return tf.reduce_mean(total, axis=[2, 4])
@@ -107,21 +112,49 @@ def roi_pool(features, rois, output_size, spatial_scale):
     col_mask, col_empty = _bin_mask(start_x, width, pw, w)  # (R, pw, W), (R, pw)
     lowest = features.dtype.min
     maps = tf.gather(features, batch)  # (R, H, W, C)
-    by_col = tf.reduce_max(tf.where(col_mask[:, None, :, :, None], maps[:, :, None, :, :], lowest), axis=3)
-    pooled = tf.reduce_max(tf.where(row_mask[:, :, :, None, None], by_col[:, None], lowest), axis=2)
-    empty = row_empty[:, :, None] | col_empty[:, None, :]
-    return tf.where(empty[..., None], tf.zeros_like(pooled), pooled)
+    # (R, 1, pw, W, 1) mask over (R, H, 1, W, C) maps -> (R, H, pw, C); then over rows.
+    col = tf.expand_dims(tf.expand_dims(col_mask, 1), -1)
+    by_col = tf.reduce_max(tf.where(col, tf.expand_dims(maps, 2), lowest), axis=3)
+    row = tf.expand_dims(tf.expand_dims(row_mask, -1), -1)  # (R, ph, H, 1, 1)
+    pooled = tf.reduce_max(tf.where(row, tf.expand_dims(by_col, 1), lowest), axis=2)
+    empty = tf.expand_dims(row_empty, 2) | tf.expand_dims(col_empty, 1)
+    return tf.where(tf.expand_dims(empty, -1), tf.zeros_like(pooled), pooled)
+
+
+# RoIPool's bin edges for RoI sizes up to this many cells come from a table (see _bin_edges).
+_TABLE_SIZE = 4096
+
+
+@functools.lru_cache(maxsize=None)
+def _bin_edges(bins):
+    """(floor(p * step), ceil((p + 1) * step)) for every RoI size 1.._TABLE_SIZE cells and bin p,
+    step = size / bins, in float32 exactly as torchvision's kernel computes them.
+
+    Exact integer arithmetic would differ (step rounds: for 57 cells in 7 bins the last bin ends at
+    ceil(7 * 8.142858) = 58, not 57), and so would a TF graph: Grappler turns `size / bins` into
+    `size * (1 / bins)`, one ulp off, which moved a bin edge in a SavedModel. A table is immune."""
+    size = np.arange(_TABLE_SIZE + 1, dtype=np.float32)[:, None]
+    step = size / np.float32(bins)
+    p = np.arange(bins, dtype=np.float32)[None, :]
+    return (np.floor(p * step).astype(np.float32), np.ceil((p + np.float32(1)) * step).astype(np.float32))
 
 
 def _bin_mask(start, size, bins, extent):
     """(R, bins, extent) membership of each cell in each bin, and (R, bins) empty bins."""
-    p = tf.range(bins, dtype=tf.float32)[None, :]
-    step = (size / bins)[:, None]
+    table_lo, table_hi = _bin_edges(bins)
+    index = tf.cast(tf.minimum(size, _TABLE_SIZE), tf.int32)
+    lo, hi = tf.gather(table_lo, index), tf.gather(table_hi, index)
+    # Larger RoIs (over 4096 cells: 65,536 px at 1/16) compute the edges in the graph.
+    p = tf.expand_dims(tf.range(bins, dtype=tf.float32), 0)
+    step = tf.expand_dims(size / bins, 1)
+    huge = tf.expand_dims(size > _TABLE_SIZE, 1)
+    lo = tf.where(huge, tf.floor(p * step), lo)
+    hi = tf.where(huge, tf.math.ceil((p + 1.0) * step), hi)
     extent_f = tf.cast(extent, tf.float32)
-    lo = tf.clip_by_value(tf.floor(p * step) + start[:, None], 0.0, extent_f)
-    hi = tf.clip_by_value(tf.math.ceil((p + 1.0) * step) + start[:, None], 0.0, extent_f)
-    cells = tf.range(extent, dtype=tf.float32)[None, None, :]
-    return (cells >= lo[..., None]) & (cells < hi[..., None]), hi <= lo
+    lo = tf.clip_by_value(lo + tf.expand_dims(start, 1), 0.0, extent_f)
+    hi = tf.clip_by_value(hi + tf.expand_dims(start, 1), 0.0, extent_f)
+    cells = tf.reshape(tf.range(extent, dtype=tf.float32), [1, 1, -1])
+    return (cells >= tf.expand_dims(lo, -1)) & (cells < tf.expand_dims(hi, -1)), hi <= lo
 
 
 @keras.saving.register_keras_serializable(package="kseg")

@@ -172,7 +172,7 @@ class Serving:
     output, a list; class_names: one string per class; head: the task's Head; any_size: the
     model takes any input size (else network_size is its fixed input); eval_transform:
     (resize_shorter, crop, interpolation) of a classifier's training run, or None; postprocess:
-    a detector's decoder (raw outputs list -> padded detections), or None.
+    a detector's decoder ((raw outputs list, the images) -> padded detections), or None.
     """
 
     decode: object

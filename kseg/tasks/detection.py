@@ -30,9 +30,11 @@ class Detection(Task):
     checkpoint_mode = "min"
 
     def head(self, output_names, build_kwargs=None, output_rank=None) -> Head:
-        # The class scores: mbox_conf (softmax over classes, background first).
+        # The class scores (softmax over classes, background first): SSD's mbox_conf, Fast R-CNN's
+        # head's class_logits.
         names = list(output_names)
-        return Head(names.index("mbox_conf") if "mbox_conf" in names else len(names) - 1, "softmax")
+        index = next((names.index(n) for n in ("mbox_conf", "class_logits") if n in names), len(names) - 1)
+        return Head(index, "softmax")
 
     def loss(self, **options):
         """SSD's MultiBox loss, one instance for both outputs (targets: kseg.detection.losses)."""
@@ -91,7 +93,7 @@ class Detection(Task):
         c = serving.channels
 
         def detect(images):
-            found = serving.postprocess(serving.outputs(images))
+            found = serving.postprocess(serving.outputs(images), images)
             return od_api_outputs(found, (h, w))
 
         @tf.function(input_signature=[tf.TensorSpec([None, h, w, c], tf.float32, name="images")])
