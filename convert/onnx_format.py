@@ -56,15 +56,17 @@ def export_onnx(model, path, *, opset=17, dynamic=True, nchw=False, input_size=N
     """
     import onnx
 
-    from kseg.api import deployment_model
+    from kseg.api import deployment_model, nms_variant
 
     _check_opset(opset)
     if metadata is None:
         metadata = md.build_metadata(model)
-    # A detector: its raw outputs and its decoded detections, NMS in the graph (ONNX NonMaxSuppression).
-    model = deployment_model(model, nms="combined")
+    # A detector: its raw outputs and its decoded detections, NMS in the graph (ONNX NonMaxSuppression;
+    # per-class boxes through the coordinate offset, which tf2onnx converts).
+    model = deployment_model(model)
     metadata = dict(metadata, outputs=list(model.output_names))
-    proto, values = _convert_structure(model, opset=opset, dynamic=dynamic, nchw=nchw, input_size=input_size)
+    with nms_variant(model, "offset"):
+        proto, values = _convert_structure(model, opset=opset, dynamic=dynamic, nchw=nchw, input_size=input_size)
     _check_loadable(proto, model)
     # The weights' names: tf2onnx adds small constant initializers of its own (shapes, axes).
     meta = dict(metadata, onnx={"opset": int(opset), "input_layout": "NCHW" if nchw else "NHWC",

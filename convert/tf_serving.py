@@ -108,6 +108,8 @@ def build_module(model, *, image_size=None, preprocessing=None, class_names=None
     import tensorflow as tf
 
     meta = md.build_metadata(model, class_names=class_names)
+    if eval_transform is None:  # the model's own: its training run's, or its named weights'
+        eval_transform = meta.get("eval_transform")
     task, head_ = _task_and_head(model, meta)
     index, activation = head_.output_index, head_.activation
     pre = _preprocessing(meta, preprocessing)

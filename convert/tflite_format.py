@@ -45,14 +45,14 @@ def export_tflite(model, path, *, quantize=None, input_size=None, metadata=None,
     """
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
-    from kseg.api import deployment_model
+    from kseg.api import deployment_model, nms_variant
 
     if metadata is None:
         metadata = md.build_metadata(model)
     # A detector: its raw outputs and its decoded detections, with the NMS made of builtin ops.
-    model = deployment_model(model, nms="v5")
+    model = deployment_model(model)
     metadata = dict(metadata, outputs=list(model.output_names))
-    with _builtin_argmax_pooling(model) as rewritten:
+    with _builtin_argmax_pooling(model) as rewritten, nms_variant(model, "v5"):
         function, module = _serving_function(model, input_size)
         data = _converter(function, module, quantize).convert()
         select_ops = flex_ops(data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 
@@ -151,6 +152,22 @@ def deployment_model(model, *, nms=None):
     deployed = keras.Model(inputs, [*raw.values(), *outputs], name=model.name)
     remember_identity(deployed, info)
     return deployed
+
+
+@contextlib.contextmanager
+def nms_variant(model, nms):
+    """Trace `model` with every NMS-bearing layer (a decoder, Faster R-CNN's proposal layer: the
+    layers with an `nms` attribute) set to the realisation `nms` (kseg.detection.nms.METHODS: "v5"
+    for TFLite's builtin ops, "offset" for tf2onnx); restored afterwards."""
+    layers = [layer for layer in model.layers if hasattr(layer, "nms")]
+    before = [layer.nms for layer in layers]
+    for layer in layers:
+        layer.nms = nms
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, before):
+            layer.nms = value
 
 
 def _raw_and_decoder(model):

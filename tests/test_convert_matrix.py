@@ -34,10 +34,6 @@ TF_FORMATS = ["keras", "h5", "weights_h5", "saved_model", "tf_serving", "frozen_
 FAST_FORMATS = {"saved_model", "frozen_graph"}
 # ONNX and TFLite: written by convert/onnx_format.py and convert/tflite_format.py.
 RUNTIME_FORMATS = {"onnx": "convert.onnx_format", "tflite": "convert.tflite_format"}
-# Paths not built yet (strict: they fail, and a fix must remove them here).
-ONNX_FRCNN = ("Faster R-CNN's per-class boxes need combined NMS with q = classes, which tf2onnx cannot "
-              "convert, and its proposals loop over images with tf.map_fn (issue #17)")
-KNOWN_GAPS = {("faster_rcnn_vgg16", "onnx"): ONNX_FRCNN}
 # SegNet's unpooling and DeepLab's dilated convs must pass every path, in the fast subset too.
 EVERY_PATH_FAST = {"segnet_basic", "deeplab_largefov"}
 
@@ -64,10 +60,7 @@ def _cases():
         targets = TF_FORMATS + list(RUNTIME_FORMATS) + (["safetensors"] if _has_torch_layout(name) else [])
         for fmt in targets:
             fast = name in FAST_MODELS and (fmt in FAST_FORMATS or name in EVERY_PATH_FAST)
-            marks = [] if fast else [pytest.mark.slow]
-            if (name, fmt) in KNOWN_GAPS:
-                marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[name, fmt]))
-            yield pytest.param(name, fmt, id=f"{name}-{fmt}", marks=marks)
+            yield pytest.param(name, fmt, id=f"{name}-{fmt}", marks=() if fast else pytest.mark.slow)
 
 
 @pytest.fixture(scope="module")

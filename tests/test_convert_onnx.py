@@ -35,17 +35,8 @@ CASES.update({
 FAST = ["lenet5", "segnet_basic", "deeplab_largefov", "resnet50", "fcn8s", "hed"]
 
 
-# Not built yet (strict: a fix must remove it here): Faster R-CNN's per-class-box NMS and its
-# proposals' loop over images do not convert with tf2onnx (issue #17).
-KNOWN_GAPS = {"faster_rcnn_vgg16"}
-
-
 def _params(names):
-    def marks(n):
-        return ([] if n in FAST else [pytest.mark.slow]) + (
-            [pytest.mark.xfail(strict=True, reason="see KNOWN_GAPS")] if n in KNOWN_GAPS else [])
-
-    return [pytest.param(n, marks=marks(n)) for n in names]
+    return [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in names]
 
 
 def _build(name):

@@ -36,34 +36,51 @@ def grid_anchors(cell_anchors, feature_hw, image_hw):
 
 
 def filter_proposals(objectness, deltas, anchors, image_hw, *, pre_nms_top_n=6000, post_nms_top_n=300,
-                     iou_threshold=0.7, min_size=1e-3, score_threshold=0.0):
+                     iou_threshold=0.7, min_size=1e-3, score_threshold=0.0, nms="combined"):
     """objectness (B, A) logits, deltas (B, A, 4), anchors (A, 4) -> (proposals (B, R, 4) xyxy pixels,
     scores (B, R) sigmoid, mask (B, R) bool), R = post_nms_top_n, best first; padding rows are zeros.
-    The proposals carry no gradient (torchvision detaches them)."""
+    The proposals carry no gradient (torchvision detaches them).
+
+    nms: "combined" (the whole batch in one `combined_non_max_suppression` with one class, which
+    tf2onnx turns into ONNX NonMaxSuppression) or "v5" (per image in a `tf.map_fn`, TFLite's
+    builtin NON_MAX_SUPPRESSION_V5); both are greedy NMS keeping the best post_nms_top_n.
+    """
     objectness = tf.stop_gradient(tf.cast(objectness, tf.float32))
     deltas = tf.stop_gradient(tf.cast(deltas, tf.float32))
     height, width = tf.cast(image_hw[0], tf.float32), tf.cast(image_hw[1], tf.float32)
     k = tf.minimum(tf.constant(int(pre_nms_top_n)), tf.shape(objectness)[1])
     post = int(post_nms_top_n)
+    top, at = tf.math.top_k(objectness, k=k, sorted=True)  # (B, k)
+    boxes = decode(tf.gather(deltas, at, batch_dims=1), tf.gather(anchors, at), RPN_WEIGHTS)
+    x1, y1, x2, y2 = tf.unstack(boxes, axis=-1)
+    x1, x2 = tf.clip_by_value(x1, 0.0, width), tf.clip_by_value(x2, 0.0, width)
+    y1, y2 = tf.clip_by_value(y1, 0.0, height), tf.clip_by_value(y2, 0.0, height)
+    boxes = tf.stack([x1, y1, x2, y2], axis=-1)
+    scores = tf.sigmoid(top)
+    keep = ((x2 - x1) >= min_size) & ((y2 - y1) >= min_size) & (scores >= score_threshold)
+    # Dropped boxes get a score below any kept one and below NMS's threshold.
+    scores = tf.where(keep, scores, -1.0)
+    if nms in ("combined", "offset"):  # one class: the offset trick is the combined NMS
+        found = tf.image.combined_non_max_suppression(
+            tf.expand_dims(boxes, 2), tf.expand_dims(scores, 2), max_output_size_per_class=post,
+            max_total_size=post, iou_threshold=iou_threshold, score_threshold=-0.5, pad_per_class=False,
+            clip_boxes=False)
+        valid = tf.expand_dims(tf.range(post), 0) < tf.expand_dims(tf.cast(found.valid_detections, tf.int32), 1)
+        return (tf.where(tf.expand_dims(valid, -1), found.nmsed_boxes, 0.0), tf.where(valid, found.nmsed_scores, 0.0),
+                valid)
+    if nms != "v5":
+        raise ValueError(f"proposal NMS must be 'combined', 'offset' or 'v5', got {nms!r}")
 
     def one_image(args):
-        logits, image_deltas = args
-        top, at = tf.math.top_k(logits, k=k, sorted=True)
-        boxes = decode(tf.gather(image_deltas, at), tf.gather(anchors, at), RPN_WEIGHTS)
-        x1, y1, x2, y2 = tf.unstack(boxes, axis=-1)
-        boxes = tf.stack([tf.clip_by_value(x1, 0.0, width), tf.clip_by_value(y1, 0.0, height),
-                          tf.clip_by_value(x2, 0.0, width), tf.clip_by_value(y2, 0.0, height)], axis=-1)
-        scores = tf.sigmoid(top)
-        keep = ((boxes[:, 2] - boxes[:, 0]) >= min_size) & ((boxes[:, 3] - boxes[:, 1]) >= min_size)
-        keep &= scores >= score_threshold
-        # Dropped boxes get a score below any kept one and below NMS's threshold.
+        image_boxes, image_scores = args
         index, kept, count = tf.raw_ops.NonMaxSuppressionV5(
-            boxes=boxes, scores=tf.where(keep, scores, -1.0), max_output_size=post, iou_threshold=iou_threshold,
+            boxes=image_boxes, scores=image_scores, max_output_size=post, iou_threshold=iou_threshold,
             score_threshold=-0.5, soft_nms_sigma=0.0, pad_to_max_output_size=True)
         valid = tf.range(post) < count
-        return (tf.where(tf.expand_dims(valid, 1), tf.gather(boxes, index), 0.0), tf.where(valid, kept, 0.0), valid)
+        return (tf.where(tf.expand_dims(valid, 1), tf.gather(image_boxes, index), 0.0), tf.where(valid, kept, 0.0),
+                valid)
 
-    return tf.map_fn(one_image, (objectness, deltas), fn_output_signature=(
+    return tf.map_fn(one_image, (boxes, scores), fn_output_signature=(
         tf.TensorSpec([post, 4], tf.float32), tf.TensorSpec([post], tf.float32), tf.TensorSpec([post], tf.bool)))
 
 
@@ -74,7 +91,7 @@ class ProposalLayer(keras.layers.Layer):
     map's grid (cell_anchors: kseg.detection.anchors.rpn_cell_anchors)."""
 
     def __init__(self, cell_anchors, pre_nms_top_n=6000, post_nms_top_n=300, iou_threshold=0.7, min_size=1e-3,
-                 score_threshold=0.0, **kwargs):
+                 score_threshold=0.0, nms="combined", **kwargs):
         super().__init__(**kwargs)
         self.cell_anchors = np.asarray(cell_anchors, np.float32).tolist()
         self.pre_nms_top_n = int(pre_nms_top_n)
@@ -82,6 +99,7 @@ class ProposalLayer(keras.layers.Layer):
         self.iou_threshold = float(iou_threshold)
         self.min_size = float(min_size)
         self.score_threshold = float(score_threshold)
+        self.nms = nms  # TFLite exports trace it with "v5" (see filter_proposals)
 
     def call(self, inputs):
         objectness, deltas, features, image = inputs
@@ -90,7 +108,7 @@ class ProposalLayer(keras.layers.Layer):
         proposals, _, mask = filter_proposals(
             objectness, deltas, anchors, image_hw, pre_nms_top_n=self.pre_nms_top_n,
             post_nms_top_n=self.post_nms_top_n, iou_threshold=self.iou_threshold, min_size=self.min_size,
-            score_threshold=self.score_threshold)
+            score_threshold=self.score_threshold, nms=self.nms)
         return [proposals, mask]
 
     def compute_output_spec(self, inputs):
@@ -101,7 +119,7 @@ class ProposalLayer(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "cell_anchors": self.cell_anchors, "pre_nms_top_n": self.pre_nms_top_n,
                 "post_nms_top_n": self.post_nms_top_n, "iou_threshold": self.iou_threshold,
-                "min_size": self.min_size, "score_threshold": self.score_threshold}
+                "min_size": self.min_size, "score_threshold": self.score_threshold, "nms": self.nms}
 
 
 @keras.saving.register_keras_serializable(package="kseg")

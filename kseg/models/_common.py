@@ -27,3 +27,14 @@ def global_pooling(x, pooling):
     if pooling == "max":
         return keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
     raise ValueError(f"pooling must be None, 'avg' or 'max', got {pooling!r}")
+
+
+def scaled(filters: int, width: float) -> int:
+    """A conv's filters under the channel multiplier `width`: rounded, at least 8 (1.0: unchanged)."""
+    return filters if width == 1.0 else max(8, int(round(filters * width)))
+
+
+def check_width(width, name):
+    """Refuse a channel multiplier outside (0, 1] with an error naming the model."""
+    if isinstance(width, bool) or not (isinstance(width, (int, float)) and 0 < width <= 1.0):
+        raise ValueError(f"{name}: width must be a channel multiplier in (0, 1], got {width!r}")

@@ -48,7 +48,7 @@ from keras import layers
 
 from kseg.layers import DilatedConv2D, ResizeToReference
 from kseg.models import resnet
-from kseg.models._common import model_input
+from kseg.models._common import check_width, model_input, scaled
 from kseg.models.vgg import CFGS, VGG16_CONV_NAMES
 from kseg.registry import register_model
 
@@ -110,17 +110,6 @@ def _caffe_pool(x, stride, name):
     # (>= 0) and every window holds at least one real pixel, so its max never comes from a pad.
     x = layers.ZeroPadding2D(((1, 2), (1, 2)), name=f"{name}_pad")(x)
     return layers.MaxPooling2D(3, strides=2, padding="valid", name=name)(x)
-
-
-def scaled(filters: int, width: float) -> int:
-    """A conv's filters under the channel multiplier `width`: rounded, at least 8 (1.0: unchanged)."""
-    return filters if width == 1.0 else max(8, int(round(filters * width)))
-
-
-def check_width(width, name):
-    """Refuse a channel multiplier outside (0, 1] with an error naming the model."""
-    if isinstance(width, bool) or not (isinstance(width, (int, float)) and 0 < width <= 1.0):
-        raise ValueError(f"{name}: width must be a channel multiplier in (0, 1], got {width!r}")
 
 
 # From this rate on, a dilated conv is built as DilatedConv2D: fc6's rate 12 (and Table 2's

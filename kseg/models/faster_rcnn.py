@@ -29,7 +29,7 @@ from keras import layers
 from kseg.detection.anchors import RPN_LAYOUTS, rpn_cell_anchors
 from kseg.detection.proposals import PerImage, ProposalLayer, ProposalRoIs, SoftmaxObjectness
 from kseg.detection.roi import RoIAlign, RoIPool
-from kseg.models._common import model_input
+from kseg.models._common import check_width, model_input, scaled
 from kseg.models.vgg import CFGS, VGG16_CONV_NAMES, vgg_trunk
 from kseg.registry import Preprocessing, TorchMapping, register_model
 
@@ -55,9 +55,9 @@ def _check(name, value, allowed):
         raise ValueError(f"faster_rcnn_vgg16: {name} must be one of {list(allowed)}, got {value!r}")
 
 
-def rpn(features, rpn_head):
+def rpn(features, rpn_head, width=1.0):
     """The RPN head on `features`: (objectness for the proposal layer, rpn_objectness, rpn_deltas)."""
-    x = layers.Conv2D(512, 3, padding="same", activation="relu", name="rpn_conv_3x3")(features)
+    x = layers.Conv2D(scaled(512, width), 3, padding="same", activation="relu", name="rpn_conv_3x3")(features)
     if rpn_head == "softmax":
         # Caffe's (B, 2A, H, W) blob holds the A background scores, then the A object scores.
         scores = layers.Conv2D(2 * NUM_ANCHORS, 1, name="rpn_cls_score")(x)
@@ -73,13 +73,13 @@ def rpn(features, rpn_head):
     return objectness, raw, deltas
 
 
-def box_head(pooled, num_classes, rows, dropout):
+def box_head(pooled, num_classes, rows, dropout, width=1.0):
     """Fast R-CNN's head on pooled RoIs (B*R, 7, 7, 512): per image class logits and box deltas."""
     x = layers.Flatten(name="flatten")(pooled)
-    x = layers.Dense(4096, activation="relu", name="fc6")(x)
+    x = layers.Dense(scaled(4096, width), activation="relu", name="fc6")(x)
     if dropout:
         x = layers.Dropout(dropout, name="drop6")(x)
-    x = layers.Dense(4096, activation="relu", name="fc7")(x)
+    x = layers.Dense(scaled(4096, width), activation="relu", name="fc7")(x)
     if dropout:
         x = layers.Dropout(dropout, name="drop7")(x)
     logits = layers.Dense(num_classes, name="cls_score")(x)
@@ -146,7 +146,8 @@ def _adapt_vgg(arrays, model, path):
     postprocess=decoder,
 )
 def faster_rcnn_vgg16(*, num_classes=21, input_shape=None, layout="paper", rpn_head=None, roi_op=None,
-                      anchor_layout=None, dropout=None, pre_nms_top_n=6000, post_nms_top_n=300, postprocess=False):
+                      anchor_layout=None, dropout=None, pre_nms_top_n=6000, post_nms_top_n=300, postprocess=False,
+                      width=1.0):
     """Faster R-CNN, VGG16: raw named outputs (see the module docstring); postprocess=True decodes.
 
     layout: "paper" or "torchvision" (LAYOUTS: the four options below at once; each option given
@@ -154,7 +155,9 @@ def faster_rcnn_vgg16(*, num_classes=21, input_shape=None, layout="paper", rpn_h
     "sigmoid" (torchvision's 1 logit); roi_op: "pool" (RoIPool, the paper) or "align" (RoIAlign,
     torchvision); anchor_layout: "pyfaster" or "torchvision" anchors
     (kseg.detection.anchors.rpn_cell_anchors); dropout after fc6 / fc7 (0 for torchvision's
-    TwoMLPHead); pre/post_nms_top_n: the test-time proposal counts.
+    TwoMLPHead); pre/post_nms_top_n: the test-time proposal counts. width: a channel multiplier in
+    (0, 1] for the trunk, the RPN conv and fc6 / fc7 (kseg's, for CPU tests and demos; the anchors,
+    outputs and their shapes stay).
     """
     options = _resolve(layout, {"rpn_head": rpn_head, "roi_op": roi_op, "anchor_layout": anchor_layout,
                                 "dropout": dropout})
@@ -164,9 +167,10 @@ def faster_rcnn_vgg16(*, num_classes=21, input_shape=None, layout="paper", rpn_h
     _check("anchor_layout", anchor_layout, RPN_LAYOUTS)
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
         raise ValueError(f"faster_rcnn_vgg16: num_classes must be an int >= 2, got {num_classes!r}")
+    check_width(width, "faster_rcnn_vgg16")
     inputs = model_input(input_shape, (None, None, 3))
-    features, _ = vgg_trunk(inputs, last_pool=False)
-    objectness, rpn_objectness, rpn_deltas = rpn(features, rpn_head)
+    features, _ = vgg_trunk(inputs, last_pool=False, width=width)
+    objectness, rpn_objectness, rpn_deltas = rpn(features, rpn_head, width)
     proposals, mask = ProposalLayer(rpn_cell_anchors(layout=anchor_layout), pre_nms_top_n=pre_nms_top_n,
                                     post_nms_top_n=post_nms_top_n, name="proposal_layer")(
         [objectness, rpn_deltas, features, inputs])
@@ -175,7 +179,7 @@ def faster_rcnn_vgg16(*, num_classes=21, input_shape=None, layout="paper", rpn_h
     rois = ProposalRoIs(name="rois")(proposals)
     pool = (RoIPool(7, SPATIAL_SCALE, name="roi_pool5") if roi_op == "pool"
             else RoIAlign(7, SPATIAL_SCALE, 2, name="roi_align5"))
-    class_logits, box_regression = box_head(pool([features, rois]), int(num_classes), post_nms_top_n, dropout)
+    class_logits, box_regression = box_head(pool([features, rois]), int(num_classes), post_nms_top_n, dropout, width)
     raw = [rpn_objectness, rpn_deltas, proposals, mask, class_logits, box_regression]
     if not postprocess:
         return keras.Model(inputs, raw, name="faster_rcnn_vgg16")

@@ -31,8 +31,7 @@ import keras
 from keras import layers
 
 from kseg.layers import BilinearUpsampling, CropToReference, Scale
-from kseg.models._common import model_input
-from kseg.models.deeplab import check_width, scaled
+from kseg.models._common import check_width, model_input, scaled
 from kseg.models.vgg import CFGS, VGG16_CONV_NAMES
 from kseg.registry import register_model
 

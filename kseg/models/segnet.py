@@ -14,8 +14,7 @@ import keras
 from keras import layers
 
 from kseg.layers import MaxPoolingWithArgmax2D, MaxUnpooling2D
-from kseg.models._common import model_input
-from kseg.models.deeplab import check_width, scaled
+from kseg.models._common import check_width, model_input, scaled
 from kseg.models.vgg import CFGS as VGG_CFGS
 from kseg.models.vgg import VGG16_CONV_NAMES
 from kseg.registry import register_model

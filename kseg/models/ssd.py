@@ -45,8 +45,8 @@ import keras
 from keras import layers
 
 from kseg.layers import L2Normalization
-from kseg.models._common import model_input
-from kseg.models.deeplab import _adapt_vgg, check_width, scaled
+from kseg.models._common import check_width, model_input, scaled
+from kseg.models.deeplab import _adapt_vgg
 from kseg.models.vgg import CFGS, VGG16_CONV_NAMES
 from kseg.registry import TorchMapping, register_model
 
@@ -115,7 +115,7 @@ def _conv(x, filters, kernel, name, *, stride=1, dilation=1, padding="same"):
 
 def ssd_vgg16_sources(inputs, *, layout="paper", width=1.0):
     """The six feature maps SSD300 predicts from, in SOURCES order; `width` scales every conv's
-    filters (kseg.models.deeplab.scaled: rounded, at least 8)."""
+    filters (kseg.models._common.scaled: rounded, at least 8)."""
     pool_padding = POOL_PADDING[layout]
     x, sources = inputs, []
     for b, convs in enumerate(CFGS["D"], start=1):

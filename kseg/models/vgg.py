@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from kseg.models._common import classifier_head, global_pooling, model_input
+from kseg.models._common import classifier_head, global_pooling, model_input, scaled
 from kseg.registry import TorchMapping, register_model
 
 PAPER = "Simonyan & Zisserman, Very Deep Convolutional Networks for Large-Scale Image Recognition, ICLR 2015"
@@ -19,14 +19,15 @@ VGG16_CONV_NAMES = [
 ]
 
 
-def vgg_trunk(x, cfg="D", *, pool_padding="valid", last_pool=True):
-    """The 13-conv trunk; returns the output and a dict of named features (`block{i}_pool`)."""
+def vgg_trunk(x, cfg="D", *, pool_padding="valid", last_pool=True, width=1.0):
+    """The 13-conv trunk; returns the output and a dict of named features (`block{i}_pool`).
+    width: a channel multiplier (kseg.models._common.scaled), 1.0 for VGG16 itself."""
     features = {}
     blocks = CFGS[cfg]
     for b, convs in enumerate(blocks, start=1):
         for c, filters in enumerate(convs, start=1):
             x = layers.Conv2D(
-                filters, 3, padding="same", activation="relu", name=f"block{b}_conv{c}"
+                scaled(filters, width), 3, padding="same", activation="relu", name=f"block{b}_conv{c}"
             )(x)
         features[f"block{b}_conv{len(convs)}"] = x
         if b < len(blocks) or last_pool:
