@@ -25,10 +25,15 @@ workers sleep rather than spin (OMP_WAIT_POLICY=PASSIVE, allow_spinning=0) unles
 shared machine spinning workers lose their cores to other jobs (PyTorch ResNet50 batch 1: 2.5 s
 spinning, 0.15 s passive, same machine, same minute).
 
-    python scripts/bench_models.py                          # all 9 models (18 min on the busy 2-core machine)
+    python scripts/bench_models.py                          # the 9 classic models (18 min on the busy 2-core machine)
+    python scripts/bench_models.py --models ssd300          # SSD300, with and without decoding + NMS
     python scripts/bench_models.py --quick                  # smaller inputs, shorter timing
     python scripts/bench_models.py --models resnet50 hed --size 96 --skip tflite
     python scripts/bench_models.py --update-docs            # also refresh docs/performance.*
+
+SSD300 (opt-in, not in the default list: 6-10 minutes of its own on 2 cores) is timed twice per
+runtime, network only and with its postprocessing, and checked by its detections as sets; no training
+step. scripts/_bench_ssd.py holds its worker and the PyTorch postprocessing.
 
 Outputs (--out, default bench_results/): bench_models.json, bench_models.md, bench_models.png.
 """
@@ -62,7 +67,12 @@ MODELS = {
     "deeplab_largefov": dict(size=(129, 129, 3), train_batch=2, dense=True),
     "hed": dict(size=(128, 128, 3), train_batch=2, dense=True),
     "fcn_resnet50": dict(size=(128, 128, 3), train_batch=2, dense=True),
+    # A detector, timed with and without decoding + NMS (scripts/_bench_ssd.py): torchvision's
+    # ssd300_vgg16 layout and its 91 COCO classes, at its own 300x300. Opt-in (--models ssd300).
+    "ssd300": dict(size=(300, 300, 3), train_batch=None, detector=True,
+                   kwargs={"layout": "torchvision", "num_classes": 91}),
 }
+DEFAULT_MODELS = [name for name, cfg in MODELS.items() if not cfg.get("detector")]
 QUICK_SIZES = {"fcn8s": 32, "segnet": 64, "deeplab_largefov": 65, "hed": 64, "fcn_resnet50": 64}
 VGG_FAMILY = ("vgg16", "fcn8s", "segnet", "deeplab_largefov", "hed")
 RUNTIMES = ("tf", "xla", "onnxruntime", "tflite", "pytorch")
@@ -72,6 +82,14 @@ REL_TOL = 1e-3
 
 
 # === shared helpers ==========================================================================
+
+
+def _bench_ssd():
+    """scripts/_bench_ssd.py: the detector's worker and table (imported from this script's folder)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _bench_ssd
+
+    return _bench_ssd
 
 
 def set_thread_env(threads, spin=False):
@@ -891,8 +909,8 @@ def targets(records, peak):
                           ("onnx_vs_tf_b1", "ONNX Runtime >= 1.0x kseg TF graph, batch 1"),
                           ("onnx_vs_tf_b8", "ONNX Runtime >= 1.0x kseg TF graph, batch 8")):
             if s.get(key) is not None:
-                rows.append({"model": name, "target": what, "value": s[key], "threshold": 1.0,
-                             "met": s[key] >= 1.0})
+                rows.append({"model": name, "target": what + rec.get("target_note", ""), "value": s[key],
+                             "threshold": 1.0, "met": s[key] >= 1.0})
         if name in VGG_FAMILY and s.get("tf_b8_peak_fraction") is not None:
             rows.append({"model": name, "target": "VGG family: kseg TF batch-8 >= 70% of fp32 GEMM peak",
                          "value": s["tf_b8_peak_fraction"], "threshold": 0.7, "met": s["tf_b8_peak_fraction"] >= 0.7})
@@ -946,6 +964,11 @@ def markdown(result):
                 cells.append(text + mark)
         size = "x".join(map(str, r["input"][:2]))
         lines.append(f"| {r['model']} | {size} | {r['flops_per_image'] / 1e9:.3g} | " + " | ".join(cells) + " |")
+    if any(r.get("detector") for r in recs):
+        lines.append("")
+        lines.append("Detectors' rows (ssd300): with decoding + NMS, detections checked as sets; GFLOPs are the "
+                     "network's. Network only beside it:")
+        lines += _bench_ssd().markdown(recs, LABELS, RUNTIMES)
     lines.append("")
     lines.append("Training step (forward, backward, SGD momentum 0.9), images/s; ratios and achieved GFLOP/s:")
     lines.append("")
@@ -956,7 +979,7 @@ def markdown(result):
         tr, s = r["train"], r["summary"]
         cells = [fmt(tr.get(rt, {}).get("images_per_s")) for rt in ("tf", "xla", "pytorch")]
         lines.append(
-            f"| {r['model']} | {r['train_batch']} | " + " | ".join(cells) + " | "
+            f"| {r['model']} | {r['train_batch'] or '–'} | " + " | ".join(cells) + " | "
             f"{fmt(s.get('best_tf_vs_pytorch_b1'))}x · {fmt(s.get('best_tf_vs_pytorch_b8'))}x · "
             f"{fmt(s.get('best_tf_vs_pytorch_train'))}x | "
             f"{fmt(s.get('onnx_vs_tf_b1'))}x · {fmt(s.get('onnx_vs_tf_b8'))}x | "
@@ -1043,7 +1066,8 @@ def chart(result, path):
             matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x" if f"{v:.0e}"[0] in "25" else ""))
         ax.set_ylabel("speed vs PyTorch (x)")
         ax.set_title(f"{title} (higher is better; PyTorch = 1)")
-        ax.legend(fontsize=8, ncol=len(runtimes))
+        if ax.get_legend_handles_labels()[0]:  # a detector-only run has no training bars
+            ax.legend(fontsize=8, ncol=len(runtimes))
     axes[-1].set_xticks(x, [f"{n}\n{'x'.join(map(str, r['input'][:2]))}" for n, r in zip(names, recs)], fontsize=8)
     m = result["machine"]
     fig.suptitle(f"kseg vs PyTorch, ONNX Runtime, TFLite on {m.get('Model name', '?')} ({result['threads']} threads); "
@@ -1071,8 +1095,8 @@ def update_docs(result, md):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), metavar="NAME",
-                        help=f"models to run (default: all of {', '.join(MODELS)})")
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS), metavar="NAME",
+                        help=f"models to run, of {', '.join(MODELS)} (default: all but ssd300)")
     parser.add_argument("--size", type=int, help="input H = W for the dense-prediction models (classifiers keep "
                                                  "their native size)")
     parser.add_argument("--quick", action="store_true", help="smaller dense inputs, shorter timing, GEMM at 2048 only")
@@ -1102,7 +1126,7 @@ def main(argv=None):
     args.budget = args.budget if args.budget is not None else (0.5 if args.quick else 2.0)
 
     cfgs = {}
-    for name in args.models:
+    for name in [args.worker] if args.worker else args.models:  # a worker: its model, listed or not
         cfg = dict(MODELS[name])
         if cfg.get("dense"):
             side = args.size or (QUICK_SIZES[name] if args.quick else None)
@@ -1112,7 +1136,12 @@ def main(argv=None):
 
     if args.gemm or args.worker:
         sys.path.insert(0, ROOT)
-        rec = gemm_worker(args) if args.gemm else worker(args.worker, cfgs[args.worker], args)
+        if args.gemm:
+            rec = gemm_worker(args)
+        elif cfgs[args.worker].get("detector"):
+            rec = _bench_ssd().worker(args.worker, cfgs[args.worker], args, sys.modules[__name__])
+        else:
+            rec = worker(args.worker, cfgs[args.worker], args)
         with open(args.result, "w") as f:
             json.dump(rec, f)
         return
