@@ -129,13 +129,11 @@ def inference_model(model):
 DETECTION_OUTPUTS = ("detection_boxes", "detection_scores", "detection_classes", "num_detections")
 
 
-def deployment_model(model, *, nms=None):
+def deployment_model(model):
     """The network a graph format (SavedModel, frozen graph, ONNX, TFLite) holds: for a kseg
     detector, its raw outputs followed by the decoded detections (DETECTION_OUTPUTS, each a named
     output), so one file serves training-style checks and deployment; any other model unchanged.
-
-    nms: the decoder's NMS realisation (kseg.detection.nms: "combined", or "v5" for TFLite's
-    builtin ops); None keeps the decoder's. The result shares the model's weights and identity.
+    The result shares the model's weights and identity; nms_variant picks the NMS a format traces.
     """
     import keras
 
@@ -144,8 +142,6 @@ def deployment_model(model, *, nms=None):
     if spec is None or spec.postprocess is None:
         return model
     raw, decoder = _raw_and_decoder(model)
-    if nms is not None and nms != decoder.nms:
-        decoder = type(decoder).from_config({**decoder.get_config(), "nms": nms})
     found = _decode(model, raw, decoder)
     outputs = [keras.layers.Identity(name=name)(found[name]) for name in DETECTION_OUTPUTS]
     inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
