@@ -70,8 +70,10 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
 
 def _register_layers():
-    importlib.import_module("kseg.layers")
-    importlib.import_module("kseg.detection.postprocess")  # SSDDecoder, in detectors saved with their decoder
+    # kseg.layers, and the detection layers models hold: decoders (detectors saved with theirs),
+    # Faster R-CNN's proposal layer and RoI pooling.
+    for module in ("kseg.layers", "kseg.detection.postprocess", "kseg.detection.proposals", "kseg.detection.roi"):
+        importlib.import_module(module)
 
 
 if "keras" in sys.modules:

@@ -173,3 +173,29 @@ def test_exports_with_nms_inside(tmp_path, target):
         found += int(report.outputs[-1].note.split(" matched")[0].split()[-1])
     assert found > 10  # detections were compared, not only empty sets
     keras.backend.clear_session()
+
+
+def test_saved_model_loads_in_a_fresh_process_and_predicts(tmp_path, capsys):
+    """A .keras Faster R-CNN holds kseg's proposal and RoI layers: `import kseg` registers them, so a
+    fresh process loads it; kseg predict runs it (fixed input size: the CLI resizes to it)."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from kseg.cli import main
+
+    keras.utils.set_random_seed(3)
+    model = kseg.build_model("faster_rcnn_vgg16", num_classes=5, width=0.125, post_nms_top_n=20,
+                             input_shape=(128, 128, 3))
+    path = tmp_path / "frcnn.keras"
+    model.save(path)
+    code = (f"import kseg, keras; m = keras.models.load_model({str(path)!r}); "
+            "print(m.count_params(), m.get_layer('roi_pool5').__class__.__name__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == [str(model.count_params()), "RoIPool"]
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (90, 150, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
+    assert main(["predict", str(path), str(tmp_path / "a.jpg"), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "detections.json").is_file() and (tmp_path / "out" / "a.png").is_file()
+    keras.backend.clear_session()
