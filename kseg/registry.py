@@ -102,6 +102,13 @@ class ModelSpec:
     # Detectors: postprocess(build options) -> the Keras layer that decodes the raw outputs into
     # padded detections (kseg.inference_model, serving).
     postprocess: Callable[[dict], Any] | None = None
+    # Models that train through a wrapper with its own train_step (two-stage detectors):
+    # trainer(model, build options, settings) -> the keras.Model to compile and fit; it takes the
+    # readers' padded ground truth {"boxes", "classes"} as targets, not per-output labels.
+    trainer: Callable[[Any, dict, dict], Any] | None = None
+    # Detectors that take any input size: their test scale per weight layout, (min_size, max_size):
+    # each image resized keeping its aspect ratio, shorter side min_size, longer at most max_size.
+    test_scales: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
     description: str = ""
 
     @property
@@ -148,6 +155,8 @@ def register_model(
     backbone: str | None = None,
     backbone_adapt: Callable | None = None,
     postprocess: Callable | None = None,
+    trainer: Callable | None = None,
+    test_scales: dict[str, tuple[int, int]] | None = None,
 ):
     """Register a builder under `name`. A second registration of a name raises."""
     if task not in TASKS:
@@ -186,6 +195,8 @@ def register_model(
             backbone=backbone,
             backbone_adapt=backbone_adapt,
             postprocess=postprocess,
+            trainer=trainer,
+            test_scales={k: tuple(v) for k, v in (test_scales or {}).items()},
             description=doc.splitlines()[0] if doc else "",
         )
         return builder

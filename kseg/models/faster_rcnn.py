@@ -46,6 +46,9 @@ LAYOUTS = {
 }
 # Detection NMS of the head at test: py-faster-rcnn TEST.NMS 0.3; torchvision box_nms_thresh 0.5.
 HEAD_NMS = {"pyfaster": 0.3, "torchvision": 0.5}
+# Test scales (min_size, max_size): py-faster-rcnn lib/fast_rcnn/config.py TEST.SCALES (600,), TEST.MAX_SIZE 1000;
+# torchvision FasterRCNN(min_size=800, max_size=1333), its GeneralizedRCNNTransform's.
+TEST_SCALES = {"paper": (600, 1000), "torchvision": (800, 1333)}
 # py-faster-rcnn's PIXEL_MEANS (lib/fast_rcnn/config.py): BGR, 0..255.
 CAFFE_FRCNN = Preprocessing("caffe_frcnn", mean=(102.9801, 115.9465, 122.7717), bgr=True)
 
@@ -55,9 +58,10 @@ def _check(name, value, allowed):
         raise ValueError(f"faster_rcnn_vgg16: {name} must be one of {list(allowed)}, got {value!r}")
 
 
-def rpn(features, rpn_head, width=1.0):
-    """The RPN head on `features`: (objectness for the proposal layer, rpn_objectness, rpn_deltas)."""
-    x = layers.Conv2D(scaled(512, width), 3, padding="same", activation="relu", name="rpn_conv_3x3")(features)
+def rpn(features, rpn_head, width=1.0, channels=512):
+    """The RPN head on `features`: (objectness for the proposal layer, rpn_objectness, rpn_deltas);
+    its 3x3 conv has `channels` filters (the trunk's: 512 for VGG16, 1024 for ResNet C4) times width."""
+    x = layers.Conv2D(scaled(channels, width), 3, padding="same", activation="relu", name="rpn_conv_3x3")(features)
     if rpn_head == "softmax":
         # Caffe's (B, 2A, H, W) blob holds the A background scores, then the A object scores.
         scores = layers.Conv2D(2 * NUM_ANCHORS, 1, name="rpn_cls_score")(x)
@@ -115,6 +119,16 @@ def decoder(options: dict):
     return FastRCNNDecoder(iou_threshold=HEAD_NMS[resolved["anchor_layout"]], name="frcnn_decoder")
 
 
+def trainer(model, options: dict, settings: dict):
+    """The RCNNTrainer of a model built with `options`: py-faster-rcnn's training settings for the
+    pyfaster anchors (the paper's layout), torchvision's for its anchors; `settings` override them."""
+    from kseg.detection.rcnn_trainer import RCNNTrainer
+
+    resolved = _resolve(options.get("layout", "paper"), options)
+    convention = "pyfaster" if resolved["anchor_layout"] == "pyfaster" else "torchvision"
+    return RCNNTrainer(model, **{"convention": convention, **settings})
+
+
 def _resolve(layout, options):
     """The layout's options, overridden by those given (not None)."""
     _check("layout", layout, LAYOUTS)
@@ -144,10 +158,12 @@ def _adapt_vgg(arrays, model, path):
     backbone="vgg16",
     backbone_adapt=_adapt_vgg,
     postprocess=decoder,
+    trainer=trainer,
+    test_scales=TEST_SCALES,
 )
 def faster_rcnn_vgg16(*, num_classes=21, input_shape=None, layout="paper", rpn_head=None, roi_op=None,
                       anchor_layout=None, dropout=None, pre_nms_top_n=6000, post_nms_top_n=300, postprocess=False,
-                      width=1.0):
+                      width=1.0, anchor_sizes=(128, 256, 512)):
     """Faster R-CNN, VGG16: raw named outputs (see the module docstring); postprocess=True decodes.
 
     layout: "paper" or "torchvision" (LAYOUTS: the four options below at once; each option given
@@ -157,7 +173,9 @@ def faster_rcnn_vgg16(*, num_classes=21, input_shape=None, layout="paper", rpn_h
     (kseg.detection.anchors.rpn_cell_anchors); dropout after fc6 / fc7 (0 for torchvision's
     TwoMLPHead); pre/post_nms_top_n: the test-time proposal counts. width: a channel multiplier in
     (0, 1] for the trunk, the RPN conv and fc6 / fc7 (kseg's, for CPU tests and demos; the anchors,
-    outputs and their shapes stay).
+    outputs and their shapes stay). anchor_sizes: the 3 anchor scales in input pixels (the paper's
+    128, 256, 512 for ~600-pixel images; smaller for small images or objects, as torchvision's
+    AnchorGenerator(sizes=...) allows; multiples of 16 for the pyfaster layout).
     """
     options = _resolve(layout, {"rpn_head": rpn_head, "roi_op": roi_op, "anchor_layout": anchor_layout,
                                 "dropout": dropout})
@@ -171,7 +189,8 @@ def faster_rcnn_vgg16(*, num_classes=21, input_shape=None, layout="paper", rpn_h
     inputs = model_input(input_shape, (None, None, 3))
     features, _ = vgg_trunk(inputs, last_pool=False, width=width)
     objectness, rpn_objectness, rpn_deltas = rpn(features, rpn_head, width)
-    proposals, mask = ProposalLayer(rpn_cell_anchors(layout=anchor_layout), pre_nms_top_n=pre_nms_top_n,
+    cells = rpn_cell_anchors(tuple(anchor_sizes), layout=anchor_layout)
+    proposals, mask = ProposalLayer(cells, pre_nms_top_n=pre_nms_top_n,
                                     post_nms_top_n=post_nms_top_n, name="proposal_layer")(
         [objectness, rpn_deltas, features, inputs])
     proposals = layers.Identity(name="proposals")(proposals)

@@ -129,6 +129,37 @@ def compile_segmentation(model, recipe, *, steps_per_epoch=None, total_steps=Non
     return multi_worker_fit(model)
 
 
+def rcnn_settings(recipe: Recipe) -> dict:
+    """A two-stage detector's training settings from the recipe's [loss] (name "rcnn"): every key but
+    name, allowed_border "none" -> None (kseg.detection.rcnn_trainer.SETTINGS)."""
+    spec = recipe.loss
+    if spec.get("name") != "rcnn":
+        raise ValueError(f"{recipe.source}: {recipe.model} trains with [loss] name = 'rcnn', not {spec.get('name')!r}")
+    settings = {k: v for k, v in spec.items() if k != "name"}
+    border = settings.get("allowed_border")
+    if isinstance(border, str):
+        if border != "none":
+            raise ValueError(f"{recipe.source}: [loss] allowed_border is a number of pixels or 'none', got {border!r}")
+        settings["allowed_border"] = None
+    if "bg_iou" in settings:
+        if len(settings["bg_iou"]) != 2:
+            raise ValueError(f"{recipe.source}: [loss] bg_iou is [low, high], got {settings['bg_iou']!r}")
+        settings["bg_iou"] = tuple(float(v) for v in settings["bg_iou"])
+    return settings
+
+
+def compile_trainer(model, recipe, *, steps_per_epoch=None, total_steps=None, jit_compile=False):
+    """The model's registry trainer (a two-stage detector's RCNNTrainer) with the recipe's [loss]
+    settings, compiled with the recipe's optimizer and schedule; returns the trainer to fit."""
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    from kseg.identity import identify
+
+    ident = identify(model)
+    trainer = get_spec(recipe.model).trainer(model, dict(ident.options), rcnn_settings(recipe))
+    trainer.compile(optimizer=make_optimizer(recipe, steps_per_epoch, total_steps), jit_compile=jit_compile)
+    return trainer
+
+
 def callbacks(recipe, out_dir, *, monitor=None, tensorboard="auto"):
     """BackupAndRestore (out_dir/backup), best checkpoint (out_dir/best.keras), CSV log, TensorBoard.
 
@@ -200,7 +231,10 @@ def check_setup(model, train, val, out_dir, run_info, task=None):
         first = next(iter(ds.take(1)), None)
         if first is None:
             raise TrainingSetupError(f"the {name} dataset is empty: no image/label pairs were found")
-        labels = np.asarray(first[1][names[head]] if isinstance(first[1], dict) else first[1])
+        target = first[1]
+        if isinstance(target, dict):  # by output name; a two-stage detector's ground truth: "classes"
+            target = target[names[head]] if names[head] in target else target["classes"]
+        labels = np.asarray(target)
         seen = labels[labels != losses_mod.IGNORE_LABEL]
         if class_labels and seen.size and seen.max() >= num_classes:
             raise TrainingSetupError(
@@ -321,16 +355,25 @@ def train(recipe, data_dir, out_dir, *, epochs=None, batch_size=None, overrides=
             raise TrainingSetupError(f"the training dataset at {data_dir} is empty")
         t = recipe.training
         epochs_ = t["epochs"] if "epochs" in t else math.ceil(t["iterations"] / steps)
-        fit_model = compile_segmentation(model, recipe, steps_per_epoch=steps, total_steps=steps * epochs_,
-                                         jit_compile=jit_compile)
+        if get_spec(recipe.model).trainer is not None:
+            fit_model = compile_trainer(model, recipe, steps_per_epoch=steps, total_steps=steps * epochs_,
+                                        jit_compile=jit_compile)
+        else:
+            fit_model = compile_segmentation(model, recipe, steps_per_epoch=steps, total_steps=steps * epochs_,
+                                             jit_compile=jit_compile)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, RUN_FILE), "w") as f:
         json.dump({**run_info, "recipe_file": recipe.source, "recipe_values": recipe.to_dict()}, f, indent=1)
-    # One target per loss (HED's deep supervision: every output learns the same edge map).
-    task, num_losses = get_spec(recipe.model).task_object, len(fit_model.outputs)
-    names, renamed = list(model.output_names), list(fit_model.output_names) != list(model.output_names)
+    # One target per loss (HED's deep supervision: every output learns the same edge map); a trainer
+    # takes the readers' targets as they are.
+    task, wrapped = get_spec(recipe.model).task_object, get_spec(recipe.model).trainer is not None
+    num_losses = 1 if wrapped else len(fit_model.outputs)
+    names = list(model.output_names)
+    renamed = not wrapped and list(fit_model.output_names) != names
 
     def fit_targets(y):
+        if wrapped:
+            return y
         y = task.fit_targets(y, num_losses)
         # Targets by output name (a detector's), for outputs renamed by the float32 casts of mixed precision:
         # by position instead.

@@ -416,6 +416,8 @@ def _detection_datasets(recipe, data_dir, batch, seed):
 
     d = recipe.data
     layout = d["layout"]
+    if get_spec(recipe.model).trainer is not None:  # two-stage: targets are the boxes themselves
+        return _box_datasets(recipe, data_dir, batch, seed)
     size, anchors = model_anchors(recipe)
     prep = input_preprocessing(recipe)
     affine = preprocessing_affine(prep)
@@ -456,3 +458,31 @@ def _detection_datasets(recipe, data_dir, batch, seed):
 
         fit_train = tf.data.Dataset.zip((train, seeds)).map(augmented, **par)
     return finish(fit_train, train), finish(fit_val, val)
+
+
+def _box_datasets(recipe, data_dir, batch, seed):
+    """(train, val) of a model trained by its registry spec's trainer (kseg.train.rcnn_inputs)."""
+    from kseg.train.rcnn_inputs import box_datasets
+
+    d = recipe.data
+    h, w = identify(recipe.model, dict(recipe.model_options)).input_shape[:2]
+    fixed = (int(h), int(w)) if h and w else None
+    if fixed is None and "min_size" not in d:
+        raise TrainingSetupError(f"{recipe.source}: {recipe.model} takes any input size: give [data] min_size "
+                                 "(and max_size) for the images' scale, or model_options input_shape")
+    common = dict(max_boxes=d.get("max_boxes", 100), preprocessing=input_preprocessing(recipe))
+    if d["layout"] == "voc_detection":
+        common["use_difficult"] = d.get("use_difficult", False)
+    try:
+        train = _detection_reader(d["layout"], data_dir, d.get("train_split", "train"), shuffle=True, seed=seed,
+                                  **common)
+        val = _detection_reader(d["layout"], data_dir, d.get("val_split", "val"), **common)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise TrainingSetupError(f"cannot read {d['layout']} data at {data_dir}: {e}") from None
+    fit_train, fit_val = box_datasets(train, val, batch=batch, seed=seed, fixed_size=fixed,
+                                      min_size=d.get("min_size"), max_size=d.get("max_size"),
+                                      flip=d.get("flip", False))
+    for out, source in ((fit_train, train), (fit_val, val)):
+        for name in ("class_names", "num_classes", "skipped"):
+            setattr(out, name, getattr(source, name, None))
+    return fit_train, fit_val

@@ -40,6 +40,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         # to at most zoom_out times the image (1: none), the min-IoU random crop (and flip, above)
         "max_boxes": (int,), "use_difficult": (bool,), "photometric_distort": (bool,), "zoom_out": _NUM,
         "iou_crop": (bool,),
+        # two-stage detectors: each image resized keeping its aspect, shorter side min_size, longer at
+        # most max_size (Fast / Faster R-CNN's single-scale training), batches padded to their largest
+        "min_size": (int,), "max_size": (int,),
     },
     "optimizer": {"name": (str,), "learning_rate": _NUM, "momentum": _NUM, "weight_decay": _NUM},
     "schedule": {
@@ -51,7 +54,14 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "loss": {"name": (str,), "stride8": (bool,), "class_weights": (list,), "gamma": _NUM,
              "label_smoothing": _NUM,
              # multibox: hard negatives kept per positive (kseg.detection.losses.MultiBoxLoss)
-             "neg_pos_ratio": _NUM},
+             "neg_pos_ratio": _NUM,
+             # rcnn: a two-stage detector's training settings (kseg.detection.rcnn_trainer.SETTINGS);
+             # convention "pyfaster" or "torchvision" picks the defaults, each key overrides one;
+             # allowed_border "none": cross-boundary anchors take part
+             "convention": (str,), "rpn_batch": (int,), "rpn_fg_fraction": _NUM, "rpn_fg_iou": _NUM,
+             "rpn_bg_iou": _NUM, "allowed_border": (int, float, str), "pre_nms_top_n": (int,),
+             "post_nms_top_n": (int,), "roi_batch": (int,), "roi_fg_fraction": _NUM, "fg_iou": _NUM,
+             "bg_iou": (list,), "rpn_beta": _NUM, "head_beta": _NUM},
 }
 CHOICES = {
     ("", "backbone_init"): ("imagenet",),
@@ -61,7 +71,9 @@ CHOICES = {
     ("optimizer", "name"): ("sgd", "adam", "adamw"),
     ("schedule", "kind"): ("constant", "step", "poly", "piecewise"),
     ("schedule", "step_unit"): ("iterations", "epochs"),
-    ("loss", "name"): ("sparse_cross_entropy", "sparse_focal_loss", "balanced_sigmoid_cross_entropy", "multibox"),
+    ("loss", "name"): ("sparse_cross_entropy", "sparse_focal_loss", "balanced_sigmoid_cross_entropy", "multibox",
+                       "rcnn"),
+    ("loss", "convention"): ("pyfaster", "torchvision"),
 }
 REQUIRED = (("", "model"), ("optimizer", "name"), ("optimizer", "learning_rate"), ("training", "batch_size"),
             ("loss", "name"))

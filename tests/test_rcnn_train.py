@@ -1,0 +1,260 @@
+"""Training two-stage detectors: anchor labels against torchvision's Matcher, the balanced sampler's
+counts, RoI sampling with the GT appended, the four losses against torchvision's formulas (torch,
+written with torchvision's function names: rpn.RegionProposalNetwork.compute_loss,
+roi_heads.fastrcnn_loss), RCNNTrainer through model.fit and `kseg train` with the demo recipe, and
+MirroredStrategy on 2 logical CPUs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kseg
+import kseg.data as kd
+from kseg.detection import rcnn_targets as rt
+from kseg.detection.rcnn_trainer import LOSS_NAMES, RCNNTrainer
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+
+def _boxes(rng, n, size=128, lo=8, hi=64):
+    xy = rng.uniform(0, size - hi, (n, 2))
+    wh = rng.uniform(lo, hi, (n, 2))
+    return np.concatenate([xy, xy + wh], 1).astype(np.float32)
+
+
+# torchvision models/detection/_utils.py Matcher(0.7, 0.3, allow_low_quality_matches=True), in torch.
+def matcher(match_quality_matrix, high=0.7, low=0.3):
+    matched_vals, matches = match_quality_matrix.max(dim=0)
+    all_matches = matches.clone()
+    matches[matched_vals < low] = -1
+    matches[(matched_vals >= low) & (matched_vals < high)] = -2
+    highest_quality_foreach_gt, _ = match_quality_matrix.max(dim=1)
+    pred_inds_to_update = torch.where(match_quality_matrix == highest_quality_foreach_gt[:, None])[1]
+    matches[pred_inds_to_update] = all_matches[pred_inds_to_update]
+    return matches
+
+
+def _iou(a, b):
+    lt = torch.max(a[:, None, :2], b[None, :, :2])
+    rb = torch.min(a[:, None, 2:], b[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None] - inter)
+
+
+def test_anchor_labels_equal_torchvision_matcher_and_border_rule():
+    rng = np.random.default_rng(0)
+    anchors = _boxes(rng, 400, lo=10, hi=90)
+    gt = np.stack([_boxes(rng, 5), _boxes(rng, 5)])
+    classes = np.array([[1, 2, 3, -1, -1], [4, 1, 2, 3, 4]])
+    labels, matched = rt.anchor_labels(tf.constant(anchors), gt, classes, (128, 128))
+    for i in range(2):
+        valid = classes[i] >= 0
+        want = matcher(_iou(torch.from_numpy(gt[i][valid]), torch.from_numpy(anchors))).numpy()
+        expected = np.where(want >= 0, 1, np.where(want == -1, 0, -1))
+        np.testing.assert_array_equal(labels.numpy()[i], expected)
+        positive = want >= 0
+        np.testing.assert_array_equal(matched.numpy()[i][positive], gt[i][valid][want[positive]])
+    # py-faster-rcnn's allowed_border 0: anchors leaving the image are ignored, the rest as before.
+    bordered, _ = rt.anchor_labels(tf.constant(anchors), gt, classes, (100, 100), allowed_border=0.0)
+    outside = (anchors[:, 2] >= 100) | (anchors[:, 3] >= 100)
+    assert outside.any() and np.all(bordered.numpy()[:, outside] == -1)
+    # An image without ground truth: every anchor background.
+    empty, _ = rt.anchor_labels(tf.constant(anchors), np.zeros((1, 3, 4), np.float32), -np.ones((1, 3), int),
+                                (128, 128))
+    assert np.all(empty.numpy() == 0)
+
+
+def test_balanced_sampler_counts_and_seed():
+    labels = np.full((3, 1000), 0)
+    labels[0, :10] = 1       # few positives: all 10 kept, 246 negatives
+    labels[1, :500] = 1      # many: 128 positives, 128 negatives
+    labels[2, :] = -1        # all ignored
+    labels[2, :5] = 0
+    pos, neg = rt.sample(tf.constant(labels), 256, 0.5, keras.random.SeedGenerator(1))
+    pos, neg = pos.numpy(), neg.numpy()
+    assert [p.sum() for p in pos] == [10, 128, 0] and [n.sum() for n in neg] == [246, 128, 5]
+    assert np.all(labels[pos] == 1) and np.all(labels[neg] == 0)
+    again = rt.sample(tf.constant(labels), 256, 0.5, keras.random.SeedGenerator(1))[0].numpy()
+    np.testing.assert_array_equal(pos, again)
+
+
+def test_roi_targets_append_gt_and_respect_thresholds():
+    rng = np.random.default_rng(1)
+    gt = np.stack([_boxes(rng, 4), _boxes(rng, 4)])
+    classes = np.array([[3, 1, -1, -1], [2, 2, 4, 1]])
+    proposals = np.stack([_boxes(rng, 60), _boxes(rng, 60)])
+    mask = np.ones((2, 60), bool)
+    mask[0, 50:] = False
+    rois, labels, targets, valid = (t.numpy() for t in rt.roi_targets(
+        proposals, mask, gt, classes, keras.random.SeedGenerator(0), batch_size=32, fg_fraction=0.25,
+        bg_iou=(0.0, 0.5)))
+    for i in range(2):
+        real = classes[i] >= 0
+        iou = _iou(torch.from_numpy(rois[i]), torch.from_numpy(gt[i][real])).numpy().max(1)
+        fg, bg = valid[i] & (labels[i] > 0), valid[i] & (labels[i] == 0)
+        assert 0 < fg.sum() <= 8 and np.all(iou[fg] >= 0.5) and np.all(iou[bg] < 0.5)
+        assert valid[i].sum() == min(32, fg.sum() + (iou[valid[i]] < 0.5).sum())
+        # The appended GT are candidates: a foreground RoI equal to a GT box has zero targets.
+        for box, cls in zip(gt[i][real], classes[i][real]):
+            same = np.all(np.isclose(rois[i], box), axis=1) & fg
+            if same.any():
+                assert np.all(labels[i][same] == cls) and np.allclose(targets[i][same], 0.0, atol=1e-6)
+        assert not np.any(rois[i][~valid[i]]) and not np.any(targets[i][~fg])
+    # Proposals marked invalid by the mask are never sampled.
+    invalid = proposals[0][50:]
+    assert not any(np.all(np.isclose(rois[0], b), axis=1).any() for b in invalid)
+
+
+def test_losses_equal_torchvision_formulas():
+    rng = np.random.default_rng(2)
+    b, a, c, n = 2, 300, 5, 40
+    anchors = _boxes(rng, a, lo=10, hi=90)
+    matched = np.stack([_boxes(rng, a), _boxes(rng, a)])
+    objectness = rng.normal(size=(b, a)).astype(np.float32)
+    deltas = rng.normal(scale=0.3, size=(b, a, 4)).astype(np.float32)
+    positive = rng.uniform(size=(b, a)) < 0.1
+    negative = ~positive & (rng.uniform(size=(b, a)) < 0.5)
+    labels = np.where(positive, 1, np.where(negative, 0, -1))
+    got = rt.rpn_losses(objectness, deltas, tf.constant(anchors), labels, matched, positive, negative)
+    # torchvision rpn.RegionProposalNetwork.compute_loss (weights (1, 1, 1, 1), beta 1/9).
+    sampled = positive | negative
+    t_anchor, t_matched = torch.from_numpy(np.broadcast_to(anchors, matched.shape).copy()), torch.from_numpy(matched)
+    aw, ah = t_anchor[..., 2] - t_anchor[..., 0], t_anchor[..., 3] - t_anchor[..., 1]
+    gw, gh = t_matched[..., 2] - t_matched[..., 0], t_matched[..., 3] - t_matched[..., 1]
+    regression_targets = torch.stack([
+        ((t_matched[..., 0] + 0.5 * gw) - (t_anchor[..., 0] + 0.5 * aw)) / aw,
+        ((t_matched[..., 1] + 0.5 * gh) - (t_anchor[..., 1] + 0.5 * ah)) / ah,
+        torch.log(gw / aw), torch.log(gh / ah)], -1)
+    pos = torch.from_numpy(positive)
+    box_loss = F.smooth_l1_loss(torch.from_numpy(deltas)[pos], regression_targets[pos], beta=1 / 9,
+                                reduction="sum") / sampled.sum()
+    objectness_loss = F.binary_cross_entropy_with_logits(torch.from_numpy(objectness)[torch.from_numpy(sampled)],
+                                                         pos[torch.from_numpy(sampled)].float())
+    np.testing.assert_allclose([float(v) for v in got], [objectness_loss.item(), box_loss.item()], rtol=1e-5)
+    # The paper's 2-way softmax head: cross-entropy over (background, object) equals BCE on their difference.
+    two = np.stack([np.zeros_like(objectness), objectness], -1)
+    soft = rt.rpn_losses(two, deltas, tf.constant(anchors), labels, matched, positive, negative)
+    np.testing.assert_allclose(float(soft[0]), objectness_loss.item(), rtol=1e-5)
+
+    # torchvision roi_heads.fastrcnn_loss (beta 1/9).
+    class_logits = rng.normal(size=(n, c)).astype(np.float32)
+    box_regression = rng.normal(size=(n, 4 * c)).astype(np.float32)
+    roi_labels = rng.integers(0, c, n)
+    targets = rng.normal(size=(n, 4)).astype(np.float32)
+    got = rt.head_losses(class_logits, box_regression, roi_labels, targets, np.ones(n, bool), beta=1 / 9)
+    t_labels = torch.from_numpy(roi_labels)
+    classification_loss = F.cross_entropy(torch.from_numpy(class_logits), t_labels)
+    pos_inds = torch.where(t_labels > 0)[0]
+    per_class = torch.from_numpy(box_regression).reshape(n, c, 4)
+    box_loss = F.smooth_l1_loss(per_class[pos_inds, t_labels[pos_inds]], torch.from_numpy(targets)[pos_inds],
+                                beta=1 / 9, reduction="sum") / t_labels.numel()
+    np.testing.assert_allclose([float(v) for v in got], [classification_loss.item(), box_loss.item()], rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("shapes"))
+    kd.make_synthetic_detection(root, seed=0, train=16, val=4, size=(128, 128))
+    return root
+
+
+def _small(**options):
+    return kseg.build_model("faster_rcnn_vgg16", num_classes=5, width=0.125, input_shape=(128, 128, 3),
+                            anchor_sizes=(32, 64, 128), pre_nms_top_n=200, post_nms_top_n=32, **options)
+
+
+def _boxes_dataset(root, batch=4):
+    ds = kd.voc_detection(root, "train", size=(128, 128), preprocessing="caffe", max_boxes=8)
+    return ds.map(lambda x, t: (x, {"boxes": t["boxes"], "classes": t["classes"]})).batch(batch)
+
+
+@pytest.mark.parametrize("layout", ["paper", "torchvision"])
+def test_trainer_fits_and_changes_every_part(shapes, layout):
+    keras.utils.set_random_seed(0)
+    model = _small(layout=layout)
+    before = {v.path: v.numpy().copy() for v in model.trainable_variables}
+    trainer = RCNNTrainer(model, convention="pyfaster" if layout == "paper" else "torchvision",
+                          allowed_border=None, pre_nms_top_n=576, post_nms_top_n=64, roi_batch=32)
+    trainer.compile(optimizer=keras.optimizers.Adam(1e-3))
+    # One batch, learnt by heart: every loss term falls.
+    batch = _boxes_dataset(shapes).take(1).cache()
+    start = trainer.evaluate(batch, verbose=0, return_dict=True)
+    history = trainer.fit(batch.repeat(), steps_per_epoch=10, epochs=2, verbose=0).history
+    end = trainer.evaluate(batch, verbose=0, return_dict=True)
+    assert set(history) == {"loss", *LOSS_NAMES} and set(end) == set(history)
+    assert all(np.isfinite(v).all() for v in history.values())
+    for name in ("loss", "rpn_objectness_loss", "classifier_loss"):
+        assert end[name] < 0.7 * start[name], (name, start, end)
+    changed = {p for p, v in before.items() if not np.array_equal(v, model.get_layer(p.split("/")[0]).weights[
+        0 if p.endswith("kernel") else 1].numpy())}
+    for layer in ("block1_conv1", "rpn_conv_3x3", "rpn_cls_score", "rpn_bbox_pred", "fc6", "cls_score", "bbox_pred"):
+        assert any(p.startswith(layer + "/") for p in changed), f"{layer} did not train"
+
+
+def test_trainer_rejects_a_detector_without_rois():
+    with pytest.raises(ValueError, match="RoI op"):
+        RCNNTrainer(kseg.build_model("ssd300", num_classes=3, width=0.125))
+
+
+def test_kseg_train_demo_recipe_writes_a_detector(shapes, tmp_path):
+    from kseg.train import train
+
+    result = train("faster_rcnn_synthetic_demo", shapes, str(tmp_path), epochs=1, batch_size=4, verbose=0,
+                   tensorboard=False)
+    assert np.isfinite(result["history"]["val_loss"][0]) and result["monitor"] == "val_loss"
+    for name in ("best.keras", "final.keras"):
+        model = keras.saving.load_model(tmp_path / name)
+        assert model.output_names[:2] == ["rpn_objectness", "rpn_deltas"]
+        assert kseg.identity.of_file(str(tmp_path / name)).options["anchor_sizes"] == [32, 64, 128]
+    with open(tmp_path / "kseg_run.json") as f:
+        assert json.load(f)["recipe_values"]["loss"]["name"] == "rcnn"
+
+
+def test_recipe_settings_are_checked(shapes, tmp_path):
+    from kseg.train import train
+    from kseg.train.recipes import RecipeError
+
+    with pytest.raises(RecipeError, match="convention"):
+        train("faster_rcnn_synthetic_demo", shapes, str(tmp_path), overrides={"loss.convention": "detectron"})
+    with pytest.raises(ValueError, match="allowed_border"):
+        train("faster_rcnn_synthetic_demo", shapes, str(tmp_path), epochs=1,
+              overrides={"loss.allowed_border": "everywhere"})
+
+
+MIRRORED = """
+import sys, numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, kseg, kseg.data as kd
+from kseg.detection.rcnn_trainer import RCNNTrainer
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    keras.utils.set_random_seed(0)
+    model = kseg.build_model("faster_rcnn_vgg16", num_classes=5, width=0.125, input_shape=(128, 128, 3),
+                             anchor_sizes=(32, 64, 128), pre_nms_top_n=200, post_nms_top_n=32)
+    trainer = RCNNTrainer(model, allowed_border=None, pre_nms_top_n=576, post_nms_top_n=64, roi_batch=32)
+    trainer.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9))
+ds = kd.voc_detection(sys.argv[1], "train", size=(128, 128), preprocessing="caffe", max_boxes=8)
+ds = ds.map(lambda x, t: (x, {"boxes": t["boxes"], "classes": t["classes"]})).batch(4)
+history = trainer.fit(ds, epochs=1, verbose=0).history
+print("REPLICAS", strategy.num_replicas_in_sync, "LOSS", history["loss"][-1])
+"""
+
+
+def test_mirrored_strategy_on_two_cpus_trains(shapes, tmp_path):
+    script = tmp_path / "mirrored.py"
+    script.write_text(MIRRORED)
+    out = subprocess.run([sys.executable, str(script), shapes], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(line for line in out.stdout.splitlines() if line.startswith("REPLICAS"))
+    assert line.split()[1] == "2" and np.isfinite(float(line.split()[3]))
