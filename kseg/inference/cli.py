@@ -21,7 +21,8 @@ _EXPECTED = (*cliutil.INPUT_ERRORS, ImportError)
 CLASSIFICATION_LAYOUTS = ("classification_folder", "classification_list")
 DETECTION_LAYOUTS = ("voc_detection", "coco_detection")
 _LAYOUT_CHOICES = ("voc", "sbd", "synthetic", "pets", *CLASSIFICATION_LAYOUTS, "edges", *DETECTION_LAYOUTS)
-# Detection evaluation reads batches of this many images (all resized to the network input).
+# Detection evaluation reads batches of this many images (all resized to the network input);
+# a detector that takes any size reads one image at a time, at its own size.
 DETECTION_BATCH = 8
 
 
@@ -53,6 +54,7 @@ def add_parser(subparsers):
                         "instead of the tables (the file next to the model is still written)")
     _classifier_args(e)
     _edge_args(e)
+    _scale_args(e.add_argument_group(*DETECTOR_GROUP))
     e.set_defaults(func=cmd_evaluate)
 
     p = subparsers.add_parser("predict", help="label maps (palette PNGs) and colour overlays for image files; "
@@ -71,11 +73,11 @@ def add_parser(subparsers):
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     _classifier_args(p)
     _edge_args(p)
-    g = p.add_argument_group("detectors (SSD)", "each image is resized to the network input (per axis) and the "
-                                                "boxes are scaled back to its pixels")
+    g = p.add_argument_group(*DETECTOR_GROUP)
     g.add_argument("--score-threshold", type=float, metavar="S",
                    help="keep the detections scoring >= S in detections.json and the drawings (default "
                         f"{SCORE_THRESHOLD}; kseg evaluate scores every detection the decoder keeps)")
+    _scale_args(g)
     p.set_defaults(func=cmd_predict)
 
     c = subparsers.add_parser("crf-search", help="cross-validate the dense CRF's settings over the paper's ranges")
@@ -93,6 +95,32 @@ def add_parser(subparsers):
     c.add_argument("--json", dest="json_out", help="write every setting's scores here (default: next to the model)")
     c.set_defaults(func=cmd_crf_search)
     return subparsers
+
+
+DETECTOR_GROUP = ("detectors", "fixed-input detectors (SSD300) get each image resized to the network input "
+                                "(per axis); detectors that take any size (Faster R-CNN) get one image at a time, "
+                                "resized keeping its aspect ratio to their test scale (the shorter side "
+                                "--min-size, the longer at most --max-size); the boxes are mapped back to each "
+                                "image's pixels")
+
+
+def _scale_args(g):
+    g.add_argument("--min-size", type=int, metavar="N",
+                   help="any-size detectors: resize each image's shorter side to N pixels (default: the model's "
+                        "layout's test scale: 600 for py-faster-rcnn's, 800 for torchvision's)")
+    g.add_argument("--max-size", type=int, metavar="N",
+                   help="any-size detectors: but never the longer side beyond N pixels (the scale is then N / "
+                        "the longer side; default: 1000 for py-faster-rcnn's layout, 1333 for torchvision's)")
+
+
+def _test_scale(args, inference, detection):
+    """(min_size, max_size) given on the command line (either may be None), or None; refused for non-detectors."""
+    if args.min_size is None and args.max_size is None:
+        return None
+    if not detection:
+        raise ValueError(f"--min-size / --max-size set a detector's test scale; {args.model} is a "
+                         f"{inference.task.name} model")
+    return args.min_size, args.max_size
 
 
 def scores_table(scores, title):
@@ -227,12 +255,14 @@ def _check_supported(inference, command):
 
 
 def _detection_data(args, inference):
-    """Raw (0..255) batches of a detection set resized to the detector's input, boxes scaled with them;
-    VOC's class ids from the training run's class names when it has them."""
+    """Raw (0..255) batches of a detection set resized to the detector's input, boxes scaled with them
+    (an any-size detector: single images at their own size); VOC's class ids from the training run's
+    class names when it has them."""
     import kseg.data as kd
     from kseg.inference.scoring import network_size
 
-    options = dict(size=network_size(inference.model), batch_size=DETECTION_BATCH)
+    size = network_size(inference.model)  # None: any size, one image at a time at its own size
+    options = dict(size=size, batch_size=DETECTION_BATCH if size else 1)
     if args.layout == "coco_detection":
         if not args.annotations:
             raise ValueError("--layout coco_detection reads the images in --data and the boxes in --annotations "
@@ -292,13 +322,18 @@ def cmd_evaluate(args):
     try:
         inference = _classifier_options(args, _load(args))
         _check_supported(inference, "evaluate")
+        test_scale = _test_scale(args, inference, inference.task.target_kind == "boxes")
+        if test_scale is not None:
+            from kseg.inference.scoring import detection_scale
+
+            detection_scale(inference.model, *test_scale)  # refused for fixed-input detectors before reading
         ds = _raw_data(args, inference)
         edges = inference.task.target_kind == "edge_map"
         if args.edge_output and not edges:
             raise ValueError(f"--output chooses an edge model's map; {args.model} is a {inference.task.name} model")
         scores = evaluate(inference.model, ds, preprocessing=inference.preprocessing, crf=args.crf,
                           class_names=inference.class_names, progress=args.json_out != "-",
-                          edge_output=args.edge_output)
+                          edge_output=args.edge_output, test_scale=test_scale)
     except _EXPECTED as e:
         return _fail("evaluate", e)
     name = os.path.basename(args.model)
@@ -452,13 +487,14 @@ def cmd_predict(args):
         if args.score_threshold is not None and not detection:
             raise ValueError(f"--score-threshold filters a detector's boxes; {args.model} is a "
                              f"{inference.task.name} model")
+        test_scale = _test_scale(args, inference, detection) or (None, None)
         if detection:
             if args.crf:
                 raise ValueError(f"{args.model} is a {inference.task.name} model; the dense CRF refines "
                                  "per-pixel class scores")
             threshold = SCORE_THRESHOLD if args.score_threshold is None else args.score_threshold
             results = detect_images(inference, args.images, args.out, score_threshold=threshold, size=args.size,
-                                    overwrite=args.force)
+                                    overwrite=args.force, min_size=test_scale[0], max_size=test_scale[1])
         elif edges:
             if args.crf:
                 raise ValueError(f"{args.model} is a {inference.task.name} model; the dense CRF refines "

@@ -237,23 +237,28 @@ def detector_class_names(inference: InferenceModel, num_classes) -> list[str]:
 
 
 def detect_images(inference: InferenceModel, images, out_dir, *, score_threshold=SCORE_THRESHOLD, size=None,
-                  overwrite=False, progress=True) -> list[dict]:
+                  overwrite=False, progress=True, min_size=None, max_size=None) -> list[dict]:
     """Write OUT/detections.json and OUT/STEM.png (the image with its boxes and labels) per image.
 
     Each image is resized (bilinear, per axis) to the detector's fixed input, as the readers and
     the TF Serving predict_images signature do; the decoder's boxes are scaled back per axis to
-    the original image's pixels. detections.json holds one entry per image: {"file", "size":
+    the original image's pixels. A detector that takes any size (Faster R-CNN) gets one image at a
+    time, resized keeping its aspect ratio to its test scale: shorter side min_size, longer at most
+    max_size (default: its layout's, the registry spec's test_scales: py-faster-rcnn's 600 / 1000,
+    torchvision's 800 / 1333), its boxes divided by the scale (scoring.at_test_scale).
+    detections.json holds one entry per image: {"file", "size":
     [h, w], "detections": [{"class", "name", "score", "box": [x1, y1, x2, y2]}]}, best first,
     the detections scoring >= score_threshold (default 0.3; the decoder itself keeps > 0.01 for
     mAP); boxes are continuous corners (x1 <= x < x2) of the original image. Names as
-    detector_class_names. `size` (h, w) must be the model's input size if given. Inputs and
+    detector_class_names. `size` (h, w) must be the model's input size if given (a fixed-input
+    detector; min_size / max_size go with any-size ones). Inputs and
     outputs are checked before anything is written, every file written atomically; an existing
     output is an error without overwrite=True. Returns the entries.
     """
     import tensorflow as tf
 
     from kseg.inference.plots import draw_detections
-    from kseg.inference.scoring import detector, network_size
+    from kseg.inference.scoring import at_test_scale, detection_scale, detector, network_size
 
     if not 0 <= float(score_threshold) <= 1:
         raise ValueError(f"the score threshold must be in [0, 1], got {score_threshold}")
@@ -269,29 +274,40 @@ def detect_images(inference: InferenceModel, images, out_dir, *, score_threshold
                                   "(overwrite=True) to replace them")
     model = inference.model
     hw = network_size(model)
+    if size and hw is None:
+        raise ValueError(f"{model.name} takes images of any size: each is resized keeping its aspect ratio to the "
+                         "test scale; set that with --min-size / --max-size (min_size=, max_size=), not --size")
     if size and tuple(size) != hw:
         raise ValueError(f"{model.name} detects on {hw[0]}x{hw[1]} images (its decoder's anchors are laid out "
                          "for that size); every image is resized to it: drop --size")
+    scale = detection_scale(model, min_size, max_size)
     decoding, num_classes = detector(model)
     names = detector_class_names(inference, num_classes)
     run = predictor(decoding, preprocessing=inference.preprocessing)
+    if scale is not None:
+        detect = at_test_scale(run, scale)  # boxes in the image's own pixels
+    else:
+        def detect(x):
+            found = {k: np.asarray(v) for k, v in run(tf.image.resize(x, hw, method="bilinear")).items()}
+            w, h = x.shape[2], x.shape[1]
+            found["detection_boxes"] = found["detection_boxes"] * np.array([w / hw[1], h / hw[0], w / hw[1],
+                                                                             h / hw[0]])
+            return found
     os.makedirs(out_dir, exist_ok=True)
     results = []
     with progress_bar(progress, "detecting", len(images)) as advance:
         for path, drawing in zip(images, drawings):
             image = read_image(path)
             h, w = image.shape[:2]
-            x = tf.image.resize(tf.constant(image[None], tf.float32), hw, method="bilinear")
-            found = {k: np.asarray(v)[0] for k, v in run(x).items()}
+            found = {k: np.asarray(v)[0] for k, v in detect(tf.constant(image[None], tf.float32)).items()}
             n = int(found["num_detections"])
-            scale = np.array([w / hw[1], h / hw[0], w / hw[1], h / hw[0]])
             limits = np.array([w, h, w, h], np.float64)
             detections = []
             for box, score, cls in zip(found["detection_boxes"][:n], found["detection_scores"][:n],
                                        found["detection_classes"][:n]):
                 if cls < 0 or score < score_threshold:
                     continue
-                box = np.clip(np.asarray(box, np.float64) * scale, 0, limits)
+                box = np.clip(np.asarray(box, np.float64), 0, limits)
                 detections.append({"class": int(cls), "name": names[int(cls)], "score": round(float(score), 5),
                                    "box": [round(float(v), 2) for v in box]})
             detections.sort(key=lambda d: -d["score"])

@@ -22,7 +22,7 @@ from kseg.tasks.metrics import confusion_matrix, iou_table, scores_from_confusio
 
 
 def evaluate(model, dataset, *, num_classes=None, class_names=None, progress=True, crf=None,
-             preprocessing=None, edge_output=None) -> dict:
+             preprocessing=None, edge_output=None, test_scale=None) -> dict:
     """Score a model on an (image, label) dataset as its task measures it.
 
     Segmentation (at the labels' own resolution; batch-1 datasets of unpadded images give
@@ -32,11 +32,14 @@ def evaluate(model, dataset, *, num_classes=None, class_names=None, progress=Tru
     BSDS benchmark (kseg.tasks.bsds) {"ods", "ods_threshold", "ods_precision", "ods_recall", "ois",
     "ois_thresholds", ..., "output"} of `edge_output` ("average" of HED's outputs, or "fuse");
     detection (a kseg.data.voc_detection / coco_detection dataset resized to the network input,
-    size=(300, 300) for SSD300, any batch size): {"map_voc07", "map_voc", "per_class": [{"class",
-    "name", "ap_voc07", "ap_voc", "gt", "detections"}], "coco": {"ap", "ap50", "ap75", ...}, "count"}
+    size=(300, 300) for SSD300, any batch size; for a detector that takes any size, Faster R-CNN,
+    at the files' own size with batch_size=1: each image is resized to the test scale,
+    `test_scale` = (min_size, max_size), either None for the model's rule: see detection_scale,
+    at_test_scale): {"map_voc07", "map_voc", "per_class": [{"class", "name", "ap_voc07", "ap_voc",
+    "gt", "detections"}], "coco": {"ap", "ap50", "ap75", ...}, "count"}
     (kseg.tasks.detection.DetectionEvaluator) of every detection the decoder keeps, boxes mapped
-    back to each image's original pixels (see score_detections). Always "images": N. The task is the model's kseg
-    architecture's (kseg.identity.task_of).
+    back to each image's original pixels (see score_detections). Always "images": N. The task is
+    the model's kseg architecture's (kseg.identity.task_of).
 
     `preprocessing` (a kseg.Preprocessing, kind or model name) is applied to the dataset's images
     before the model; pass it with a raw dataset (a kseg.data reader without preprocessing=).
@@ -52,7 +55,10 @@ def evaluate(model, dataset, *, num_classes=None, class_names=None, progress=Tru
     if task.target_kind == "boxes":
         if as_params(crf) is not None:
             raise ValueError(f"{model.name} is a {task.name} model; the dense CRF refines per-pixel class scores")
-        return _evaluate_detection(model, dataset, task, class_names, preprocessing, progress)
+        return _evaluate_detection(model, dataset, task, class_names, preprocessing, progress, test_scale)
+    if test_scale is not None:
+        raise ValueError(f"test_scale (--min-size / --max-size) sets a detector's test scale; {model.name} is a "
+                         f"{task.name} model")
     head = task.head(list(model.output_names), identify(model).options, output_rank=len(model.outputs[0].shape))
     num_classes = num_classes or model.outputs[head.output_index].shape[-1]
     names = class_names or getattr(dataset, "class_names", None)
@@ -94,13 +100,54 @@ def detector(model):
     return inference_model(model), int(model.outputs[head.output_index].shape[-1])
 
 
-def network_size(model) -> tuple[int, int]:
-    """The fixed (h, w) input of a detector (its decoder's anchors are laid out for it)."""
+def network_size(model) -> tuple[int, int] | None:
+    """The fixed (h, w) input of a detector (SSD: its decoder's anchors are laid out for it), or None
+    for one that takes any size (Faster R-CNN: it runs at each image's test scale, detection_scale)."""
     h, w = tuple(model.input_shape[1:3])
     if not h or not w:
-        raise ValueError(f"{model.name} takes images of any size, but its decoder needs a fixed input size: "
-                         "build it with input_shape=(h, w, 3)")
+        return None
     return int(h), int(w)
+
+
+def detection_scale(model, min_size=None, max_size=None) -> tuple[int, int] | None:
+    """(min_size, max_size) an any-size detector runs at (its registry spec's test_scales for its
+    layout, from its identity; each value given replaces the rule's), or None for a
+    fixed-input detector, which refuses them."""
+    from kseg.tasks.detection import resolve_scale
+
+    hw = network_size(model)
+    if hw is not None:
+        if min_size is not None or max_size is not None:
+            raise ValueError(f"{model.name} detects on {hw[0]}x{hw[1]} images (its input size): every image is "
+                             "resized to it; --min-size / --max-size set the test scale of detectors that take "
+                             "any size")
+        return None
+    ident = identify(model)
+    spec = ident.spec if ident else None
+    return resolve_scale(spec.test_scales if spec else None, (ident.options if ident else {}).get("layout"),
+                         min_size, max_size, name=ident.architecture if ident else None)
+
+
+def at_test_scale(run, scale):
+    """detect(images) of an any-size detector: a batch (B, H, W, 3) of raw images sharing one size,
+    resized keeping the aspect ratio to the test scale (min_size, max_size) (kseg.tasks.detection.rescale:
+    py-faster-rcnn's TEST.SCALES / TEST.MAX_SIZE, torchvision's min_size / max_size), run through `run`
+    (a decoding Predictor), its boxes divided by the scale and clipped to the images: detections in the
+    given images' pixels, NumPy."""
+    import tensorflow as tf
+
+    from kseg.tasks.detection import rescale
+
+    def detect(images):
+        x = tf.convert_to_tensor(images, tf.float32)
+        h, w = (int(v) for v in x.shape[1:3])
+        factor, size = rescale(h, w, *scale)
+        found = {k: np.asarray(v) for k, v in run(tf.image.resize(x, size, method="bilinear")).items()}
+        boxes = found["detection_boxes"].astype(np.float64) / factor
+        found["detection_boxes"] = np.clip(boxes, 0, np.array([w, h, w, h], np.float64))
+        return found
+
+    return detect
 
 
 def with_background(names):
@@ -123,15 +170,17 @@ def to_original(boxes, image_shape, network_hw):
     return boxes * np.stack([sx, sy, sx, sy], axis=-1)
 
 
-def score_detections(detect, dataset, evaluator, network_hw, *, progress=True, total=None) -> dict:
+def score_detections(detect, dataset, evaluator, network_hw=None, *, progress=True, total=None) -> dict:
     """Feed a detection dataset's batches through `detect` into `evaluator` (a DetectionEvaluator).
 
     dataset: (images (B, h, w, 3), {"boxes", "classes", "difficult", "image_shape"}) batches read
-    at the network size network_hw = (h, w) (kseg.data.voc_detection(..., size=(h, w))). detect:
-    images -> the decoder's outputs (detection_boxes xyxy pixels of the input, detection_scores,
-    detection_classes, num_detections). The ground truth and the detections are both scaled back
-    to each image's original pixels (image_shape) before scoring: VOC AP does not change (IoU is
-    invariant to a per-axis scale), COCO's small / medium / large areas are the original's.
+    at the network size network_hw = (h, w) (kseg.data.voc_detection(..., size=(h, w))), or, with
+    network_hw None, at whatever size each batch has (batch_size=1 at the files' own size for an
+    any-size detector: then detect is at_test_scale's). detect: images -> the decoder's outputs
+    (detection_boxes xyxy pixels of the input, detection_scores, detection_classes,
+    num_detections). The ground truth and the detections are both scaled back to each image's
+    original pixels (image_shape) before scoring: VOC AP does not change (IoU is invariant to a
+    per-axis scale), COCO's small / medium / large areas are the original's.
     Returns evaluator.result() with "images": N.
     """
     images = 0
@@ -140,15 +189,17 @@ def score_detections(detect, dataset, evaluator, network_hw, *, progress=True, t
             found = {k: np.asarray(v) for k, v in detect(x).items()}
             truth = {k: np.asarray(y[k]) for k in ("boxes", "classes", "difficult") if k in y}
             shape = np.asarray(y["image_shape"])
-            truth["boxes"] = to_original(truth["boxes"], shape, network_hw)
-            found["detection_boxes"] = to_original(found["detection_boxes"], shape, network_hw)
+            hw = network_hw if network_hw is not None else tuple(int(v) for v in x.shape[1:3])
+            truth["boxes"] = to_original(truth["boxes"], shape, hw)
+            found["detection_boxes"] = to_original(found["detection_boxes"], shape, hw)
             evaluator.update(truth, found)
             images += int(shape.shape[0])
             advance()
     return {**evaluator.result(), "images": images}
 
 
-def _evaluate_detection(model, dataset, task, class_names, preprocessing, progress):
+def _evaluate_detection(model, dataset, task, class_names, preprocessing, progress, test_scale=None):
+    scale = detection_scale(model, *(test_scale or (None, None)))
     decoding, num_classes = detector(model)
     names = with_background(class_names or getattr(dataset, "class_names", None))
     data_classes = getattr(dataset, "class_names", None)
@@ -159,6 +210,8 @@ def _evaluate_detection(model, dataset, task, class_names, preprocessing, progre
     total = int(total) if total >= 0 else None
     run = predictor(decoding, preprocessing=resolve_preprocessing(preprocessing))
     evaluator = task.evaluator(num_classes, None, names)
+    if scale is not None:  # any size: each batch (one image, at its own size) at the test scale
+        return score_detections(at_test_scale(run, scale), dataset, evaluator, progress=progress, total=total)
     return score_detections(run, dataset, evaluator, network_size(model), progress=progress, total=total)
 
 

@@ -1,5 +1,5 @@
 """Serving: a TF-Serving-compatible server (`kseg serve`), its client, and the TF Serving export
-(convert.tf_serving, re-exported here).
+(convert.tf_serving's, through kseg.serving.exports: an any-size detector at its test scale).
 
     >>> from kseg.serving import Client, export                      # doctest: +SKIP
     >>> export(model, "models/deeplab")                              # models/deeplab/1
@@ -14,7 +14,7 @@ from kseg import _lazy
 _EXPORTS = {
     "Client": "kseg.serving.client",
     "ModelServer": "kseg.serving.server",
-    "export": "convert.tf_serving",
+    "export": "kseg.serving.exports",
     "resolve_model": "convert.tf_serving",
     "serve": "kseg.serving.server",
 }

@@ -31,6 +31,13 @@ def add_parser(subparsers):
     p.add_argument("--version", type=int, help="version directory (default: one more than the highest present)")
     p.add_argument("--image-size", type=cliutil.parse_size, metavar="HxW",
                    help=cliutil.size_help("the size predict_images resizes to (default: the model's input size)"))
+    p.add_argument("--min-size", type=int, metavar="N",
+                   help="detectors that take any size (Faster R-CNN): serving_default and predict_images resize "
+                        "each image keeping its aspect ratio so its shorter side is N (default: the layout's test "
+                        "scale, 600 py-faster-rcnn, 800 torchvision); boxes stay normalised to the original image")
+    p.add_argument("--max-size", type=int, metavar="N",
+                   help="detectors that take any size: but never the longer side beyond N pixels (the scale is "
+                        "then N / the longer side; default 1000 py-faster-rcnn, 1333 torchvision)")
     p.add_argument("--arch", dest="arch", help="kseg architecture for weights-only files")
     p.add_argument("--num-classes", type=int, help="build option (registered names and --arch)")
     p.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
@@ -64,8 +71,9 @@ def add_parser(subparsers):
 
 
 def cmd_export(args):
-    from convert.tf_serving import export, resolve_model
+    from convert.tf_serving import resolve_model
     from kseg.identity import identify
+    from kseg.serving.exports import export
     from kseg.serving.signatures import read_signature_defs
 
     build_kwargs = dict(args.option)
@@ -85,7 +93,8 @@ def cmd_export(args):
         recorded = identify(model)
     path = export(model, args.serving, version=args.version, image_size=args.image_size,
                   preprocessing=args.preprocessing, class_names=class_names, force=args.force,
-                  progress=sys.stderr.isatty(), eval_transform=recorded.eval_transform)
+                  progress=sys.stderr.isatty(), eval_transform=recorded.eval_transform, min_size=args.min_size,
+                  max_size=args.max_size)
     if args.json:
         print(json.dumps({"path": path, "model": model.name}))
     else:

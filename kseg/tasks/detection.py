@@ -9,13 +9,67 @@ background excluded, -1 padding) and `num_detections`.
 Exports follow the TF Object Detection API's serving outputs, so its clients work unchanged:
 boxes normalised [ymin, xmin, ymax, xmax], classes 1-based as float32, num_detections float32
 (tensorflow/models research/object_detection/exporter_lib_v2.py).
+
+Detectors that take any input size (Faster R-CNN) run one image at a time at their test scale:
+resized keeping the aspect ratio so that the shorter side is `min_size` and the longer at most
+`max_size` (the registry spec's test_scales, `rescale`), their boxes divided by the scale back to the image's pixels.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from kseg.tasks.base import Evaluator, Head, OutputReport, Task
+
+
+def scale_rule(scales, layout=None) -> tuple[int, int] | None:
+    """(min_size, max_size) of an any-size detector: `scales` is its registry spec's test_scales
+    (per weight layout; each image is resized keeping its aspect ratio so that its shorter side is
+    min_size, unless its longer side would then exceed max_size), `layout` the one it was built with
+    (the first layout's when None or unknown); None when the spec gives none."""
+    if not scales:
+        return None
+    return tuple(scales.get(layout, next(iter(scales.values()))))
+
+
+def resolve_scale(scales, layout=None, min_size=None, max_size=None, name=None) -> tuple[int, int]:
+    """The test scale of an any-size detector: its rule (scale_rule(scales, layout)), each of `min_size` /
+    `max_size` given replacing the rule's value. Without a rule both must be given."""
+    rule = scale_rule(scales, layout)
+    if rule is None and (min_size is None or max_size is None):
+        raise ValueError(f"{name or 'the detector'} takes images of any size and kseg knows no test scale "
+                         "for it: pass both min_size and max_size (--min-size, --max-size)")
+    values = (rule[0] if min_size is None else min_size, rule[1] if max_size is None else max_size)
+    for name, value in zip(("min_size", "max_size"), values):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive int (pixels), got {value!r}")
+    return int(values[0]), int(values[1])
+
+
+def rescale(height, width, min_size, max_size) -> tuple[float, tuple[int, int]]:
+    """(scale, (new_height, new_width)) of an image at the test scale (min_size, max_size).
+
+    scale = min(min_size / shorter side, max_size / longer side), as py-faster-rcnn's
+    lib/fast_rcnn/test.py `_get_image_blob` and torchvision's GeneralizedRCNNTransform.resize;
+    the new sides are the scaled ones rounded to the nearest pixel (cv2.resize's, which
+    py-faster-rcnn calls with fx = fy = scale), at least 1. Boxes found on the resized image map
+    back to the original's pixels divided by `scale`. tf_rescale is the same in a graph.
+    """
+    h, w = float(height), float(width)
+    scale = min(min_size / min(h, w), max_size / max(h, w))
+    return scale, (max(1, math.floor(h * scale + 0.5)), max(1, math.floor(w * scale + 0.5)))
+
+
+def tf_rescale(images, min_size, max_size, method="bilinear"):
+    """(resized images, scale float64) of a float batch (B, H, W, C) sharing one size: `rescale` in a graph."""
+    import tensorflow as tf
+
+    hw = tf.cast(tf.shape(images)[1:3], tf.float64)
+    scale = tf.minimum(min_size / tf.reduce_min(hw), max_size / tf.reduce_max(hw))
+    size = tf.maximum(tf.cast(tf.floor(hw * scale + 0.5), tf.int32), 1)
+    return tf.image.resize(images, size, method=method), scale
 
 
 class Detection(Task):
@@ -84,11 +138,17 @@ class Detection(Task):
     def core_signatures(self, serving):
         """serving_default (float RGB 0..255 batch at the network size) and predict_images (encoded
         images, any size, each resized to the network input as torchvision's SSD transform does)
-        with the Object Detection API's outputs; predict_images adds `image_size`."""
+        with the Object Detection API's outputs; predict_images adds `image_size`.
+
+        A detector that takes any input size, exported with its test scale as the serving's
+        eval_transform (min_size, max_size[, interpolation]; kseg.serving.export gives it), gets
+        any_size_signatures instead."""
         import tensorflow as tf
 
         if serving.postprocess is None:
             raise ValueError("this detector has no decoder to export (its registry spec names none)")
+        if serving.any_size and serving.eval_transform:
+            return any_size_signatures(serving)
         h, w = serving.network_size
         c = serving.channels
 
@@ -113,6 +173,54 @@ class Detection(Task):
             return {**detect(images), "image_size": tf.identity(sizes, name="image_size")}
 
         return {"serving_default": serving_default, "predict_images": predict_images}
+
+
+def any_size_signatures(serving):
+    """An any-size detector's serving_default and predict_images at its test scale
+    (serving.eval_transform = (min_size, max_size[, interpolation])), Object Detection API outputs.
+
+    serving_default: a float RGB 0..255 batch of any H x W (one size for the batch), resized by
+    tf_rescale and run as one batch. predict_images: encoded images of any sizes, each decoded,
+    resized by its own scale and run alone (tf.map_fn, one image at a time), with `image_size`.
+    Boxes are normalised to the original image: the decoder's pixels of the resized image divided
+    by the scale and by the original size, clipped to [0, 1] (as the OD API's exported
+    keep-aspect-ratio Faster R-CNNs report them).
+    """
+    import tensorflow as tf
+
+    min_size, max_size = (int(v) for v in serving.eval_transform[:2])
+    method = serving.eval_transform[2] if len(serving.eval_transform) > 2 else "bilinear"
+    c = serving.channels
+
+    def detect(images):
+        resized, scale = tf_rescale(images, min_size, max_size, method)
+        found = serving.postprocess(serving.outputs(resized), resized)
+        # Normalising by the original size times the scale = mapping back, then normalising.
+        out = od_api_outputs(found, tf.cast(tf.cast(tf.shape(images)[1:3], tf.float64) * scale, tf.float32))
+        return {**out, "detection_boxes": tf.clip_by_value(out["detection_boxes"], 0.0, 1.0,
+                                                           name="detection_boxes")}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, c], tf.float32, name="images")])
+    def serving_default(images):
+        return detect(images)
+
+    def one(data):
+        image, size = serving.decode(data)
+        found = detect(tf.cast(image, tf.float32)[None])
+        return {k: v[0] for k, v in found.items()}, size
+
+    outputs = {"detection_boxes": tf.TensorSpec([None, 4], tf.float32),
+               **{k: tf.TensorSpec([None], tf.float32) for k in ("detection_scores", "detection_classes")},
+               "num_detections": tf.TensorSpec([], tf.float32)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def predict_images(image_bytes):
+        found, sizes = tf.map_fn(one, image_bytes, parallel_iterations=1,
+                                 fn_output_signature=(outputs, tf.TensorSpec([2], tf.int32)))
+        return {**{k: tf.identity(v, name=k) for k, v in found.items()},
+                "image_size": tf.identity(sizes, name="image_size")}
+
+    return {"serving_default": serving_default, "predict_images": predict_images}
 
 
 class DetectionEvaluator(Evaluator):
@@ -177,10 +285,14 @@ class DetectionEvaluator(Evaluator):
 
 def od_api_outputs(found, network_size):
     """Decoder outputs (xyxy pixels of the network input, model class ids, -1 padding) -> the Object
-    Detection API's: normalised [ymin, xmin, ymax, xmax], 1-based classes and counts as float32."""
+    Detection API's: normalised [ymin, xmin, ymax, xmax], 1-based classes and counts as float32.
+    network_size: the input's (h, w), numbers or a float32 tensor of two."""
     import tensorflow as tf
 
-    h, w = (float(v) for v in network_size)
+    if isinstance(network_size, tf.Tensor):
+        h, w = tf.unstack(network_size)
+    else:
+        h, w = (float(v) for v in network_size)
     x1, y1, x2, y2 = tf.unstack(tf.cast(found["detection_boxes"], tf.float32), axis=-1)
     boxes = tf.stack([y1 / h, x1 / w, y2 / h, x2 / w], axis=-1)
     classes = tf.cast(tf.maximum(found["detection_classes"], 0), tf.float32)  # padding: 0, score 0
