@@ -258,3 +258,45 @@ def test_mirrored_strategy_on_two_cpus_trains(shapes, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(line for line in out.stdout.splitlines() if line.startswith("REPLICAS"))
     assert line.split()[1] == "2" and np.isfinite(float(line.split()[3]))
+
+
+def test_box_datasets_keep_aspect_pad_batches_and_flip_boxes():
+    from kseg.train.rcnn_inputs import box_datasets
+
+    images = [np.full((100, 120, 3), 50, np.float32), np.full((60, 80, 3), 90, np.float32)]
+    boxes = [np.array([[10, 20, 50, 60], [0, 0, 0, 0]], np.float32), np.array([[4, 8, 40, 30], [0, 0, 0, 0]],
+                                                                                np.float32)]
+    classes = [np.array([2, -1]), np.array([1, -1])]
+
+    def source():
+        for image, box, cls in zip(images, boxes, classes):
+            yield image, {"boxes": box, "classes": cls}
+
+    sig = (tf.TensorSpec([None, None, 3], tf.float32), {"boxes": tf.TensorSpec([2, 4], tf.float32),
+                                                         "classes": tf.TensorSpec([2], tf.int64)})
+    ds = tf.data.Dataset.from_generator(source, output_signature=sig)
+    train, val = box_datasets(ds, ds, batch=2, seed=0, min_size=96, max_size=150)
+    x, y = next(iter(val))
+    # 100x120 -> scale min(96/100, 150/120) = 0.96 -> 96x115; 60x80 -> min(1.6, 1.875) -> 96x128: padded to 96x128.
+    assert x.shape == (2, 96, 128, 3)
+    np.testing.assert_allclose(y["boxes"][0, 0], np.array([10, 20, 50, 60]) * [115 / 120, 0.96, 115 / 120, 0.96],
+                               rtol=1e-5)
+    np.testing.assert_allclose(y["boxes"][1, 0], np.array([4, 8, 40, 30]) * 1.6, rtol=1e-5)
+    assert np.all(x[0, :, 115:] == 0) and np.all(x[0, :, :115] == 50)  # padding right of the smaller image
+    np.testing.assert_array_equal(y["classes"], [[2, -1], [1, -1]])
+    flipped = box_datasets(ds, ds, batch=1, seed=0, min_size=96, max_size=150, flip=True)[0]
+    seen = set()
+    for _ in range(8):  # a fresh coin per pass: both outcomes show, each consistent with its image
+        for image, target in flipped:
+            width = image.shape[2]
+            first = tuple(np.round(target["boxes"][0, 0].numpy(), 3))
+            unflipped = tuple(np.round(next(iter(val.unbatch().skip(0 if width == 115 else 1)))[1]["boxes"][0].numpy(),
+                                       3))
+            if first != unflipped:
+                x1, y1, x2, y2 = unflipped
+                assert first == pytest.approx((width - x2, y1, width - x1, y2), abs=1e-3)
+                seen.add("flip")
+            else:
+                seen.add("same")
+            assert not np.any(target["boxes"][0, 1].numpy())  # padding rows stay zero
+    assert seen == {"flip", "same"}

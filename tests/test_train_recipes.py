@@ -8,7 +8,7 @@ from kseg.train import RecipeError, learning_rate, list_recipes, load_recipe
 from kseg.train.recipes import RECIPE_DIR
 
 PAPER_RECIPES = {"fcn8s_voc", "fcn32s_voc", "deeplab_largefov_voc", "segnet_pets", "hed_bsds", "alexnet_imagenet",
-                 "vgg16_imagenet", "lenet5_digits"}
+                 "vgg16_imagenet", "lenet5_digits", "faster_rcnn_vgg16_voc"}
 
 
 def test_every_issue_recipe_ships_and_builds_its_model():
@@ -82,3 +82,11 @@ def test_schedules_follow_the_recipe():
     poly = learning_rate(load_recipe("synthetic_demo"), total_steps=100)
     lr0 = load_recipe("synthetic_demo").optimizer["learning_rate"]
     assert float(poly(50)) == pytest.approx(lr0 * 0.5 ** 0.9, rel=1e-5) and float(poly(100)) == 0.0
+
+
+def test_faster_rcnn_paper_values():
+    r = load_recipe("faster_rcnn_vgg16_voc")
+    assert (r.optimizer["learning_rate"], r.optimizer["momentum"], r.optimizer["weight_decay"]) == (1e-3, 0.9, 5e-4)
+    assert (r.training["batch_size"], r.training["iterations"], r.schedule["boundaries"]) == (1, 70000, [50000])
+    assert (r.data["min_size"], r.data["max_size"], r.data["use_difficult"]) == (600, 1000, False)
+    assert r.loss == {"name": "rcnn", "convention": "pyfaster"} and r.model_options["layout"] == "paper"
