@@ -1,4 +1,5 @@
-"""Frozen GraphDef `.pb`: variables folded into constants, input "image", outputs by name.
+"""Frozen GraphDef `.pb`: variables folded into constants, input "image" (then any further inputs of
+the model by name: Fast R-CNN's "proposals"), outputs by name.
 
 Written with TF's convert_variables_to_constants_v2 over the serving function; the
 `<file>.kseg.json` sidecar holds the metadata, the input/output tensor names and, for each
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from convert.verify import Runner
+from convert.verify import Runner, extra_inputs
 from kseg import identity as md
 
 
@@ -34,7 +35,7 @@ def save(model, path, *, metadata=None, input_size=None, **_):
         f.write(graph_def.SerializeToString())
     side = dict(metadata or {}, outputs=list(model.output_names))
     side["graph"] = {
-        "inputs": ["image:0"],
+        "inputs": ["image:0", *(f"{n}:0" for n in extra_inputs(model))],
         "outputs": [f"{n}:0" for n in model.output_names],
         "constants": constants,
     }
@@ -95,15 +96,20 @@ def load(path, *, fold_constants=False, **_):
     if not fold_constants:
         config.graph_options.rewrite_options.constant_folding = rewriter_config_pb2.RewriterConfig.OFF
     session = tf.compat.v1.Session(graph=graph, config=config)
-    node = next(n for n in graph_def.node if n.name == inputs[0].split(":")[0])
-    dims = [d.size if d.size >= 0 else None for d in node.attr["shape"].shape.dim]
+    nodes = {n.name: n for n in graph_def.node}
+    shapes = [[d.size if d.size >= 0 else None for d in nodes[i.split(":")[0]].attr["shape"].shape.dim]
+              for i in inputs]
+    dims = shapes[0]
+    extra = {i.split(":")[0]: tuple(s[1:]) for i, s in zip(inputs[1:], shapes[1:])}  # "image:0" first
 
     def run(x):
-        return [np.asarray(o) for o in session.run(outputs, {inputs[0]: x})]
+        feed = {f"{k}:0": v for k, v in x.items()} if extra else {inputs[0]: x}
+        return [np.asarray(o) for o in session.run(outputs, feed)]
 
     meta = {k: v for k, v in side.items() if k != "graph"} if side else None
     names = [o.split(":")[0] for o in outputs]
-    runner = Runner(run, tuple(dims[1:]) if dims else (None, None, None), meta, "tf", names)
+    runner = Runner(run, tuple(dims[1:]) if dims else (None, None, None), meta, "tf", names,
+                    extra_inputs=extra or None)
     runner.session = session
     return runner
 

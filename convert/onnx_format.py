@@ -23,7 +23,7 @@ import os
 import numpy as np
 
 from convert.io import atomic_output
-from convert.verify import Runner
+from convert.verify import Runner, extra_inputs, input_specs
 from kseg import identity as md
 
 MIN_OPSET, MAX_OPSET = 13, 18  # tf2onnx 1.17 writes opsets up to 18; kseg's ops need >= 13
@@ -99,7 +99,7 @@ def _check_opset(opset):
 
 
 def _input_shape(model, dynamic, input_size):
-    shape = list(model.input_shape)
+    shape = list(model.inputs[0].shape)  # the image input (Fast R-CNN's proposals follow it)
     if len(shape) != 4:
         raise ValueError(f"{model.name}: ONNX export needs one NHWC image input, got input shape {shape}")
     if input_size is not None:
@@ -130,13 +130,15 @@ def _convert_structure(model, *, opset, dynamic, nchw, input_size):
         dupes = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"{model.name}: variable paths are not unique ({dupes[:5]}); cannot name initializers")
     placeholder = [f"kseg_weight_{i}" for i in range(len(variables))]
-    signature = [tf.TensorSpec(_input_shape(model, dynamic, input_size), tf.float32, name=INPUT_NAME)]
+    signature = input_specs(model, _input_shape(model, dynamic, input_size))  # the image, then any others
+    extra = len(signature) - 1
     signature += [tf.TensorSpec(v.shape, v.dtype, name=p) for v, p in zip(variables, placeholder)]
     count = len(trainable)
 
     @tf.function(input_signature=signature)
-    def structure(image, *weights):
-        out, _ = model.stateless_call(list(weights[:count]), list(weights[count:]), image, training=False)
+    def structure(image, *rest):
+        inputs, weights = ([image, *rest[:extra]] if extra else image), rest[extra:]
+        out, _ = model.stateless_call(list(weights[:count]), list(weights[count:]), inputs, training=False)
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
     proto, _ = tf2onnx.convert.from_function(
@@ -145,6 +147,7 @@ def _convert_structure(model, *, opset, dynamic, nchw, input_size):
     graph = proto.graph
     renames = dict(zip(placeholder, names))
     renames.update(zip([o.name for o in graph.output], model.output_names))
+    _pass_inputs_through(graph, renames)
     _rename(graph, renames)
     _repair_output_ranks(graph, model)
     _name_dims(graph, nchw)
@@ -193,6 +196,20 @@ def _repair_output_ranks(graph, model):
         )
 
 
+def _pass_inputs_through(graph, renames):
+    """An output that is an input passed through (Fast R-CNN's `proposals`) has the input's name, and
+    an ONNX value has one name: the graph output becomes the input's value itself, without
+    tf2onnx's Identity node."""
+    inputs = {i.name for i in graph.input}
+    for value in graph.output:
+        if renames.get(value.name) not in inputs:
+            continue
+        node = next(n for n in graph.node if value.name in n.output)
+        if node.op_type != "Identity" or node.input[0] != renames[value.name]:
+            raise OnnxConversionError(f"output {renames[value.name]!r} has an input's name but is not that input")
+        graph.node.remove(node)
+
+
 def _rename(graph, renames, *, outputs=True):
     for value in list(graph.input) + (list(graph.output) if outputs else []):
         value.name = renames.get(value.name, value.name)
@@ -230,7 +247,7 @@ def _check_loadable(proto, model):
     except Exception as e:  # onnxruntime raises its own exception types, all bare Exception subclasses
         raise OnnxConversionError(f"{model.name}: the converted graph does not load in ONNX Runtime: {e}") from None
     graph = proto.graph
-    keep = [i for i in graph.input if i.name == INPUT_NAME]
+    keep = [i for i in graph.input if i.name == INPUT_NAME or i.name in extra_inputs(model)]
     del graph.input[:]
     graph.input.extend(keep)
 
@@ -304,20 +321,24 @@ def load_onnx(path, **_) -> Runner:
     session = _session(path)
     meta = _metadata_from(session.get_modelmeta().custom_metadata_map, os.fspath(path))
     inputs = session.get_inputs()
-    if len(inputs) != 1:
-        raise ValueError(f"{path}: takes inputs {[i.name for i in inputs]}; kseg runs single-image-input models")
+    if len(inputs) != 1 and INPUT_NAME not in [i.name for i in inputs]:
+        raise ValueError(f"{path}: takes inputs {[i.name for i in inputs]}; kseg runs models with one image "
+                         f"input, or an {INPUT_NAME!r} input and others")
+    image = inputs[0] if len(inputs) == 1 else next(i for i in inputs if i.name == INPUT_NAME)
+    extra = {i.name: tuple(d if isinstance(d, int) else None for d in i.shape[1:]) for i in inputs if i is not image}
     nchw = ((meta or {}).get("onnx") or {}).get("input_layout") == "NCHW"
-    dims = [d if isinstance(d, int) else None for d in inputs[0].shape]
+    dims = [d if isinstance(d, int) else None for d in image.shape]
     shape = (dims[2], dims[3], dims[1]) if nchw else tuple(dims[1:])
-    input_name = inputs[0].name
+    input_name = image.name
     names = [o.name for o in session.get_outputs()]
 
     def run(x):
+        feed = dict(x) if extra else {input_name: x}
         if nchw:
-            x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-        return session.run(None, {input_name: x})
+            feed[input_name] = np.ascontiguousarray(feed[input_name].transpose(0, 3, 1, 2))
+        return session.run(None, feed)
 
-    runner = Runner(run, shape, meta, "onnxruntime", names)
+    runner = Runner(run, shape, meta, "onnxruntime", names, extra_inputs=extra or None)
     runner.session = session
     return runner
 

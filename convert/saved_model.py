@@ -3,30 +3,33 @@
 The SavedModel holds a `tf.Module`, not the Keras model: it loads with plain
 `tf.saved_model.load` in a process that never imports kseg or Keras. It has one
 `serving_default` signature taking a float32 NHWC batch `image` (dynamic batch, and dynamic
-H/W where the model allows) and returning a dict of named outputs; `kseg_weights` maps each
-Keras weight path to its variable, so kseg rebuilds the Keras model by name.
+H/W where the model allows), plus any further inputs of the model by their names (Fast R-CNN's
+`proposals`), and returning a dict of named outputs; `kseg_weights` maps each Keras weight path
+to its variable, so kseg rebuilds the Keras model by name.
 """
 
 from __future__ import annotations
 
 import os
 
-from convert.verify import Runner, keras_runner
+from convert.verify import IMAGE, Runner, image_shape, input_specs, keras_runner
 from kseg import identity as md
 
 
 def serving_function(model, input_size=None):
-    """A tf.function(image) -> {output name: tensor} over the Keras model, with an input signature."""
+    """A tf.function(image, *extra inputs) -> {output name: tensor} over the Keras model, with an
+    input signature."""
     import tensorflow as tf
 
-    shape = [None, *model.input_shape[1:]]
+    shape = [None, *image_shape(model)]
     if input_size is not None:
         shape[1], shape[2] = input_size
     names = list(model.output_names)
+    several = len(model.inputs) > 1
 
-    @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32, name="image")])
-    def serve(image):
-        out = model(image, training=False)
+    @tf.function(input_signature=input_specs(model, shape))
+    def serve(image, *extra):
+        out = model([image, *extra] if several else image, training=False)
         outs = out if isinstance(out, (list, tuple)) else [out]
         return {n: tf.identity(o, name=n) for n, o in zip(names, outs)}
 
@@ -99,16 +102,19 @@ def load(path, **_):
     fn = loaded.signatures[key]
     meta = md.read_saved_model(directory)
     _, specs = fn.structured_input_signature
-    if len(specs) != 1:
-        raise ValueError(f"{directory}: serving_default takes {list(specs)}; kseg runs single-image-input models")
-    (arg, spec), = specs.items()
+    if len(specs) != 1 and IMAGE not in specs:
+        raise ValueError(f"{directory}: serving_default takes {list(specs)}; kseg runs models with one image "
+                         f"input, or an {IMAGE!r} input and others")
+    arg = IMAGE if len(specs) > 1 else next(iter(specs))
+    extra = {k: tuple(s.shape[1:]) for k, s in specs.items() if k != arg}
     names = (meta or {}).get("outputs") or sorted(fn.structured_outputs)
 
     def run(x):
-        out = fn(**{arg: tf.constant(x)})
+        feed = {k: tf.constant(v) for k, v in x.items()} if extra else {arg: tf.constant(x)}
+        out = fn(**feed)
         return [np.asarray(out[n]) for n in names]
 
-    runner = Runner(run, tuple(spec.shape[1:]), meta, "tf", names)
+    runner = Runner(run, tuple(specs[arg].shape[1:]), meta, "tf", names, extra_inputs=extra or None)
     runner._keep = loaded  # the signature's variables live as long as the loaded object
     return runner
 

@@ -107,6 +107,10 @@ def build_module(model, *, image_size=None, preprocessing=None, class_names=None
     """(tf.Module with the three signatures, metadata dict) for a Keras model."""
     import tensorflow as tf
 
+    if len(model.inputs) > 1:  # Fast R-CNN: image and proposals
+        raise ValueError(f"{model.name} takes inputs {[t.name for t in model.inputs]}; the TF Serving export's "
+                         "signatures take images only: write a SavedModel instead (its serving_default takes every "
+                         "input)")
     meta = md.build_metadata(model, class_names=class_names)
     if eval_transform is None:  # the model's own: its training run's, or its named weights'
         eval_transform = meta.get("eval_transform")

@@ -26,7 +26,7 @@ import warnings
 import numpy as np
 
 from convert.io import atomic_output
-from convert.verify import Runner
+from convert.verify import IMAGE, Runner, image_shape, input_specs
 from kseg import identity as md
 
 QUANTIZE = (None, "dynamic")
@@ -70,7 +70,7 @@ def export_tflite(model, path, *, quantize=None, input_size=None, metadata=None,
 def _serving_function(model, input_size):
     import tensorflow as tf
 
-    shape = [None, *model.input_shape[1:]]
+    shape = [None, *image_shape(model)]
     if input_size is not None:
         h, w = (int(v) for v in input_size)
         if any(have is not None and have != want for have, want in zip(shape[1:3], (h, w))):
@@ -78,10 +78,11 @@ def _serving_function(model, input_size):
                              f"{tuple(shape[1:3])}")
         shape[1], shape[2] = h, w
     names = list(model.output_names)
+    several = len(model.inputs) > 1
 
-    @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32, name="image")])
-    def serve(image):
-        out = model(image, training=False)
+    @tf.function(input_signature=input_specs(model, shape))  # the image, then any other inputs (proposals)
+    def serve(image, *extra):
+        out = model([image, *extra] if several else image, training=False)
         outs = out if isinstance(out, (list, tuple)) else [out]
         return {n: o for n, o in zip(names, outs)}
 
@@ -257,10 +258,13 @@ def load_tflite(path, **_) -> Runner:
         raise TFLiteFileError(f"{path}: no {SIGNATURE!r} signature (has {sorted(signatures)})")
     runner_fn = interpreter.get_signature_runner(SIGNATURE)
     inputs = runner_fn.get_input_details()
-    if len(inputs) != 1:
-        raise ValueError(f"{path}: takes inputs {sorted(inputs)}; kseg runs single-image-input models")
-    (input_name, detail), = inputs.items()
-    shape = tuple(int(d) if d >= 0 else None for d in detail["shape_signature"][1:])
+    if len(inputs) != 1 and IMAGE not in inputs:
+        raise ValueError(f"{path}: takes inputs {sorted(inputs)}; kseg runs models with one image input, "
+                         f"or an {IMAGE!r} input and others")
+    input_name = next(iter(inputs)) if len(inputs) == 1 else IMAGE
+    shape = tuple(int(d) if d >= 0 else None for d in inputs[input_name]["shape_signature"][1:])
+    extra = {k: tuple(int(d) if d >= 0 else None for d in v["shape_signature"][1:])
+             for k, v in inputs.items() if k != input_name}
     names = (meta or {}).get("outputs") or sorted(signatures[SIGNATURE]["outputs"])
     quantized = ((meta or {}).get("tflite") or {}).get("quantize") is not None
 
@@ -268,7 +272,7 @@ def load_tflite(path, **_) -> Runner:
 
     def run(x):
         try:
-            out = runner_fn(**{input_name: x})
+            out = runner_fn(**(x if extra else {input_name: x}))
         except RuntimeError as e:
             if "Flex delegate" in str(e) or needs_flex:
                 raise RuntimeError(f"{path}: needs the TFLite Flex delegate for TF op(s) {needs_flex or '?'}, which "
@@ -276,6 +280,6 @@ def load_tflite(path, **_) -> Runner:
             raise
         return [out[n] for n in names]
 
-    runner = Runner(run, shape, meta, "tflite", names, quantized)
+    runner = Runner(run, shape, meta, "tflite", names, quantized, extra_inputs=extra or None)
     runner.interpreter = interpreter
     return runner

@@ -3,7 +3,9 @@
 A *runner* is what loading any format returns: `runner(x)` maps a float32 NHWC batch to the
 list of outputs in the model's order; `.input_shape` (NHWC, None where dynamic) and
 `.metadata` describe it; `.runtime` ("tf", "onnxruntime", "tflite", "torch") and
-`.quantized` choose the tolerance of a pair.
+`.quantized` choose the tolerance of a pair. A model with inputs besides the image (Fast
+R-CNN's `proposals`) lists them in `.extra_inputs` and takes `x` as a dict {"image": batch,
+name: array}, the same names in every format.
 """
 
 from __future__ import annotations
@@ -48,12 +50,40 @@ class Runner:
     runtime: str = "tf"
     output_names: list | None = None
     quantized: bool = False
+    extra_inputs: dict | None = None  # {name: shape without the batch} of inputs besides the image
 
     def __call__(self, x):
-        outputs = self.fn(np.ascontiguousarray(x, dtype=np.float32))
+        if isinstance(x, dict):
+            x = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in x.items()}
+        else:
+            x = np.ascontiguousarray(x, dtype=np.float32)
+        outputs = self.fn(x)
         if not isinstance(outputs, (list, tuple)):
             outputs = [outputs]
         return [np.asarray(o) for o in outputs]
+
+
+# The image input's name in every format kseg writes (and the key of a runner's dict input).
+IMAGE = "image"
+
+
+def image_shape(model) -> tuple:
+    """(H, W, C) of a Keras model's image input: its only input, or the first of several."""
+    return tuple(model.inputs[0].shape[1:])
+
+
+def extra_inputs(model) -> dict:
+    """{name: shape without the batch} of a Keras model's inputs after the image; {} for one input."""
+    return {t.name: tuple(t.shape[1:]) for t in model.inputs[1:]}
+
+
+def input_specs(model, image: list) -> list:
+    """tf.TensorSpecs of a Keras model's inputs for a traced signature: `image` (the image input's
+    shape, batch included) named IMAGE, then each extra input by its Keras name, batch dynamic."""
+    import tensorflow as tf
+
+    return [tf.TensorSpec(image, tf.float32, name=IMAGE)] + [
+        tf.TensorSpec([None, *t.shape[1:]], t.dtype, name=t.name) for t in model.inputs[1:]]
 
 
 def keras_runner(model, metadata=None, batch_size=8) -> Runner:
@@ -62,15 +92,18 @@ def keras_runner(model, metadata=None, batch_size=8) -> Runner:
     from kseg.api import deployment_model
 
     deployed = deployment_model(model)
+    keys = [IMAGE, *extra_inputs(model)]  # a dict input's keys, in the model's input order
 
     def run(x):
         parts = []
-        for i in range(0, len(x), batch_size):
-            out = deployed(x[i : i + batch_size], training=False)
+        for i in range(0, len(x[IMAGE] if isinstance(x, dict) else x), batch_size):
+            batch = [x[k][i : i + batch_size] for k in keys] if isinstance(x, dict) else x[i : i + batch_size]
+            out = deployed(batch, training=False)
             parts.append([np.asarray(o) for o in (out if isinstance(out, (list, tuple)) else [out])])
         return [np.concatenate(col) for col in zip(*parts)]
 
-    runner = Runner(run, tuple(model.input_shape[1:]), metadata, "tf", list(deployed.output_names))
+    runner = Runner(run, image_shape(model), metadata, "tf", list(deployed.output_names),
+                    extra_inputs=extra_inputs(model) or None)
     runner.keras_model = model
     return runner
 
@@ -111,8 +144,9 @@ class Report:
         return f"{'PASS' if self.passed else 'FAIL'} ({self.kind}: max-abs {worst:.3g}{tail})"
 
 
-def make_inputs(input_shape, metadata=None, *, input_size=None, batch=2, seed=0, images=None) -> np.ndarray:
-    """Seeded random RGB 0..255 images (or `images` files) through the model's preprocessing."""
+def make_inputs(input_shape, metadata=None, *, input_size=None, batch=2, seed=0, images=None, extra=None):
+    """Seeded random RGB 0..255 images (or `images` files) through the model's preprocessing; with
+    `extra` ({name: shape}: a runner's extra_inputs) a dict {"image": images, name: values}."""
     shape = list(input_shape)
     meta = metadata or {}
     if input_size is not None:
@@ -125,7 +159,40 @@ def make_inputs(input_shape, metadata=None, *, input_size=None, batch=2, seed=0,
         raw = np.stack([_read_image(p, h, w, c) for p in images])
     else:
         raw = np.random.default_rng(seed).uniform(0, 255, size=(batch, h, w, c)).astype(np.float32)
-    return preprocess(raw, meta)
+    x = preprocess(raw, meta)
+    if not extra:
+        return x
+    rng = np.random.default_rng(seed + 1)
+    return {IMAGE: x, **{name: _extra_values(name, shape, (h, w), len(x), rng) for name, shape in extra.items()}}
+
+
+# The RoI pooling stride that verification proposals are laid out for (kseg's VGG16 detectors).
+STRIDE = 16
+
+
+def _extra_values(name, shape, image_hw, batch, rng):
+    """Values for an input besides the image. kseg knows one kind: region proposals, (R, 4) xyxy
+    pixels of the input (fast_rcnn_vgg16, RoI pooling at stride 16). Boxes on the 16-pixel grid,
+    inside and across the image's edges, no two alike where the image has room (two boxes that pool
+    the same cells tie in score, and each runtime's NMS breaks ties its own way), each overlapping the
+    feature map; the last eighth of the rows padding (zeros)."""
+    if len(shape) != 2 or shape[1] != 4 or shape[0] is None:
+        raise ValueError(f"kseg makes verification values only for (R, 4) box inputs, not {name!r} {shape}; "
+                         "pass inputs= explicitly")
+    rows = int(shape[0])
+    count = rows - rows // 8
+    spans = []
+    for size in image_hw:  # (start, end) grid lines per axis: start inside the map, end past its start
+        cells = max(int(size) // STRIDE, 1)
+        lines = np.arange(-1, cells + 2) * STRIDE
+        spans.append([(a, b) for a in lines for b in lines if a < b and a < cells * STRIDE and b > 0])
+    ys, xs = (np.asarray(s, np.float32) for s in spans)
+    boxes = np.zeros((batch, rows, 4), np.float32)
+    for i in range(batch):
+        pick = rng.choice(len(ys) * len(xs), size=count, replace=count > len(ys) * len(xs))
+        y, x = ys[pick // len(xs)], xs[pick % len(xs)]
+        boxes[i, :count] = np.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], axis=-1)
+    return boxes
 
 
 def preprocess(raw, metadata):
@@ -164,9 +231,10 @@ def compare(ref, out, name, tol, task=None) -> OutputReport:
 def verify(a, b, *, inputs=None, images=None, input_size=None, batch=2, seed=0, tolerance=None) -> Report:
     """Run runners `a` (the reference) and `b` on the same inputs and compare every output.
 
-    inputs: an explicit NHWC float32 batch (already preprocessed); else `images` (file paths)
-    or seeded random images, at `input_size` or the model's input size, through the model's
-    preprocessing from the metadata. tolerance: a pair kind of TOLERANCES or a dict.
+    inputs: an explicit NHWC float32 batch (already preprocessed; a dict with the extra inputs for
+    a model that has some); else `images` (file paths) or seeded random images, at `input_size` or
+    the model's input size, through the model's preprocessing from the metadata, and generated
+    extra inputs (make_inputs). tolerance: a pair kind of TOLERANCES or a dict.
     """
     kind = tolerance if isinstance(tolerance, str) else pair_kind(a, b)
     tol = dict(TOLERANCES[kind]) if not isinstance(tolerance, dict) else {**TOLERANCES[pair_kind(a, b)], **tolerance}
@@ -176,26 +244,30 @@ def verify(a, b, *, inputs=None, images=None, input_size=None, batch=2, seed=0, 
         # Fixed dims of either side win over dynamic ones (a fixed-size export of a dynamic model).
         shape = [x if x is not None else y for x, y in zip(a.input_shape, b.input_shape)]
         inputs = make_inputs(shape, a.metadata or b.metadata, input_size=input_size, batch=batch,
-                             seed=seed, images=images)
-    inputs = np.asarray(inputs, dtype=np.float32)
+                             seed=seed, images=images, extra=a.extra_inputs or b.extra_inputs)
+    if isinstance(inputs, dict):
+        inputs = {k: np.asarray(v, dtype=np.float32) for k, v in inputs.items()}
+    else:
+        inputs = np.asarray(inputs, dtype=np.float32)
     ref_outputs, outputs = a(inputs), b(inputs)
+    shown = inputs[IMAGE] if isinstance(inputs, dict) else inputs
     if a.output_names and b.output_names:
         # By name: a detector's export carries its decoded detections beside the raw outputs, a
         # TF Serving export's raw_outputs signature only the raw ones; the shared ones are compared.
         ref, out = dict(zip(a.output_names, ref_outputs)), dict(zip(b.output_names, outputs))
     elif len(ref_outputs) != len(outputs):
-        return Report(kind, tol, tuple(inputs.shape), [], False,
+        return Report(kind, tol, tuple(shown.shape), [], False,
                       f"{len(ref_outputs)} outputs against {len(outputs)}")
     else:
         names = a.output_names or b.output_names or [f"output_{i}" for i in range(len(ref_outputs))]
         ref, out = dict(zip(names, ref_outputs)), dict(zip(names, outputs))
     unmatched = sorted(set(ref) ^ set(out))
     if not set(ref) & set(out):
-        return Report(kind, tol, tuple(inputs.shape), [], False,
+        return Report(kind, tol, tuple(shown.shape), [], False,
                       f"no output in common: {sorted(ref)} against {sorted(out)}", unmatched)
     meta = a.metadata or b.metadata
     reports = _task_of(meta).compare_outputs(ref, out, tol, postprocess=_decoder_of(meta))
-    return Report(kind, tol, tuple(inputs.shape), reports, all(r.passed for r in reports), None,
+    return Report(kind, tol, tuple(shown.shape), reports, all(r.passed for r in reports), None,
                   unmatched or None)
 
 

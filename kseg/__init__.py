@@ -71,8 +71,9 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
 def _register_layers():
     # kseg.layers, and the detection layers models hold: decoders (detectors saved with theirs),
-    # Faster R-CNN's proposal layer and RoI pooling.
-    for module in ("kseg.layers", "kseg.detection.postprocess", "kseg.detection.proposals", "kseg.detection.roi"):
+    # Faster R-CNN's proposal layer and RoI pooling, Fast R-CNN's proposals input, the R-CNN trainer.
+    for module in ("kseg.layers", "kseg.detection.postprocess", "kseg.detection.proposals", "kseg.detection.roi",
+                   "kseg.detection.precomputed", "kseg.detection.rcnn_trainer"):
         importlib.import_module(module)
 
 

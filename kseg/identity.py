@@ -117,7 +117,7 @@ def of_name(name: str, build_kwargs: dict | None = None, *, class_names=None) ->
 def of_model(model, *, class_names=None) -> Identity:
     """The identity of a built Keras model (a plain one has no architecture or preprocessing)."""
     info = model_info(model)
-    shape = tuple(model.input_shape[1:])
+    shape = tuple(model.inputs[0].shape[1:])  # the image (Fast R-CNN's second input: its proposals)
     last = model.outputs[-1].shape[-1]
     if info is None:
         return Identity(None, {}, None, None, shape, int(last) if last is not None else None,
@@ -245,7 +245,7 @@ def build_metadata(model, *, class_names=None) -> dict:
         "num_classes": ident.num_classes,
         "class_names": list(ident.class_names) if ident.class_names is not None else None,
         "preprocessing": ident.preprocessing.to_dict() if ident.preprocessing else None,
-        "input_shape": [d for d in model.input_shape[1:]],
+        "input_shape": list(model.inputs[0].shape[1:]),
         "outputs": list(model.output_names),
         # Named pretrained weights (kseg.pretrained) and their evaluation transform, when recorded.
         "weights": ident.weights,

@@ -17,7 +17,22 @@ UPDATE = os.environ.get("KSEG_UPDATE_SNAPSHOTS") == "1"
 
 # Per-model input for the smoke run. Default: classifiers at the registry's input size;
 # dense-prediction models at a small odd, non-square size (output must come back at it).
-SMOKE_INPUT = {"faster_rcnn_vgg16": (160, 192, 3)}  # any size: a small one
+SMOKE_INPUT = {"faster_rcnn_vgg16": (160, 192, 3),  # any size: a small one
+               "faster_rcnn_resnet50_c4": (96, 128, 3), "faster_rcnn_resnet101_c4": (96, 128, 3)}
+
+
+# Models with a second input, region proposals after the image (fast_rcnn_vgg16): their smoke-run
+# build options (a few proposals per image) and input size.
+SMOKE_BUILD = {"fast_rcnn_vgg16": {"num_proposals": 32}}
+SMOKE_INPUT["fast_rcnn_vgg16"] = (96, 128, 3)
+
+
+def _proposals(rng, batch, h, w, rows):
+    """Random xyxy boxes in pixels (some across the image's edges), the last quarter zero padding rows."""
+    xy = rng.uniform(-0.1, 0.9, size=(batch, rows, 2)) * (w, h)
+    boxes = np.concatenate([xy, xy + rng.uniform(0.1, 0.6, size=(batch, rows, 2)) * (w, h)], axis=-1)
+    boxes[:, rows - rows // 4:] = 0.0
+    return boxes.astype("float32")
 
 
 def _input_for(spec, rng):
@@ -27,13 +42,16 @@ def _input_for(spec, rng):
         h, w, c = spec.input_shape
     else:
         h, w, c = 97, 129, spec.input_shape[2]
-    return rng.uniform(0, 1, size=(2, h, w, c)).astype("float32")
+    x = rng.uniform(0, 1, size=(2, h, w, c)).astype("float32")
+    if spec.name in SMOKE_BUILD:
+        return [x, _proposals(rng, 2, h, w, SMOKE_BUILD[spec.name]["num_proposals"])]
+    return x
 
 
 @pytest.fixture(scope="module", params=kseg.list_models())
 def built(request):
     spec = kseg.get_spec(request.param)
-    model = kseg.build_model(spec.name)
+    model = kseg.build_model(spec.name, **SMOKE_BUILD.get(spec.name, {}))
     x = _input_for(spec, np.random.default_rng(0))
     y = model.predict(x, verbose=0)
     yield spec, model, x, y
@@ -45,7 +63,7 @@ def test_output_shape_and_finite(built):
     outputs = y if isinstance(y, list) else [y]
     for out in outputs:
         assert np.all(np.isfinite(out)), f"{spec.name}: non-finite outputs"
-        assert out.shape[0] == x.shape[0]
+        assert out.shape[0] == len(x[0] if isinstance(x, list) else x)
     if not spec.task_object.dense:
         # The task's prediction output has a class axis last (classifiers: (N, classes); detectors'
         # class scores: (N, anchors, classes)).
@@ -84,6 +102,10 @@ def test_plain_keras_save_exports_with_no_flags(built, tmp_path):
     spec, model, _, _ = built
     path = tmp_path / f"{spec.name}.keras"
     model.save(path)
+    if len(model.inputs) > 1:  # Fast R-CNN's image + proposals: the image-only signatures refuse it
+        assert main(["export", str(path), "--serving", str(tmp_path / "models" / spec.name)]) == 2
+        assert not (tmp_path / "models" / spec.name).exists()
+        return
     assert main(["export", str(path), "--serving", str(tmp_path / "models" / spec.name)]) == 0
     meta = json.loads((tmp_path / "models" / spec.name / "1" / "assets" / "kseg.json").read_text())
     assert meta["architecture"] == spec.name
