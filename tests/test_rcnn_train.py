@@ -300,3 +300,27 @@ def test_box_datasets_keep_aspect_pad_batches_and_flip_boxes():
                 seen.add("same")
             assert not np.any(target["boxes"][0, 1].numpy())  # padding rows stay zero
     assert seen == {"flip", "same"}
+
+
+def test_trainer_fits_fast_rcnn_on_given_proposals(shapes):
+    """Fast R-CNN (no RPN): the RoIs are sampled from the proposals input, the RPN terms are zero."""
+    keras.utils.set_random_seed(0)
+    model = kseg.build_model("fast_rcnn_vgg16", num_classes=5, width=0.125, input_shape=(128, 128, 3),
+                             num_proposals=48)
+    trainer = RCNNTrainer(model, roi_batch=32)
+    trainer.compile(optimizer=keras.optimizers.Adam(1e-3))
+
+    def with_proposals(x, y):
+        # The GT jittered (foreground) and random boxes (mostly background), the last 8 rows padding.
+        jitter = tf.random.stateless_uniform([4, 8, 4], (1, 2), -6.0, 6.0)
+        near = tf.reshape(y["boxes"][:, None] + jitter[:, :, None], [4, -1, 4])[:, :24]
+        corner = tf.random.stateless_uniform([4, 16, 2], (3, 4), 0.0, 90.0)
+        far = tf.concat([corner, corner + tf.random.stateless_uniform([4, 16, 2], (5, 6), 16.0, 38.0)], -1)
+        return {"image": x, "proposals": tf.concat([near, far, tf.zeros([4, 8, 4])], 1)}, y
+
+    batch = _boxes_dataset(shapes).take(1).map(with_proposals).cache()
+    start = trainer.evaluate(batch, verbose=0, return_dict=True)
+    trainer.fit(batch.repeat(), steps_per_epoch=10, epochs=1, verbose=0)
+    end = trainer.evaluate(batch, verbose=0, return_dict=True)
+    assert start["rpn_objectness_loss"] == end["rpn_box_loss"] == 0.0
+    assert end["classifier_loss"] < 0.7 * start["classifier_loss"] and np.isfinite(end["box_loss"])
