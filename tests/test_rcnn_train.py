@@ -324,3 +324,20 @@ def test_trainer_fits_fast_rcnn_on_given_proposals(shapes):
     end = trainer.evaluate(batch, verbose=0, return_dict=True)
     assert start["rpn_objectness_loss"] == end["rpn_box_loss"] == 0.0
     assert end["classifier_loss"] < 0.7 * start["classifier_loss"] and np.isfinite(end["box_loss"])
+
+
+def test_paper_recipe_trains_any_size_images_in_padded_batches(shapes, tmp_path):
+    """faster_rcnn_vgg16_voc's path (shorter side min_size, padded batches, the paper's layout and
+    settings) at a CPU size: width 0.125, images scaled to 96-160 pixels."""
+    from kseg.train import train
+
+    overrides = {"model_options.width": 0.125, "model_options.num_classes": 5,
+                 "model_options.anchor_sizes": [32, 64, 128], "model_options.pre_nms_top_n": 300,
+                 "model_options.post_nms_top_n": 32, "data.train_split": "train", "data.val_split": "val",
+                 "data.min_size": 96, "data.max_size": 160, "training.iterations": 3, "loss.pre_nms_top_n": 400,
+                 "loss.post_nms_top_n": 64, "loss.roi_batch": 16}
+    with pytest.warns(UserWarning, match="from scratch"):
+        result = train("faster_rcnn_vgg16_voc", shapes, str(tmp_path), batch_size=2, steps_per_epoch=3,
+                       overrides=overrides, verbose=0, tensorboard=False)
+    assert result["epochs"] == 1 and np.isfinite(result["history"]["val_loss"][0])
+    assert keras.saving.load_model(tmp_path / "final.keras").get_layer("roi_pool5") is not None
