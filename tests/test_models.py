@@ -21,9 +21,10 @@ SMOKE_INPUT = {"faster_rcnn_vgg16": (160, 192, 3),  # any size: a small one
                "faster_rcnn_resnet50_c4": (96, 128, 3), "faster_rcnn_resnet101_c4": (96, 128, 3)}
 
 
-# Models with a second input, region proposals after the image (fast_rcnn_vgg16): their smoke-run
-# build options (a few proposals per image) and input size.
-SMOKE_BUILD = {"fast_rcnn_vgg16": {"num_proposals": 32}}
+# Smoke-run build options: a few proposals per image for the two-stage detectors (fast_rcnn_vgg16's
+# second input, region proposals after the image; the ResNet-C4 heads' RoIs).
+SMOKE_BUILD = {"fast_rcnn_vgg16": {"num_proposals": 32}, "faster_rcnn_resnet50_c4": {"post_nms_top_n": 32},
+               "faster_rcnn_resnet101_c4": {"post_nms_top_n": 32}}
 SMOKE_INPUT["fast_rcnn_vgg16"] = (96, 128, 3)
 
 
@@ -43,7 +44,7 @@ def _input_for(spec, rng):
     else:
         h, w, c = 97, 129, spec.input_shape[2]
     x = rng.uniform(0, 1, size=(2, h, w, c)).astype("float32")
-    if spec.name in SMOKE_BUILD:
+    if "num_proposals" in SMOKE_BUILD.get(spec.name, {}):
         return [x, _proposals(rng, 2, h, w, SMOKE_BUILD[spec.name]["num_proposals"])]
     return x
 

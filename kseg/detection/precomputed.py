@@ -118,7 +118,8 @@ def _read_mat5(path):
     try:
         import scipy.io
     except ImportError:
-        raise ValueError(f"{path}: a MATLAB v5 .mat file; reading it needs scipy (pip install 'kseg[proposals]')") from None
+        raise ValueError(f"{path}: a MATLAB v5 .mat file; reading it needs scipy "
+                         "(pip install 'kseg[proposals]')") from None
     try:
         data = scipy.io.loadmat(path)
     except Exception as e:  # scipy raises a zoo of types for damaged files

@@ -69,16 +69,19 @@ def roi_align(features, rois, output_size, spatial_scale, sampling_ratio=2, alig
     # Corner values (R, ph*sr, pw*sr, C) weighted and summed; out-of-range points weigh 0.
     inside = tf.cast(tf.expand_dims(y_in, 2) & tf.expand_dims(x_in, 1), features.dtype)
     b = tf.broadcast_to(tf.reshape(batch, [-1, 1, 1]), tf.shape(inside))
-    total = 0.0
+    channels = features.shape[-1] if features.shape[-1] is not None else tf.shape(features)[-1]
+    corners = []
     for rows, wy in ((y_low, 1.0 - ly), (y_high, ly)):
         for cols, wx in ((x_low, 1.0 - lx), (x_high, lx)):
             index = tf.stack([b, tf.broadcast_to(tf.expand_dims(rows, 2), tf.shape(b)),
                               tf.broadcast_to(tf.expand_dims(cols, 1), tf.shape(b))], axis=-1)
             weight = tf.expand_dims(wy, 2) * tf.expand_dims(wx, 1) * inside
-            total += tf.gather_nd(features, index) * tf.expand_dims(weight, -1)
-    channels = features.shape[-1] if features.shape[-1] is not None else tf.shape(features)[-1]
-    total = tf.reshape(total, tf.stack([-1, ph, sr, pw, sr, channels]))
-    return tf.reduce_mean(total, axis=[2, 4])
+            corner = tf.gather_nd(features, index) * tf.expand_dims(weight, -1)
+            # Each corner's share averaged over the bin's samples first: (R, ph, pw, C), sr^2 times smaller.
+            corners.append(tf.reduce_mean(tf.reshape(corner, tf.stack([-1, ph, sr, pw, sr, channels])), axis=[2, 4]))
+    # One reduce_sum over the stacked shares, not a chain of `+`: Grappler turns such a chain into AddN,
+    # whose oneDNN kernel (TF's default on CPU) is not bitwise repeatable from run to run.
+    return tf.reduce_sum(tf.stack(corners), axis=0)
 
 
 def _bilinear_axis(coords, size):
