@@ -22,7 +22,8 @@ BIG_MODEL_PARAMS = 50_000_000
 # Their .keras round trip (13-19 s each on 2 cores) repeats a sibling's layers at a larger size:
 # fcn8s covers the FCN variants' VGG trunk, crops and deconvolutions, the ResNet50 models the
 # 101-layer ones. They run in the slow set.
-SIBLING_COVERED = {"fcn16s", "fcn32s", "fcn8s_atonce", "deeplab_largefov_resnet101", "fcn_resnet101", "resnet101"}
+SIBLING_COVERED = {"fcn16s", "fcn32s", "fcn8s_atonce", "deeplab_largefov_resnet101", "fcn_resnet101", "resnet101",
+                   "faster_rcnn_resnet101_c4"}
 
 
 # Exporting a plainly saved model to TF Serving (test_models.py) traces and verifies four

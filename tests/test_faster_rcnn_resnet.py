@@ -255,6 +255,7 @@ def _plausible_weights(model, seed):
     model.get_layer("cls_score").set_weights([kernel, bias])
 
 
+@pytest.mark.slow  # 19 s; faster_rcnn_vgg16's ONNX export with NMS inside runs in the default suite
 def test_onnx_export_with_nms_inside(tmp_path):
     """R50-C4 to ONNX (RoIAlign 14x14, conv5_x on the RoIs, both NMS inside) at a dynamic batch,
     verified with detections as sets; width 0.125 and 20 proposals keep it fast (the full size goes
