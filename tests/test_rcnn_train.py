@@ -341,3 +341,45 @@ def test_paper_recipe_trains_any_size_images_in_padded_batches(shapes, tmp_path)
                        overrides=overrides, verbose=0, tensorboard=False)
     assert result["epochs"] == 1 and np.isfinite(result["history"]["val_loss"][0])
     assert keras.saving.load_model(tmp_path / "final.keras").get_layer("roi_pool5") is not None
+
+
+def _write_proposals(root, split, rows=40):
+    """Each image's GT boxes jittered (foreground) and random boxes (background), as a .npz by image id."""
+    from kseg.data.detection import list_voc_detection
+
+    rng = np.random.default_rng(7)
+    source = list_voc_detection(root, split)
+    found = {}
+    for path, boxes in zip(source.images, source.boxes):
+        near = np.repeat(boxes, 4, axis=0) + rng.uniform(-5, 5, (len(boxes) * 4, 4))
+        corner = rng.uniform(0, 90, (rows - len(near), 2))
+        found[os.path.splitext(os.path.basename(path))[0]] = np.concatenate(
+            [near, np.concatenate([corner, corner + rng.uniform(12, 38, corner.shape)], 1)]).astype(np.float32)
+    np.savez(os.path.join(root, f"props_{split}.npz"), **found)
+    return found
+
+
+def test_kseg_train_fast_rcnn_with_a_proposals_file(shapes, tmp_path):
+    from kseg.train import load_recipe, train
+    from kseg.train.fit import datasets
+
+    wanted = {split: _write_proposals(shapes, split) for split in ("train", "val")}
+    overrides = {"model_options.width": 0.125, "model_options.num_classes": 5, "model_options.num_proposals": 48,
+                 "data.train_split": "train", "data.val_split": "val", "data.proposals": "props_{split}.npz",
+                 "data.min_size": 96, "data.max_size": 160, "training.iterations": 2, "loss.roi_batch": 16}
+    recipe = load_recipe("fast_rcnn_vgg16_voc", overrides)
+    _, val = datasets(recipe, shapes, batch_size=1)
+    x, y = next(iter(val))
+    first = sorted(wanted["val"])[0]  # the split list's order is the ids' sorted order here
+    scale = 96 / 128
+    np.testing.assert_allclose(x["proposals"][0, :40], wanted["val"][first] * scale, rtol=1e-5)
+    assert x["image"].shape == (1, 96, 96, 3) and not np.any(x["proposals"][0, 40:])
+    with pytest.warns(UserWarning, match="from scratch"):
+        result = train(recipe, shapes, str(tmp_path), batch_size=2, steps_per_epoch=2, verbose=0,
+                       tensorboard=False)
+    assert np.isfinite(result["history"]["val_loss"][0]) and result["history"]["rpn_objectness_loss"] == [0.0]
+    from kseg.train import TrainingSetupError
+
+    with pytest.raises(TrainingSetupError, match="none_train.npz"):
+        train(recipe.__class__(**{**recipe.to_dict(), "data": {**recipe.data, "proposals": "none_{split}.npz"}}),
+              shapes, str(tmp_path / "again"), verbose=0)

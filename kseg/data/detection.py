@@ -240,6 +240,12 @@ def parse_voc_xml(path, class_ids: dict[str, int]):
     return record, problems
 
 
+def voc_detection_ids(root, split="train") -> list[str]:
+    """The image ids of a VOC detection split list, in its order (py-faster-rcnn's image_index)."""
+    root = find_voc_root(root)
+    return [tokens[0] for _, tokens in _read_list(_find_list(root, split, [("ImageSets", "Main"), ()])) if tokens]
+
+
 def list_voc_detection(root, split="train", *, use_difficult=True, max_boxes=100, class_names=None) -> DetectionSource:
     """VOC detection layout: ImageSets/Main/<split>.txt ids -> Annotations/<id>.xml + JPEGImages/<id>.jpg.
 
@@ -414,6 +420,20 @@ def list_detection(layout: str, root, **options) -> DetectionSource:
 
 # === readers ===
 
+def _aligned(source, name, by_id):
+    """extra_boxes[name] as one (images, R, 4) float32 array in the source's image order."""
+    rows = []
+    for path in source.images:
+        image_id = os.path.splitext(os.path.basename(path))[0]
+        if image_id not in by_id:
+            raise ValueError(f"kseg.data: no {name} for image {image_id} ({path}); every listed image needs them")
+        rows.append(np.asarray(by_id[image_id], np.float32))
+    if len({r.shape for r in rows}) > 1:
+        raise ValueError(f"kseg.data: {name} must have the same (R, 4) shape for every image (pad them), got "
+                         f"{sorted({r.shape for r in rows})[:3]}")
+    return np.stack(rows) if rows else np.zeros((0, 0, 4), np.float32)
+
+
 def voc_detection(root, split="train", *, use_difficult=True, max_boxes=100, class_names=None, **options):
     """PASCAL VOC detection: Annotations/<id>.xml + JPEGImages/<id>.jpg, listed by ImageSets/Main/<split>.txt.
 
@@ -446,8 +466,12 @@ def coco_detection(images_dir, annotations_json, *, max_boxes=100, degenerate="d
 
 def detection_dataset(source: DetectionSource, *, max_boxes=100, size=None, batch_size=None, preprocessing=None,
                       shuffle=None, seed=None, skip_bad=False, drop_remainder=False, num_parallel_calls=None,
-                      deterministic=True):
-    """The tf.data pipeline of a listed detection dataset: read -> validate -> resize -> preprocess -> pad."""
+                      deterministic=True, extra_boxes=None):
+    """The tf.data pipeline of a listed detection dataset: read -> validate -> resize -> preprocess -> pad.
+
+    extra_boxes: {name: {image_id: (R, 4) xyxy pixels}} (the same R for every image; image_id the image
+    file's name without its extension), e.g. Fast R-CNN's padded proposals: each becomes target[name],
+    resized with the image. An image the dict lacks is an error naming it."""
     import tensorflow as tf
 
     from kseg.data import augment as aug_ops
@@ -488,6 +512,7 @@ def detection_dataset(source: DetectionSource, *, max_boxes=100, size=None, batc
         "classes": tf.constant(np.concatenate([np.zeros(0, np.int32), *source.classes])),
         "difficult": tf.constant(np.concatenate([np.zeros(0, bool), *source.difficult])),
     }
+    extras = {name: tf.constant(_aligned(source, name, by_id)) for name, by_id in (extra_boxes or {}).items()}
     sizes = tf.constant(np.asarray(source.sizes, np.int32).reshape(-1, 2))
     starts, counts = tf.constant(starts), tf.constant(counts)
     guard = pl._guarded_decode(skip_bad)
@@ -510,9 +535,10 @@ def detection_dataset(source: DetectionSource, *, max_boxes=100, size=None, batc
                                         " reaches beyond the ", tf.strings.as_string(h), "x",
                                         tf.strings.as_string(w), " (HxW) image"])
         reason = _first([(tf.not_equal(problem, ""), problem), (mismatch, size_text), (outside, outside_text)])
-        return (image, boxes, classes, difficult), bad_path, reason
+        more = {name: tf.gather(table_, i) for name, table_ in extras.items()}
+        return (image, boxes, classes, difficult, more), bad_path, reason
 
-    def post(image, boxes, classes, difficult):
+    def post(image, boxes, classes, difficult, more):
         h, w = tf.shape(image)[0], tf.shape(image)[1]
         image = tf.cast(image, tf.float32)
         if size:
@@ -520,6 +546,7 @@ def detection_dataset(source: DetectionSource, *, max_boxes=100, size=None, batc
             sx = size[1] / tf.cast(w, tf.float32)
             sy = size[0] / tf.cast(h, tf.float32)
             boxes = boxes * tf.stack([sx, sy, sx, sy])
+            more = {name: value * tf.stack([sx, sy, sx, sy]) for name, value in more.items()}
         image = aug_ops.apply_affine(image, affine)
         pad = [[0, max_boxes - tf.shape(classes)[0]]]
         target = {
@@ -527,6 +554,7 @@ def detection_dataset(source: DetectionSource, *, max_boxes=100, size=None, batc
             "classes": tf.ensure_shape(tf.pad(classes, pad, constant_values=-1), [max_boxes]),
             "difficult": tf.ensure_shape(tf.pad(difficult, pad, constant_values=False), [max_boxes]),
             "image_shape": tf.stack([h, w]),
+            **more,
         }
         return tf.ensure_shape(image, [*(size or (None, None)), 3]), target
 

@@ -82,6 +82,14 @@ def _check_int(name, value, low):
         raise ValueError(f"fast_rcnn_vgg16: {name} must be an int >= {low}, got {value!r}")
 
 
+def trainer(model, options: dict, settings: dict):
+    """The RCNNTrainer of a fast_rcnn_vgg16: RoIs sampled from the proposals input with py-faster-rcnn's
+    Fast R-CNN settings (fg IoU >= 0.5, bg [0.1, 0.5), 25% foreground, SmoothL1 beta 1), `settings` over them."""
+    from kseg.detection.rcnn_trainer import RCNNTrainer
+
+    return RCNNTrainer(model, **{"convention": "pyfaster", **settings})
+
+
 @register_model(
     "fast_rcnn_vgg16",
     task="detection",
@@ -94,6 +102,7 @@ def _check_int(name, value, low):
     backbone="vgg16",
     backbone_adapt=_adapt_vgg,
     postprocess=decoder,
+    trainer=trainer,
 )
 def fast_rcnn_vgg16(*, num_classes=21, input_shape=None, num_proposals=NUM_PROPOSALS, dropout=0.5,
                     postprocess=False, width=1.0):

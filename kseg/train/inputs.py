@@ -473,10 +473,12 @@ def _box_datasets(recipe, data_dir, batch, seed):
     common = dict(max_boxes=d.get("max_boxes", 100), preprocessing=input_preprocessing(recipe))
     if d["layout"] == "voc_detection":
         common["use_difficult"] = d.get("use_difficult", False)
+    train_split, val_split = d.get("train_split", "train"), d.get("val_split", "val")
     try:
-        train = _detection_reader(d["layout"], data_dir, d.get("train_split", "train"), shuffle=True, seed=seed,
-                                  **common)
-        val = _detection_reader(d["layout"], data_dir, d.get("val_split", "val"), **common)
+        extra = {split: _proposals(recipe, data_dir, split) for split in (train_split, val_split)}
+        train = _detection_reader(d["layout"], data_dir, train_split, shuffle=True, seed=seed,
+                                  extra_boxes=extra[train_split], **common)
+        val = _detection_reader(d["layout"], data_dir, val_split, extra_boxes=extra[val_split], **common)
     except (FileNotFoundError, OSError, ValueError) as e:
         raise TrainingSetupError(f"cannot read {d['layout']} data at {data_dir}: {e}") from None
     fit_train, fit_val = box_datasets(train, val, batch=batch, seed=seed, fixed_size=fixed,
@@ -486,3 +488,22 @@ def _box_datasets(recipe, data_dir, batch, seed):
         for name in ("class_names", "num_classes", "skipped"):
             setattr(out, name, getattr(source, name, None))
     return fit_train, fit_val
+
+
+def _proposals(recipe, data_dir, split):
+    """A model with a proposals input (Fast R-CNN): {"proposals": {image_id: (R, 4) padded}} from the file
+    [data] proposals names for `split` ("{split}" in its name is replaced; relative to the data directory),
+    R = the model's num_proposals, each image's first R boxes; None for other models."""
+    from kseg.data.detection import voc_detection_ids
+    from kseg.detection.precomputed import load_proposals, pad_proposals
+
+    options = identify(recipe.model, dict(recipe.model_options)).options
+    if "num_proposals" not in options:
+        return None
+    if "proposals" not in recipe.data:
+        raise TrainingSetupError(f"{recipe.source}: {recipe.model} detects on given proposals: name their file in "
+                                 "[data] proposals (e.g. \"selective_search_{split}.mat\"; .npz, .json or .mat)")
+    path = os.path.join(data_dir, recipe.data["proposals"].replace("{split}", split))
+    boxes = load_proposals(path, image_ids=voc_detection_ids(data_dir, split)
+                           if path.endswith(".mat") else None)
+    return {"proposals": {k: pad_proposals(v, options["num_proposals"], truncate=True)[0] for k, v in boxes.items()}}

@@ -9,6 +9,9 @@ such batches are padded at the bottom and right to their largest image with zero
 after preprocessing), as py-faster-rcnn's im_list_to_blob and torchvision's batch_images pad.
 Training images are flipped horizontally at random with [data] flip (Fast R-CNN section 2.3's only
 augmentation); the validation set is read as is.
+
+Fast R-CNN's precomputed proposals (a reader's target["proposals"], (R, 4) pixels, padding rows
+empty) are resized and flipped with their image, and the model input becomes {"image", "proposals"}.
 """
 
 from __future__ import annotations
@@ -51,22 +54,36 @@ def box_datasets(train, val, *, batch, seed, fixed_size=None, min_size=None, max
     preprocess: image (h, w, 3) RGB 0..255 float -> the model's input."""
     par = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
+    with_proposals = "proposals" in train.element_spec[1]
+
     def shape(image, target, seed_pair=None):
         boxes, classes = tf.cast(target["boxes"], tf.float32), tf.cast(target["classes"], tf.int32)
         if fixed_size is not None:
             size = tf.constant(fixed_size, tf.int32)
         else:
             size = tf.stack(aspect_size(tf.shape(image)[:2], min_size, max_size))
+        old_hw = tf.cast(tf.shape(image)[:2], tf.float32)
         image, boxes = resize_with_boxes(image, boxes, size)
         if seed_pair is not None:
             image, boxes = flip_with_boxes(image, boxes, classes, seed_pair)
         if preprocess is not None:
             image = preprocess(image)
-        return image, {"boxes": boxes, "classes": classes}
+        if not with_proposals:
+            return image, {"boxes": boxes, "classes": classes}
+        proposals = tf.cast(target["proposals"], tf.float32)
+        real = (proposals[:, 2] > proposals[:, 0]) & (proposals[:, 3] > proposals[:, 1])
+        sy, sx = tf.cast(size[0], tf.float32) / old_hw[0], tf.cast(size[1], tf.float32) / old_hw[1]
+        proposals = proposals * tf.stack([sx, sy, sx, sy])
+        if seed_pair is not None:  # the same coin as the image's (same seed)
+            _, proposals = flip_with_boxes(image, proposals, tf.where(real, 0, -1), seed_pair)
+            proposals = tf.where(real[:, None], proposals, 0.0)
+        return {"image": image, "proposals": proposals}, {"boxes": boxes, "classes": classes}
 
     def batched(ds):
-        shapes = ([None, None, 3], {"boxes": [None, 4], "classes": [None]})
-        values = (0.0, {"boxes": 0.0, "classes": PADDING_CLASS})
+        image = {"image": [None, None, 3], "proposals": [None, 4]} if with_proposals else [None, None, 3]
+        pad = {"image": 0.0, "proposals": 0.0} if with_proposals else 0.0
+        shapes = (image, {"boxes": [None, 4], "classes": [None]})
+        values = (pad, {"boxes": 0.0, "classes": PADDING_CLASS})
         return ds.padded_batch(batch, padded_shapes=shapes, padding_values=values).prefetch(tf.data.AUTOTUNE)
 
     if flip:

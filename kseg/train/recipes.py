@@ -43,6 +43,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         # two-stage detectors: each image resized keeping its aspect, shorter side min_size, longer at
         # most max_size (Fast / Faster R-CNN's single-scale training), batches padded to their largest
         "min_size": (int,), "max_size": (int,),
+        # Fast R-CNN: the proposals file per split ("{split}" replaced), relative to the data directory
+        "proposals": (str,),
     },
     "optimizer": {"name": (str,), "learning_rate": _NUM, "momentum": _NUM, "weight_decay": _NUM},
     "schedule": {
