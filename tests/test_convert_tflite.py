@@ -52,8 +52,10 @@ def test_every_model_to_float_tflite(name, tmp_path):
     report = _check(model, runner, size)
     assert report.kind == "runtime"
     # The interpreter resizes to the batch it is given.
-    assert runner(np.zeros((1, *[s if s else 33 for s in runner.input_shape[:2]], runner.input_shape[2]),
-                           np.float32))[0].shape[0] == 1
+    x = np.zeros((1, *[s if s else 33 for s in runner.input_shape[:2]], runner.input_shape[2]), np.float32)
+    if runner.extra_inputs:  # Fast R-CNN: the proposals too
+        x = {"image": x, **{k: np.zeros((1, *v), np.float32) for k, v in runner.extra_inputs.items()}}
+    assert runner(x)[0].shape[0] == 1
 
 
 def test_crop_and_transposed_conv(tmp_path):

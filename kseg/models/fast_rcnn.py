@@ -111,8 +111,9 @@ def fast_rcnn_vgg16(*, num_classes=21, input_shape=None, num_proposals=NUM_PROPO
     num_proposals: R, the proposals input's rows per image (padding rows allowed). dropout after
     fc6 / fc7 (training only). postprocess=True appends the decoder. width: a channel multiplier in
     (0, 1] for the trunk and fc6 / fc7 (kseg's, for CPU tests; the outputs keep their shapes).
-    Memory: kseg's RoI pooling materialises (B*R, H/16, 7, W/16, C) floats (measured 7 MB per
-    proposal at 320x320): about 13 GB for one 600x1000 image with 300 proposals, 85 GB with 2000.
+    Memory: kseg's RoI pooling reads a range-maximum table of the feature map (about 23 maps at
+    600x1000) and gathers (B*R, 7, 7, C) floats: about 250 MB for one 600x1000 image with 300
+    proposals, about 1.1 GB with 2000.
     """
     _check_int("num_classes", num_classes, 2)
     _check_int("num_proposals", num_proposals, 1)
