@@ -58,3 +58,32 @@ def request(url, method, path, body=None, headers=None):
         return response.status, json.loads(data)
     finally:
         conn.close()
+
+
+def detections_from_json(dets, capacity):
+    """detections.json's entries of one image as padded decoder outputs (batch 1, `capacity` rows)."""
+    import numpy as np
+
+    pad = capacity - len(dets)
+    return {"detection_boxes": np.array([[d["box"] for d in dets] + [[0.0] * 4] * pad]),
+            "detection_scores": np.array([[d["score"] for d in dets] + [0.0] * pad]),
+            "detection_classes": np.array([[d["class"] for d in dets] + [-1] * pad]),
+            "num_detections": np.array([len(dets)])}
+
+
+def saved_frcnn(directory):
+    """A width-0.125 faster_rcnn_vgg16 (paper layout, 21 VOC classes, 64 proposals) whose class biases are
+    spread so that detections score well above the decoder's 0.05, saved as DIRECTORY/frcnn.keras with
+    Keras' own writer (kseg's identity travels in its config): (model, path)."""
+    import keras
+    import numpy as np
+
+    import kseg
+
+    keras.utils.set_random_seed(4)
+    model = kseg.build_model("faster_rcnn_vgg16", width=0.125, post_nms_top_n=64)
+    kernel, bias = model.get_layer("cls_score").get_weights()
+    model.get_layer("cls_score").set_weights([kernel, np.random.default_rng(4).normal(0, 1.5, bias.shape)])
+    path = str(Path(directory) / "frcnn.keras")
+    model.save(path)
+    return model, path

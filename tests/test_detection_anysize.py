@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import detections_from_json, saved_frcnn
 
 import kseg
 import kseg.data as kd
@@ -41,15 +42,7 @@ DECODER_SCORE_THRESHOLD = 0.05  # FastRCNNDecoder's default (py-faster-rcnn's vi
 
 @pytest.fixture(scope="module")
 def frcnn(tmp_path_factory):
-    """The paper layout (softmax RPN, RoIPool, caffe BGR means), 21 VOC classes, class biases spread so that
-    detections score well above the decoder's 0.05 threshold (as tests/test_faster_rcnn.py does)."""
-    keras.utils.set_random_seed(4)
-    model = kseg.build_model("faster_rcnn_vgg16", width=0.125, post_nms_top_n=64)
-    kernel, bias = model.get_layer("cls_score").get_weights()
-    model.get_layer("cls_score").set_weights([kernel, np.random.default_rng(4).normal(0, 1.5, bias.shape)])
-    path = str(tmp_path_factory.mktemp("frcnn") / "frcnn.keras")
-    model.save(path)
-    yield model, path
+    yield saved_frcnn(tmp_path_factory.mktemp("frcnn"))
     keras.backend.clear_session()
 
 
@@ -68,15 +61,6 @@ def _sets_agree(want, got, box_atol, score_atol=2e-5):
                                    score_threshold=DECODER_SCORE_THRESHOLD, iou_threshold=0.3)
     assert found.passed, found.unmatched[:5]
     return found.matched
-
-
-def _from_json(dets, capacity):
-    """detections.json's entries of one image as padded decoder outputs (batch 1, `capacity` rows)."""
-    pad = capacity - len(dets)
-    return {"detection_boxes": np.array([[d["box"] for d in dets] + [[0.0] * 4] * pad]),
-            "detection_scores": np.array([[d["score"] for d in dets] + [0.0] * pad]),
-            "detection_classes": np.array([[d["class"] for d in dets] + [-1] * pad]),
-            "num_detections": np.array([len(dets)])}
 
 
 def _picture(rng, h, w):
@@ -122,7 +106,7 @@ def test_predict_gives_boxes_in_each_images_pixels(frcnn, tmp_path, capsys):
         want = _direct(model, read_image(entry["file"]))
         dets = entry["detections"]
         assert len(dets) > 5
-        got = _from_json(dets, want["detection_scores"].shape[1])
+        got = detections_from_json(dets, want["detection_scores"].shape[1])
         matched += _sets_agree(want, got, box_atol=0.02)  # JSON: boxes rounded to 0.01, scores to 1e-5
         boxes = got["detection_boxes"][0][: len(dets)]
         assert boxes[:, 2].max() > EXPECTED[(h, w)][1][1] or boxes[:, 3].max() > EXPECTED[(h, w)][1][0]
@@ -150,7 +134,7 @@ def test_predict_at_the_layouts_own_scale(frcnn, tmp_path):
     want = {k: np.asarray(v) for k, v in kseg.inference_model(model)(identify(model).preprocessing.apply(x)).items()}
     want["detection_boxes"] = want["detection_boxes"] / 10.0
     dets = entry["detections"]
-    got = _from_json(dets, want["detection_scores"].shape[1])
+    got = detections_from_json(dets, want["detection_scores"].shape[1])
     assert len(dets) > 0 and _sets_agree(want, got, box_atol=0.02) == len(dets)
 
 

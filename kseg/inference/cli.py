@@ -54,7 +54,13 @@ def add_parser(subparsers):
                         "instead of the tables (the file next to the model is still written)")
     _classifier_args(e)
     _edge_args(e)
-    _scale_args(e.add_argument_group(*DETECTOR_GROUP))
+    g = e.add_argument_group(*DETECTOR_GROUP)
+    _scale_args(g)
+    g.add_argument("--proposals", metavar="FILE",
+                   help="detectors with a proposals input (Fast R-CNN, R-CNN): the region proposals of every image "
+                        "of the split, a .npz / .json / .mat of boxes per image id in the image's pixels (`kseg "
+                        "data proposals` writes one); {split} in the name is replaced by --split (default: the "
+                        "training recipe's [data] proposals, when that file is in --data)")
     e.set_defaults(func=cmd_evaluate)
 
     p = subparsers.add_parser("predict", help="label maps (palette PNGs) and colour overlays for image files; "
@@ -78,6 +84,10 @@ def add_parser(subparsers):
                    help="keep the detections scoring >= S in detections.json and the drawings (default "
                         f"{SCORE_THRESHOLD}; kseg evaluate scores every detection the decoder keeps)")
     _scale_args(g)
+    g.add_argument("--proposals", metavar="FILE|selective-search",
+                   help="detectors with a proposals input (Fast R-CNN, R-CNN): a .npz / .json / .mat of boxes per "
+                        "image id (the file name without its extension) in the image's pixels (`kseg data "
+                        "proposals`), or selective-search to compute them for each image (needs kseg[proposals])")
     p.set_defaults(func=cmd_predict)
 
     c = subparsers.add_parser("crf-search", help="cross-validate the dense CRF's settings over the paper's ranges")
@@ -106,7 +116,8 @@ DETECTOR_GROUP = ("detectors", "fixed-input detectors (SSD300) get each image re
 
 def _scale_args(g):
     g.add_argument("--min-size", type=int, metavar="N",
-                   help="any-size detectors: resize each image's shorter side to N pixels (default: the model's "
+                   help="any-size detectors: resize each image's shorter side to N pixels (default: the scale of "
+                        "the training run next to the file (its recipe's min_size / max_size), else the model's "
                         "layout's test scale: 600 for py-faster-rcnn's, 800 for torchvision's)")
     g.add_argument("--max-size", type=int, metavar="N",
                    help="any-size detectors: but never the longer side beyond N pixels (the scale is then N / "
@@ -114,9 +125,17 @@ def _scale_args(g):
 
 
 def _test_scale(args, inference, detection):
-    """(min_size, max_size) given on the command line (either may be None), or None; refused for non-detectors."""
+    """(min_size, max_size) given on the command line (either may be None), else the scale the model was
+    trained at (its run's recipe [data] min_size / max_size, kseg_run.json next to the file: py-faster-rcnn
+    tests at its training scale), else None (the registry's rule); refused for non-detectors."""
     if args.min_size is None and args.max_size is None:
-        return None
+        if not detection:
+            return None
+        from kseg.identity import run_record
+
+        data = ((run_record(args.model) or {}).get("recipe_values") or {}).get("data") or {}
+        trained = data.get("min_size"), data.get("max_size")
+        return trained if None not in trained else None
     if not detection:
         raise ValueError(f"--min-size / --max-size set a detector's test scale; {args.model} is a "
                          f"{inference.task.name} model")
@@ -259,14 +278,19 @@ def _detection_data(args, inference):
     (an any-size detector: single images at their own size); VOC's class ids from the training run's
     class names when it has them."""
     import kseg.data as kd
+    from kseg.inference.proposals import split_proposals
     from kseg.inference.scoring import network_size
 
     size = network_size(inference.model)  # None: any size, one image at a time at its own size
     options = dict(size=size, batch_size=DETECTION_BATCH if size else 1)
+    if args.layout == "coco_detection" and not args.annotations:
+        raise ValueError("--layout coco_detection reads the images in --data and the boxes in --annotations "
+                         "(an instances JSON)")
+    extra = split_proposals(inference.model, getattr(args, "proposals", None), data=args.data, layout=args.layout,
+                            split=args.split, annotations=args.annotations, run_of=args.model)
+    if extra is not None:
+        options["extra_boxes"] = {"proposals": extra}
     if args.layout == "coco_detection":
-        if not args.annotations:
-            raise ValueError("--layout coco_detection reads the images in --data and the boxes in --annotations "
-                             "(an instances JSON)")
         return kd.coco_detection(args.data, args.annotations, **options)
     return kd.voc_detection(args.data, args.split, class_names=inference.class_names or None, **options)
 
@@ -327,6 +351,9 @@ def cmd_evaluate(args):
             from kseg.inference.scoring import detection_scale
 
             detection_scale(inference.model, *test_scale)  # refused for fixed-input detectors before reading
+        if args.proposals is not None and inference.task.target_kind != "boxes":
+            raise ValueError(f"--proposals feeds a detector's region proposals; {args.model} is a "
+                             f"{inference.task.name} model")
         ds = _raw_data(args, inference)
         edges = inference.task.target_kind == "edge_map"
         if args.edge_output and not edges:
@@ -487,6 +514,9 @@ def cmd_predict(args):
         if args.score_threshold is not None and not detection:
             raise ValueError(f"--score-threshold filters a detector's boxes; {args.model} is a "
                              f"{inference.task.name} model")
+        if args.proposals is not None and not detection:
+            raise ValueError(f"--proposals feeds a detector's region proposals; {args.model} is a "
+                             f"{inference.task.name} model")
         test_scale = _test_scale(args, inference, detection) or (None, None)
         if detection:
             if args.crf:
@@ -494,7 +524,8 @@ def cmd_predict(args):
                                  "per-pixel class scores")
             threshold = SCORE_THRESHOLD if args.score_threshold is None else args.score_threshold
             results = detect_images(inference, args.images, args.out, score_threshold=threshold, size=args.size,
-                                    overwrite=args.force, min_size=test_scale[0], max_size=test_scale[1])
+                                    overwrite=args.force, min_size=test_scale[0], max_size=test_scale[1],
+                                    proposals=args.proposals)
         elif edges:
             if args.crf:
                 raise ValueError(f"{args.model} is a {inference.task.name} model; the dense CRF refines "

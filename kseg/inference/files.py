@@ -237,7 +237,7 @@ def detector_class_names(inference: InferenceModel, num_classes) -> list[str]:
 
 
 def detect_images(inference: InferenceModel, images, out_dir, *, score_threshold=SCORE_THRESHOLD, size=None,
-                  overwrite=False, progress=True, min_size=None, max_size=None) -> list[dict]:
+                  overwrite=False, progress=True, min_size=None, max_size=None, proposals=None) -> list[dict]:
     """Write OUT/detections.json and OUT/STEM.png (the image with its boxes and labels) per image.
 
     Each image is resized (bilinear, per axis) to the detector's fixed input, as the readers and
@@ -254,10 +254,17 @@ def detect_images(inference: InferenceModel, images, out_dir, *, score_threshold
     detector; min_size / max_size go with any-size ones). Inputs and
     outputs are checked before anything is written, every file written atomically; an existing
     output is an error without overwrite=True. Returns the entries.
+
+    A detector with a proposals input (Fast R-CNN, R-CNN) needs `proposals`: a file (.npz, .json or
+    .mat) or dict of boxes per image id (the file's name without its extension) in the image's pixels,
+    or "selective-search" to compute them per image (kseg.inference.proposals: the first R boxes, scaled
+    with the image; an image the file lacks is an error naming both); each entry then also has
+    "proposals", the number of boxes fed.
     """
     import tensorflow as tf
 
     from kseg.inference.plots import draw_detections
+    from kseg.inference.proposals import ProposalDetector, padded, proposal_source
     from kseg.inference.scoring import at_test_scale, detection_scale, detector, network_size
 
     if not 0 <= float(score_threshold) <= 1:
@@ -273,6 +280,10 @@ def detect_images(inference: InferenceModel, images, out_dir, *, score_threshold
             raise FileExistsError(f"{len(existing)} output(s) exist already, e.g. {existing[0]}; pass --force "
                                   "(overwrite=True) to replace them")
     model = inference.model
+    source = proposal_source(model, proposals, predict=True)
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in images]
+    if source is not None:
+        source.check(stems, images)
     hw = network_size(model)
     if size and hw is None:
         raise ValueError(f"{model.name} takes images of any size: each is resized keeping its aspect ratio to the "
@@ -283,10 +294,14 @@ def detect_images(inference: InferenceModel, images, out_dir, *, score_threshold
     scale = detection_scale(model, min_size, max_size)
     decoding, num_classes = detector(model)
     names = detector_class_names(inference, num_classes)
-    run = predictor(decoding, preprocessing=inference.preprocessing)
-    if scale is not None:
-        detect = at_test_scale(run, scale)  # boxes in the image's own pixels
+    if source is not None:  # boxes in the image's own pixels, the proposals scaled with the image
+        run_proposals = ProposalDetector(decoding, inference.preprocessing, scale=scale,
+                                         network_hw=hw if scale is None else None)
+    elif scale is not None:
+        detect = at_test_scale(predictor(decoding, preprocessing=inference.preprocessing), scale)
     else:
+        run = predictor(decoding, preprocessing=inference.preprocessing)
+
         def detect(x):
             found = {k: np.asarray(v) for k, v in run(tf.image.resize(x, hw, method="bilinear")).items()}
             w, h = x.shape[2], x.shape[1]
@@ -296,10 +311,15 @@ def detect_images(inference: InferenceModel, images, out_dir, *, score_threshold
     os.makedirs(out_dir, exist_ok=True)
     results = []
     with progress_bar(progress, "detecting", len(images)) as advance:
-        for path, drawing in zip(images, drawings):
+        for path, stem, drawing in zip(images, stems, drawings):
             image = read_image(path)
             h, w = image.shape[:2]
-            found = {k: np.asarray(v)[0] for k, v in detect(tf.constant(image[None], tf.float32)).items()}
+            x = tf.constant(image[None], tf.float32)
+            if source is not None:
+                given, fed = padded(source, stem, image, run_proposals.rows)
+                found = {k: np.asarray(v)[0] for k, v in run_proposals(x, given).items()}
+            else:
+                found = {k: np.asarray(v)[0] for k, v in detect(x).items()}
             n = int(found["num_detections"])
             limits = np.array([w, h, w, h], np.float64)
             detections = []
@@ -313,7 +333,8 @@ def detect_images(inference: InferenceModel, images, out_dir, *, score_threshold
             detections.sort(key=lambda d: -d["score"])
             picture = draw_detections(image, detections)
             _atomic_save(drawing, lambda tmp: picture.save(tmp, format="PNG"))
-            results.append({"file": path, "size": [h, w], "detections": detections})
+            results.append({"file": path, "size": [h, w], "detections": detections,
+                            **({"proposals": fed} if source is not None else {})})
             advance()
 
     def save(tmp):

@@ -16,6 +16,7 @@ import numpy as np
 from kseg.crf import as_params, check_installed, dense_crf
 from kseg.identity import identify, resolve_preprocessing, task_of
 from kseg.inference.loading import InferenceModel
+from kseg.inference.proposals import ProposalDetector, image_input, proposal_rows
 from kseg.inference.traced import Predictor, predictor
 from kseg.progress import progress as progress_bar
 from kseg.tasks.metrics import confusion_matrix, iou_table, scores_from_confusion
@@ -35,7 +36,9 @@ def evaluate(model, dataset, *, num_classes=None, class_names=None, progress=Tru
     size=(300, 300) for SSD300, any batch size; for a detector that takes any size, Faster R-CNN,
     at the files' own size with batch_size=1: each image is resized to the test scale,
     `test_scale` = (min_size, max_size), either None for the model's rule: see detection_scale,
-    at_test_scale): {"map_voc07", "map_voc", "per_class": [{"class", "name", "ap_voc07", "ap_voc",
+    at_test_scale; a detector with a proposals input, Fast R-CNN's: a reader with
+    extra_boxes={"proposals": ...}, kseg.inference.proposals):
+    {"map_voc07", "map_voc", "per_class": [{"class", "name", "ap_voc07", "ap_voc",
     "gt", "detections"}], "coco": {"ap", "ap50", "ap75", ...}, "count"}
     (kseg.tasks.detection.DetectionEvaluator) of every detection the decoder keeps, boxes mapped
     back to each image's original pixels (see score_detections). Always "images": N. The task is
@@ -102,8 +105,9 @@ def detector(model):
 
 def network_size(model) -> tuple[int, int] | None:
     """The fixed (h, w) input of a detector (SSD: its decoder's anchors are laid out for it), or None
-    for one that takes any size (Faster R-CNN: it runs at each image's test scale, detection_scale)."""
-    h, w = tuple(model.input_shape[1:3])
+    for one that takes any size (Faster R-CNN: it runs at each image's test scale, detection_scale). A model
+    with several inputs (Fast R-CNN's image and proposals): its image input's."""
+    h, w = tuple(image_input(model).shape[1:3])
     if not h or not w:
         return None
     return int(h), int(w)
@@ -170,7 +174,8 @@ def to_original(boxes, image_shape, network_hw):
     return boxes * np.stack([sx, sy, sx, sy], axis=-1)
 
 
-def score_detections(detect, dataset, evaluator, network_hw=None, *, progress=True, total=None) -> dict:
+def score_detections(detect, dataset, evaluator, network_hw=None, *, progress=True, total=None,
+                     proposals=False) -> dict:
     """Feed a detection dataset's batches through `detect` into `evaluator` (a DetectionEvaluator).
 
     dataset: (images (B, h, w, 3), {"boxes", "classes", "difficult", "image_shape"}) batches read
@@ -180,13 +185,15 @@ def score_detections(detect, dataset, evaluator, network_hw=None, *, progress=Tr
     (detection_boxes xyxy pixels of the input, detection_scores, detection_classes,
     num_detections). The ground truth and the detections are both scaled back to each image's
     original pixels (image_shape) before scoring: VOC AP does not change (IoU is invariant to a
-    per-axis scale), COCO's small / medium / large areas are the original's.
+    per-axis scale), COCO's small / medium / large areas are the original's. proposals=True: a detector
+    with a proposals input, called as detect(images, target["proposals"]) (the readers' extra_boxes,
+    resized with the images; kseg.inference.proposals.ProposalDetector).
     Returns evaluator.result() with "images": N.
     """
     images = 0
     with progress_bar(progress, "evaluating detections", total) as advance:
         for x, y in dataset:
-            found = {k: np.asarray(v) for k, v in detect(x).items()}
+            found = {k: np.asarray(v) for k, v in (detect(x, y["proposals"]) if proposals else detect(x)).items()}
             truth = {k: np.asarray(y[k]) for k in ("boxes", "classes", "difficult") if k in y}
             shape = np.asarray(y["image_shape"])
             hw = network_hw if network_hw is not None else tuple(int(v) for v in x.shape[1:3])
@@ -208,8 +215,17 @@ def _evaluate_detection(model, dataset, task, class_names, preprocessing, progre
                          f"scores {num_classes}: evaluate it on a dataset of its own classes")
     total = dataset.cardinality().numpy()
     total = int(total) if total >= 0 else None
-    run = predictor(decoding, preprocessing=resolve_preprocessing(preprocessing))
     evaluator = task.evaluator(num_classes, None, names)
+    if proposal_rows(model) is not None:  # Fast R-CNN, R-CNN: the reader carries each image's proposals
+        if "proposals" not in dataset.element_spec[1]:
+            raise ValueError(f"{model.name} detects on region proposals: read the dataset with extra_boxes="
+                             "{'proposals': {image_id: (R, 4) boxes}} (kseg.data.voc_detection / coco_detection; "
+                             "kseg evaluate --proposals FILE)")
+        detect = ProposalDetector(decoding, resolve_preprocessing(preprocessing), scale=scale,
+                                  network_hw=None if scale is not None else network_size(model))
+        return score_detections(detect, dataset, evaluator, None if scale is not None else network_size(model),
+                                progress=progress, total=total, proposals=True)
+    run = predictor(decoding, preprocessing=resolve_preprocessing(preprocessing))
     if scale is not None:  # any size: each batch (one image, at its own size) at the test scale
         return score_detections(at_test_scale(run, scale), dataset, evaluator, progress=progress, total=total)
     return score_detections(run, dataset, evaluator, network_size(model), progress=progress, total=total)

@@ -40,7 +40,7 @@ from kseg.detection.precomputed import PaddedProposals
 from kseg.detection.proposals import ProposalRoIs
 from kseg.detection.roi import RoIPool
 from kseg.models._common import check_width, model_input, scaled
-from kseg.models.faster_rcnn import CAFFE_FRCNN, HEAD_NMS, SPATIAL_SCALE, _adapt_vgg, box_head
+from kseg.models.faster_rcnn import CAFFE_FRCNN, HEAD_NMS, SPATIAL_SCALE, TEST_SCALES, _adapt_vgg, box_head
 from kseg.models.vgg import CFGS, VGG16_CONV_NAMES, vgg_trunk
 from kseg.registry import TorchMapping, register_model
 
@@ -103,6 +103,7 @@ def trainer(model, options: dict, settings: dict):
     backbone_adapt=_adapt_vgg,
     postprocess=decoder,
     trainer=trainer,
+    test_scales=TEST_SCALES,
 )
 def fast_rcnn_vgg16(*, num_classes=21, input_shape=None, num_proposals=NUM_PROPOSALS, dropout=0.5,
                     postprocess=False, width=1.0):
