@@ -38,6 +38,13 @@ def add_parser(subparsers):
     p.add_argument("--input-size", type=cliutil.parse_size, metavar="HxW",
                    help=cliutil.size_help("the verification size; with --static also the fixed export size"))
     p.add_argument("--version", type=int, help="tf_serving: version directory (default: next free)")
+    p.add_argument("--min-size", type=int, metavar="N",
+                   help="tf_serving, detectors that take any size (Faster R-CNN): serving_default and predict_images "
+                        "resize each image keeping its aspect ratio so its shorter side is N (default: the layout's "
+                        "test scale, 600 py-faster-rcnn, 800 torchvision), as kseg export --serving does")
+    p.add_argument("--max-size", type=int, metavar="N",
+                   help="tf_serving, detectors that take any size: but never the longer side beyond N pixels "
+                        "(default 1000 py-faster-rcnn, 1333 torchvision)")
     p.add_argument("--images", nargs="+", help="verify on these images instead of seeded random ones")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--unsafe", action="store_true", help="allow Lambda layers (runs code stored in the file)")
@@ -86,6 +93,15 @@ def cmd_convert(args):
     options = {"opset": args.opset, "dynamic": not args.static, "nchw": args.nchw}
     if args.quantize:
         options["quantize"] = args.quantize
+    scale = {k: v for k, v in (("min_size", args.min_size), ("max_size", args.max_size)) if v is not None}
+    if scale:
+        from convert import formats
+
+        to = formats.target_format(args.output, args.to) if args.output else args.to
+        if to != "tf_serving":
+            raise ValueError("--min-size / --max-size set the test scale of a TF Serving export (--to tf_serving) "
+                             f"of a detector that takes any size; not of {to or 'this output'}")
+        options.update(scale)
     build_kwargs = {"num_classes": args.num_classes} if args.num_classes else None
     console = cliutil.console()
     try:

@@ -18,6 +18,15 @@ the official Docker image) serves it as it is. Signatures:
 - `raw_outputs`: the model's own outputs (logits) for an already preprocessed float batch
   `image`: what `kseg convert` writes as `serving_default`, kept for conversions back to Keras.
 
+A detector that takes any input size (Faster R-CNN: input (None, None, 3)) has no network size:
+`serving_size` gives it its test scale (min_size, max_size: the registry spec's test_scales,
+py-faster-rcnn's TEST.SCALES 600 / TEST.MAX_SIZE 1000 or torchvision's GeneralizedRCNNTransform
+800 / 1333 by its layout) as the export's evaluation transform, and the detection task's
+signatures resize each image keeping its aspect ratio to it and report boxes normalised to the
+original image (kseg.tasks.detection.any_size_signatures). `kseg convert --to tf_serving`
+(save_format, `--min-size` / `--max-size`) and `kseg export --serving` (kseg.serving.export) both
+go through it, so they write the same module.
+
 The kseg metadata (architecture, build options, classes, preprocessing, and a `serving`
 entry describing the signatures) is `assets/kseg.json`. Every variable is reachable as
 `kseg_weights[<Keras weight path>]`, so `convert.api.load_keras("BASE/NAME")` rebuilds Keras.
@@ -268,14 +277,67 @@ def export(model, path, *, version=None, image_size=None, preprocessing=None, cl
     return out
 
 
-def save_format(model, path, *, metadata=None, input_size=None, **_):
+def detector_scale(model, min_size=None, max_size=None) -> tuple[int, int] | None:
+    """(min_size, max_size) an any-size detector is exported at (its rule, each value given replacing
+    the rule's); None for any other model, which refuses min_size / max_size."""
+    from kseg.tasks.detection import resolve_scale
+
+    task = md.task_of(model)
+    detector, any_size = task.target_kind == "boxes", not all(model.input_shape[1:3])
+    if not (detector and any_size):
+        if min_size is not None or max_size is not None:
+            what = "a fixed-input detector" if detector else f"a {task.name} model"
+            raise ValueError(f"min_size / max_size (--min-size / --max-size) set the test scale of a detector that "
+                             f"takes any input size; {model.name} is {what}")
+        return None
+    ident = md.identify(model)
+    spec = ident.spec if ident else None
+    return resolve_scale(spec.test_scales if spec else None, (ident.options if ident else {}).get("layout"),
+                         min_size, max_size, name=ident.architecture if ident else None)
+
+
+def serving_size(model, image_size=None, eval_transform=None, min_size=None, max_size=None):
+    """(image_size, eval_transform) build_module / export take for `model`, as `kseg export --serving` and
+    `kseg convert --to tf_serving` choose them.
+
+    An any-size detector gets its test scale (detector_scale: min_size, max_size, default its layout's)
+    as eval_transform (min_size, max_size, "bilinear"), which its signatures resize each image to, and
+    image_size (min_size, min_size), the size its export is verified at; an image_size of its own has
+    no meaning (the images keep their aspect ratio) and is refused. Any other model keeps image_size and
+    eval_transform as given and refuses min_size / max_size.
+    """
+    scale = detector_scale(model, min_size, max_size)
+    if scale is None:
+        return image_size, eval_transform
+    if image_size is not None:
+        raise ValueError(f"{model.name} takes images of any size: its export resizes each image keeping the aspect "
+                         f"ratio to its test scale (shorter side {scale[0]}, longer at most {scale[1]}; "
+                         "min_size / max_size, --min-size / --max-size, change it), not to image_size "
+                         "(--image-size, or --static --input-size in kseg convert)")
+    return (scale[0], scale[0]), (*scale, "bilinear")
+
+
+def save_format(model, path, *, metadata=None, input_size=None, min_size=None, max_size=None, **_):
     """kseg.serving's export: image-level signatures (preprocessing in the graph) + raw_outputs.
 
-    A model with no servable head (a classifier without its top, a plain Keras model whose
-    preprocessing is unknown) gets the plain SavedModel's serving_default, with a warning.
+    input_size: the size predict_images resizes to (`kseg convert --static --input-size`). An any-size
+    detector is exported at its test scale instead (serving_size; min_size / max_size change it), as
+    `kseg export --serving` exports it. A model with no servable head (a classifier without its top, a
+    plain Keras model whose preprocessing is unknown) or with inputs besides the image (Fast R-CNN's
+    proposals: the image-level signatures have no place for them) gets the plain SavedModel's
+    serving_default, with a warning.
     """
+    if len(model.inputs) > 1:  # build_module refuses it below: the plain SavedModel, where a scale means nothing
+        if min_size is not None or max_size is not None:
+            raise ValueError(f"{model.name} takes inputs {[t.name for t in model.inputs]}: its tf_serving export is a "
+                             "plain SavedModel that resizes nothing, so min_size / max_size (--min-size / "
+                             "--max-size) have no meaning for it")
+        eval_transform = None
+    else:
+        input_size, eval_transform = serving_size(model, input_size, None, min_size, max_size)
     try:
-        module, meta = build_module(model, image_size=input_size, class_names=(metadata or {}).get("class_names"))
+        module, meta = build_module(model, image_size=input_size, class_names=(metadata or {}).get("class_names"),
+                                    eval_transform=eval_transform)
     except ValueError as e:
         warnings.warn(f"{path}: {e}; writing serving_default with the model's own outputs only", stacklevel=2)
         saved_model_format.save(model, path, metadata=metadata, input_size=input_size)

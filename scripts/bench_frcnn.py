@@ -2,6 +2,10 @@
 
     python scripts/bench_frcnn.py                                   # faster_rcnn_vgg16 and faster_rcnn_resnet50_c4
     python scripts/bench_frcnn.py --models faster_rcnn_vgg16 --size 320 448 --rounds 3
+    python scripts/bench_models.py --models faster_rcnn_vgg16 faster_rcnn_resnet50_c4   # the same, in its tables
+
+scripts/bench_models.py runs `bench` below for these two detectors (scripts/_bench_detectors.py)
+and puts its rows beside the other models' ratios.
 
 Both sides run the same network with the same weights: PyTorch the reference modules of kseg's
 tests (tests/torch_reference_frcnn.py, tests/torch_reference_frcnn_c4.py: torchvision's generic
@@ -84,6 +88,7 @@ def bench(name, args):
     torch.save(module.state_dict(), path)
     model = kseg.build_model(name, layout="torchvision", weights=path, pre_nms_top_n=6000, post_nms_top_n=300)
     detector = kseg.inference_model(model)
+    cost = flops(model, (h, w, 3))
     x = np.random.default_rng(0).normal(size=(1, h, w, 3)).astype(np.float32)
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
 
@@ -151,7 +156,21 @@ def bench(name, args):
         print(f"  {stage:22s} kseg {1e3 * k:8.1f} ms   PyTorch {1e3 * p:8.1f} ms   kseg/PyTorch speed {p / k:.2f}x",
               flush=True)
     tf.keras.backend.clear_session()
-    return {"model": name, "size": [h, w], "checks": checks, "equal": ok, "rows": rows, "rounds": args.rounds}
+    return {"model": name, "size": [h, w], "checks": checks, "equal": ok, "rows": rows, "rounds": args.rounds,
+            "params": int(model.count_params()), **cost}
+
+
+def flops(model, shape):
+    """{"flops_per_image", "macs_per_image"} of kseg.flops' per-layer count at `shape` (None where it
+    cannot count the model)."""
+    import kseg
+
+    try:
+        report = kseg.flops(model, shape)
+    except (ValueError, NotImplementedError, TypeError) as e:
+        print(f"  kseg.flops: {e}", flush=True)
+        return {"flops_per_image": None, "macs_per_image": None}
+    return {"flops_per_image": report.total_flops, "macs_per_image": report.total_macs}
 
 
 def torch_head(module, features, proposals, image_hw):

@@ -27,6 +27,7 @@ spinning, 0.15 s passive, same machine, same minute).
 
     python scripts/bench_models.py                          # the 9 classic models (18 min on the busy 2-core machine)
     python scripts/bench_models.py --models ssd300          # SSD300, with and without decoding + NMS
+    python scripts/bench_models.py --models faster_rcnn_vgg16 faster_rcnn_resnet50_c4   # at 600x800
     python scripts/bench_models.py --quick                  # smaller inputs, shorter timing
     python scripts/bench_models.py --models resnet50 hed --size 96 --skip tflite
     python scripts/bench_models.py --update-docs            # also refresh docs/performance.*
@@ -34,6 +35,11 @@ spinning, 0.15 s passive, same machine, same minute).
 SSD300 (opt-in, not in the default list: 6-10 minutes of its own on 2 cores) is timed twice per
 runtime, network only and with its postprocessing, and checked by its detections as sets; no training
 step. scripts/_bench_ssd.py holds its worker and the PyTorch postprocessing.
+
+faster_rcnn_vgg16 and faster_rcnn_resnet50_c4 (opt-in too) run scripts/bench_frcnn.py's comparison
+(scripts/_bench_detectors.py): batch 1 at 600x800 (--quick: 320x448), TF graph mode beside a PyTorch
+reference with torchvision's module names and the same weights, outputs checked first; the whole
+pipeline fills their TF graph and PyTorch cells, a table of their own has each stage.
 
 Outputs (--out, default bench_results/): bench_models.json, bench_models.md, bench_models.png.
 """
@@ -71,8 +77,13 @@ MODELS = {
     # ssd300_vgg16 layout and its 91 COCO classes, at its own 300x300. Opt-in (--models ssd300).
     "ssd300": dict(size=(300, 300, 3), train_batch=None, detector=True,
                    kwargs={"layout": "torchvision", "num_classes": 91}),
+    # Faster R-CNN (scripts/_bench_detectors.py runs scripts/bench_frcnn.py's comparison): torchvision's
+    # layout, 21 classes, one 600x800 image. Opt-in (--models faster_rcnn_vgg16 faster_rcnn_resnet50_c4).
+    "faster_rcnn_vgg16": dict(size=(600, 800, 3), train_batch=None, frcnn=True, kwargs={"layout": "torchvision"}),
+    "faster_rcnn_resnet50_c4": dict(size=(600, 800, 3), train_batch=None, frcnn=True,
+                                    kwargs={"layout": "torchvision"}),
 }
-DEFAULT_MODELS = [name for name, cfg in MODELS.items() if not cfg.get("detector")]
+DEFAULT_MODELS = [name for name, cfg in MODELS.items() if not cfg.get("detector") and not cfg.get("frcnn")]
 QUICK_SIZES = {"fcn8s": 32, "segnet": 64, "deeplab_largefov": 65, "hed": 64, "fcn_resnet50": 64}
 VGG_FAMILY = ("vgg16", "fcn8s", "segnet", "deeplab_largefov", "hed")
 RUNTIMES = ("tf", "xla", "onnxruntime", "tflite", "pytorch")
@@ -90,6 +101,14 @@ def _bench_ssd():
     import _bench_ssd
 
     return _bench_ssd
+
+
+def _bench_detectors():
+    """scripts/_bench_detectors.py: Faster R-CNN's worker (bench_frcnn's comparison) and table."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _bench_detectors
+
+    return _bench_detectors
 
 
 def set_thread_env(threads, spin=False):
@@ -953,7 +972,10 @@ def markdown(result):
                 if rt not in inf or "error" in inf[rt]:
                     cells.append("failed" if rt in inf else "–")
                     continue
-                v = inf[rt][f"b{b}"]
+                v = inf[rt].get(f"b{b}")
+                if v is None:  # Faster R-CNN: batch 1 only
+                    cells.append("–")
+                    continue
                 mark = "" if chk.get(rt, {}).get("equal") else " ✗"
                 ms = 1000 * v["median_s"]
                 ips = v["images_per_s"]
@@ -963,12 +985,14 @@ def markdown(result):
                     text = f"{ips:.2f}" if ips < 100 else f"{ips:.0f}"
                 cells.append(text + mark)
         size = "x".join(map(str, r["input"][:2]))
-        lines.append(f"| {r['model']} | {size} | {r['flops_per_image'] / 1e9:.3g} | " + " | ".join(cells) + " |")
+        gflops = fmt(r["flops_per_image"] / 1e9 if r.get("flops_per_image") else None, ".3g")
+        lines.append(f"| {r['model']} | {size} | {gflops} | " + " | ".join(cells) + " |")
     if any(r.get("detector") for r in recs):
         lines.append("")
         lines.append("Detectors' rows (ssd300): with decoding + NMS, detections checked as sets; GFLOPs are the "
                      "network's. Network only beside it:")
         lines += _bench_ssd().markdown(recs, LABELS, RUNTIMES)
+    lines += _bench_detectors().markdown(recs)
     lines.append("")
     lines.append("Training step (forward, backward, SGD momentum 0.9), images/s; ratios and achieved GFLOP/s:")
     lines.append("")
@@ -1096,7 +1120,7 @@ def update_docs(result, md):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS), metavar="NAME",
-                        help=f"models to run, of {', '.join(MODELS)} (default: all but ssd300)")
+                        help=f"models to run, of {', '.join(MODELS)} (default: all but the detectors)")
     parser.add_argument("--size", type=int, help="input H = W for the dense-prediction models (classifiers keep "
                                                  "their native size)")
     parser.add_argument("--quick", action="store_true", help="smaller dense inputs, shorter timing, GEMM at 2048 only")
@@ -1132,6 +1156,8 @@ def main(argv=None):
             side = args.size or (QUICK_SIZES[name] if args.quick else None)
             if side:
                 cfg["size"] = (side, side, cfg["size"][2])
+        elif cfg.get("frcnn"):
+            cfg = _bench_detectors().configure(cfg, args)
         cfgs[name] = cfg
 
     if args.gemm or args.worker:
@@ -1140,6 +1166,8 @@ def main(argv=None):
             rec = gemm_worker(args)
         elif cfgs[args.worker].get("detector"):
             rec = _bench_ssd().worker(args.worker, cfgs[args.worker], args, sys.modules[__name__])
+        elif cfgs[args.worker].get("frcnn"):
+            rec = _bench_detectors().worker(args.worker, cfgs[args.worker], args, sys.modules[__name__])
         else:
             rec = worker(args.worker, cfgs[args.worker], args)
         with open(args.result, "w") as f:
