@@ -71,9 +71,10 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
 def _register_layers():
     # kseg.layers, and the detection layers models hold: decoders (detectors saved with theirs),
-    # Faster R-CNN's proposal layer and RoI pooling, Fast R-CNN's proposals input, the R-CNN trainer.
+    # Faster R-CNN's proposal layer and RoI pooling, Fast R-CNN's proposals input, R-CNN's warp, the trainers.
     for module in ("kseg.layers", "kseg.detection.postprocess", "kseg.detection.proposals", "kseg.detection.roi",
-                   "kseg.detection.precomputed", "kseg.detection.rcnn_trainer"):
+                   "kseg.detection.precomputed", "kseg.detection.rcnn_trainer", "kseg.detection.crops",
+                   "kseg.detection.rcnn_stages"):
         importlib.import_module(module)
 
 

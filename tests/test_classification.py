@@ -128,7 +128,8 @@ def test_registry_lists_and_filters():
     assert kseg.list_models(task="classification") == ["alexnet", "lenet5", "resnet101", "resnet50", "vgg16"]
     assert set(kseg.list_models(task="classification")) <= set(kseg.list_models())
     assert kseg.list_models(task="detection") == ["fast_rcnn_vgg16", "faster_rcnn_resnet101_c4",
-                                                  "faster_rcnn_resnet50_c4", "faster_rcnn_vgg16", "ssd300"]
+                                                  "faster_rcnn_resnet50_c4", "faster_rcnn_vgg16", "rcnn_alexnet",
+                                                  "ssd300"]
     with pytest.raises(ValueError, match="task"):
         kseg.list_models(task="depth")
 

@@ -24,8 +24,8 @@ SMOKE_INPUT = {"faster_rcnn_vgg16": (160, 192, 3),  # any size: a small one
 # Smoke-run build options: a few proposals per image for the two-stage detectors (fast_rcnn_vgg16's
 # second input, region proposals after the image; the ResNet-C4 heads' RoIs).
 SMOKE_BUILD = {"fast_rcnn_vgg16": {"num_proposals": 32}, "faster_rcnn_resnet50_c4": {"post_nms_top_n": 32},
-               "faster_rcnn_resnet101_c4": {"post_nms_top_n": 32}}
-SMOKE_INPUT["fast_rcnn_vgg16"] = (96, 128, 3)
+               "faster_rcnn_resnet101_c4": {"post_nms_top_n": 32}, "rcnn_alexnet": {"num_proposals": 16}}
+SMOKE_INPUT["fast_rcnn_vgg16"] = SMOKE_INPUT["rcnn_alexnet"] = (96, 128, 3)
 
 
 def _proposals(rng, batch, h, w, rows):

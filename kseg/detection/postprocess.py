@@ -101,8 +101,12 @@ class SSDDecoder(keras.layers.Layer):
                 "feature_sizes": self.feature_sizes, "nms": self.nms}
 
 
+# How a Fast R-CNN-style head's class columns become scores.
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+
+
 def fast_rcnn_postprocess(proposals, proposal_mask, cls_score, bbox_pred, image_hw, *, score_threshold=0.05,
-                          iou_threshold=0.5, max_detections=100, min_size=1e-2, nms="combined"):
+                          iou_threshold=0.5, max_detections=100, min_size=1e-2, nms="combined", scores="softmax"):
     """Detections from Fast R-CNN's head over padded proposals (B, R, 4) with their mask (B, R):
     cls_score (B, R, C) logits (class 0 background), bbox_pred (B, R, 4C) class-specific deltas.
 
@@ -110,8 +114,13 @@ def fast_rcnn_postprocess(proposals, proposal_mask, cls_score, bbox_pred, image_
     (10, 10, 5, 5) (Fast R-CNN's target normalisation by 0.1 / 0.2), clipped to the image,
     background dropped, scores > score_threshold, boxes of width or height < min_size dropped, NMS
     per class at iou_threshold, the best max_detections per image. Returns ssd_postprocess's dict.
+    scores="sigmoid": each class's score is the sigmoid of its own column (R-CNN's per-class SVM
+    scores: a monotone map, so each class's ranking is the SVM's).
     """
-    scores = tf.nn.softmax(tf.cast(cls_score, tf.float32), axis=-1)
+    if scores not in SCORE_FUNCTIONS:
+        raise ValueError(f"scores must be one of {SCORE_FUNCTIONS}, got {scores!r}")
+    cls_score = tf.cast(cls_score, tf.float32)
+    scores = tf.nn.softmax(cls_score, axis=-1) if scores == "softmax" else tf.sigmoid(cls_score)
     num_classes = scores.shape[-1]
     shape = tf.shape(bbox_pred)
     deltas = tf.reshape(tf.cast(bbox_pred, tf.float32), tf.stack([shape[0], shape[1], num_classes, 4]))
@@ -141,10 +150,13 @@ class FastRCNNDecoder(keras.layers.Layer):
     inputs_from = ("proposals", "proposal_mask", "class_logits", "box_regression", "image")
 
     def __init__(self, score_threshold=0.05, iou_threshold=0.5, max_detections=100, min_size=1e-2, nms="combined",
-                 **kwargs):
+                 scores="softmax", **kwargs):
         super().__init__(**kwargs)
         if nms not in METHODS:
             raise ValueError(f"nms must be one of {METHODS}, got {nms!r}")
+        if scores not in SCORE_FUNCTIONS:
+            raise ValueError(f"scores must be one of {SCORE_FUNCTIONS}, got {scores!r}")
+        self.scores = scores
         self.score_threshold = float(score_threshold)
         self.iou_threshold = float(iou_threshold)
         self.max_detections = int(max_detections)
@@ -155,7 +167,8 @@ class FastRCNNDecoder(keras.layers.Layer):
         proposals, mask, cls_score, bbox_pred, image = inputs
         return fast_rcnn_postprocess(proposals, mask, cls_score, bbox_pred, tf.shape(image)[1:3],
                                      score_threshold=self.score_threshold, iou_threshold=self.iou_threshold,
-                                     max_detections=self.max_detections, min_size=self.min_size, nms=self.nms)
+                                     max_detections=self.max_detections, min_size=self.min_size, nms=self.nms,
+                                     scores=self.scores)
 
     def compute_output_spec(self, inputs):
         batch, k = inputs[0].shape[0], self.max_detections
@@ -166,4 +179,5 @@ class FastRCNNDecoder(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "score_threshold": self.score_threshold, "iou_threshold": self.iou_threshold,
-                "max_detections": self.max_detections, "min_size": self.min_size, "nms": self.nms}
+                "max_detections": self.max_detections, "min_size": self.min_size, "nms": self.nms,
+                "scores": self.scores}

@@ -166,3 +166,22 @@ class SoftmaxObjectness(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1])
+
+
+@keras.saving.register_keras_serializable(package="kseg")
+class BackgroundColumns(keras.layers.Layer):
+    """(N, k (C - 1)) -> (N, k C): `count` zero columns first, the background's place in kseg's
+    per-class outputs (R-CNN scores and regresses foreground classes only)."""
+
+    def __init__(self, count, **kwargs):
+        super().__init__(**kwargs)
+        self.count = int(count)
+
+    def call(self, x):
+        return tf.concat([tf.zeros_like(x[:, : self.count]), x], axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], None if input_shape[1] is None else input_shape[1] + self.count)
+
+    def get_config(self):
+        return {**super().get_config(), "count": self.count}

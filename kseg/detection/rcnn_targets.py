@@ -115,6 +115,11 @@ def roi_targets(proposals, proposal_mask, gt_boxes, gt_classes, seed, *, batch_s
     gt_valid = gt_classes >= 0
     candidates = tf.concat([proposals, gt_boxes], axis=1)
     usable = tf.concat([tf.cast(proposal_mask, tf.bool), gt_valid], axis=1)
+    if candidates.shape[1] is None:  # fewer candidates than batch_size: unusable zero rows up to it
+        shape = tf.shape(candidates)
+        short = tf.maximum(int(batch_size) - shape[1], 0)
+        candidates = tf.concat([candidates, tf.zeros(tf.stack([shape[0], short, 4]))], axis=1)
+        usable = tf.concat([usable, tf.zeros(tf.stack([shape[0], short]), tf.bool)], axis=1)
     best, index = _best_gt(batch_iou(candidates, gt_boxes), gt_valid)
     foreground = usable & (best >= fg_iou)
     background = usable & (best < bg_iou[1]) & (best >= bg_iou[0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from kseg.models._common import classifier_head, model_input
+from kseg.models._common import classifier_head, model_input, scaled
 from kseg.registry import TorchMapping, register_model
 
 PAPER = "Krizhevsky, One weird trick for parallelizing convolutional neural networks, arXiv:1404.5997, 2014"
@@ -30,6 +30,18 @@ def torch_map():
     ]
 
 
+def alexnet_convs(x, width=1.0):
+    """conv1 .. pool5 of torchvision's AlexNet features (ReLU after each conv); width: a channel
+    multiplier (kseg's, for CPU tests of the models built on it)."""
+    for name, filters, kernel, stride, pad, pool in CONVS:
+        # torchvision pads symmetrically; Keras "same" would not for stride 4.
+        x = layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
+        x = layers.Conv2D(scaled(filters, width), kernel, strides=stride, activation="relu", name=name)(x)
+        if pool:
+            x = layers.MaxPooling2D(3, strides=2, name=pool)(x)
+    return x
+
+
 @register_model(
     "alexnet",
     task="classification",
@@ -43,13 +55,7 @@ def torch_map():
 def alexnet(*, num_classes=1000, input_shape=None, dropout=0.5, classifier_activation=None):
     """AlexNet, torchvision layout: 5 convs (64-192-384-256-256), adaptive 6x6 pool, 3 dense layers."""
     inputs = model_input(input_shape, (224, 224, 3))
-    x = inputs
-    for name, filters, kernel, stride, pad, pool in CONVS:
-        # torchvision pads symmetrically; Keras "same" would not for stride 4.
-        x = layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
-        x = layers.Conv2D(filters, kernel, strides=stride, activation="relu", name=name)(x)
-        if pool:
-            x = layers.MaxPooling2D(3, strides=2, name=pool)(x)
+    x = alexnet_convs(inputs)
     x = layers.AdaptiveAveragePooling2D((6, 6), name="avgpool")(x)
     # Keras flattens NHWC, torchvision NCHW: imported fc6 kernels are permuted to match.
     x = layers.Flatten(name="flatten")(x)

@@ -56,6 +56,9 @@ def cmd_train(args):
         return cliutil.fail(e, "kseg train")
     score = result["val_score"]
     shown = f"{score:.4f}" if isinstance(score, float) else str(score)
+    stages = result.get("stages")
+    if stages:  # R-CNN's SVMs and box regressors after fit
+        cliutil.console().print("later stages: " + ", ".join(f"{k} {v}" for k, v in stages.items()))
     cliutil.console().print(f"trained {result['epochs']} epochs in {result['train_seconds']:.0f} s; "
                             f"{result['monitor']} {shown}; outputs in {args.out}")
     return cliutil.OK

@@ -25,6 +25,7 @@ import tensorflow as tf
 from kseg.api import build_model, layout_options
 from kseg.data.check import check_dataset
 from kseg.identity import RUN_FILE
+from kseg.progress import progress
 from kseg.registry import get_spec
 from kseg.tasks import losses as losses_mod
 from kseg.train.distribute import float32_outputs, multi_worker_fit, set_precision
@@ -386,6 +387,12 @@ def train(recipe, data_dir, out_dir, *, epochs=None, batch_size=None, overrides=
         history = fit_model.fit(fit_train, validation_data=fit_val, epochs=epochs_, steps_per_epoch=steps_per_epoch,
                                 shuffle=False, verbose=verbose,
                                 callbacks=[*callbacks(recipe, out_dir, tensorboard=tensorboard), *extra_callbacks])
+    stages = None
+    if hasattr(fit_model, "finish"):  # a trainer with stages after fit (R-CNN's SVMs and box regressors)
+        with progress(verbose != 0, "training the later stages", 2 * steps) as advance:
+            stages = fit_model.finish(fit_train, on_batch=advance)
+        # The stages complete the model of the last epoch: that is the run's result.
+        model.save(os.path.join(out_dir, "best.keras"))
     seconds = time.perf_counter() - start
     model.save(os.path.join(out_dir, "final.keras"))
     logs = {k: [float(v) for v in vs] for k, vs in history.history.items()}
@@ -397,7 +404,7 @@ def train(recipe, data_dir, out_dir, *, epochs=None, batch_size=None, overrides=
     return {"model": model, "history": logs, "train_seconds": seconds, "epochs": epochs_, "out_dir": out_dir,
             "val_mean_iou": logs.get("val_mean_iou", [None])[-1] if logs.get("val_mean_iou") else None,
             "monitor": monitor, "val_score": logs[monitor][-1] if logs.get(monitor) else None,
-            "samples": samples}
+            "samples": samples, "stages": stages}
 
 
 # The targets kseg.train.pictures.plot_samples draws (class maps, edge maps, image classes):

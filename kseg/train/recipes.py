@@ -63,7 +63,12 @@ SCHEMA: dict[str, dict[str, tuple]] = {
              "convention": (str,), "rpn_batch": (int,), "rpn_fg_fraction": _NUM, "rpn_fg_iou": _NUM,
              "rpn_bg_iou": _NUM, "allowed_border": (int, float, str), "pre_nms_top_n": (int,),
              "post_nms_top_n": (int,), "roi_batch": (int,), "roi_fg_fraction": _NUM, "fg_iou": _NUM,
-             "bg_iou": (list,), "rpn_beta": _NUM, "head_beta": _NUM},
+             "bg_iou": (list,), "rpn_beta": _NUM, "head_beta": _NUM,
+             # rcnn on rcnn_alexnet: R-CNN's three stages (kseg.detection.rcnn_stages.SETTINGS)
+             "rois_per_image": (int,), "fg_fraction": _NUM, "feature_norm": _NUM, "svm_c": _NUM,
+             "svm_pos_weight": _NUM, "svm_neg_iou": _NUM, "hard_threshold": _NUM, "evict_threshold": _NUM,
+             "retrain_limit": (int,), "svm_epochs": (int,), "svm_batch": (int,), "svm_lr": _NUM, "bbox_iou": _NUM,
+             "bbox_lambda": _NUM},
 }
 CHOICES = {
     ("", "backbone_init"): ("imagenet",),
@@ -77,6 +82,8 @@ CHOICES = {
                        "rcnn"),
     ("loss", "convention"): ("pyfaster", "torchvision"),
 }
+# Numbers that may be negative: R-CNN's SVM score thresholds.
+SIGNED = {("loss", "hard_threshold"), ("loss", "evict_threshold")}
 REQUIRED = (("", "model"), ("optimizer", "name"), ("optimizer", "learning_rate"), ("training", "batch_size"),
             ("loss", "name"))
 
@@ -139,7 +146,7 @@ def _check(source, section, key, value):
     choices = CHOICES.get((section, key))
     if choices and value not in choices:
         raise RecipeError(f"{where}: {value!r} is not one of {choices}")
-    if isinstance(value, _NUM) and not isinstance(value, bool) and value < 0:
+    if isinstance(value, _NUM) and not isinstance(value, bool) and value < 0 and (section, key) not in SIGNED:
         raise RecipeError(f"{where}: must be >= 0, got {value!r}")
 
 
