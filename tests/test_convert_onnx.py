@@ -28,6 +28,7 @@ CASES.update({
     "ssd300": ({}, (300, 300)),
     "resnet50": ({"include_top": False}, (64, 64)),
     "resnet101": ({"include_top": False}, (64, 64)),
+    "rcnn_alexnet": ({"num_proposals": 16}, (49, 67)),  # an AlexNet pass per proposal: 16, not 2000
 })
 # Together these cover every layer type: argmax pooling + unpooling (segnet_basic), dilated convs +
 # align-corners resize (deeplab_largefov), crops + transposed convs (fcn8s), six outputs (hed),

@@ -22,7 +22,10 @@ CASES.update({
     "ssd300": ({}, (300, 300)),
     "resnet50": ({"include_top": False}, (64, 64)),
     "resnet101": ({"include_top": False}, (64, 64)),
+    "rcnn_alexnet": ({"num_proposals": 16}, (49, 67)),  # an AlexNet pass per proposal: 16, not 2000
 })
+# R-CNN's warp (CropAndResize) is no TFLite builtin: its refusal is tested in tests/test_rcnn.py.
+TFLITE_MODELS = [n for n in kseg.list_models() if n != "rcnn_alexnet"]
 # Every layer type: argmax pooling + unpooling, dilated convs + align-corners resize, six outputs,
 # LeNet's head; BatchNorm via segnet_basic. ResNet (18 s here) and FCN's crops + transposed convs
 # (134M params) are in the slow set, covered fast by the ONNX tests and test_crop_and_transposed_conv.
@@ -40,7 +43,7 @@ def _check(model, runner, size, batch=2, tolerance=None):
     return report
 
 
-@pytest.mark.parametrize("name", _params(kseg.list_models()))
+@pytest.mark.parametrize("name", _params(TFLITE_MODELS))
 def test_every_model_to_float_tflite(name, tmp_path):
     kwargs, size = CASES[name]
     model = kseg.build_model(name, **kwargs)

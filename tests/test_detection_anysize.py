@@ -203,6 +203,9 @@ def _od_api(found, image_hw):
             "detection_classes": np.maximum(found["detection_classes"], 0).astype(np.float32)}
 
 
+# kseg export --serving's any-size module: the default suite compares it with kseg convert's
+# (tests/test_convert_serving_anysize.py).
+@pytest.mark.slow
 def test_serving_export_runs_any_size(frcnn, tmp_path, capsys):
     model, path = frcnn
     base = tmp_path / "models" / "frcnn"

@@ -205,6 +205,8 @@ def test_trainer_rejects_a_detector_without_rois():
         RCNNTrainer(kseg.build_model("ssd300", num_classes=3, width=0.125))
 
 
+# kseg train with a trainer end to end: the default suite runs it for rcnn_alexnet (tests/test_rcnn.py)
+@pytest.mark.slow
 def test_kseg_train_demo_recipe_writes_a_detector(shapes, tmp_path):
     from kseg.train import train
 
@@ -326,6 +328,8 @@ def test_trainer_fits_fast_rcnn_on_given_proposals(shapes):
     assert end["classifier_loss"] < 0.7 * start["classifier_loss"] and np.isfinite(end["box_loss"])
 
 
+# the any-size scale path: the default suite trains the R-CNN demo recipe through it (tests/test_rcnn.py)
+@pytest.mark.slow
 def test_paper_recipe_trains_any_size_images_in_padded_batches(shapes, tmp_path):
     """faster_rcnn_vgg16_voc's path (shorter side min_size, padded batches, the paper's layout and
     settings) at a CPU size: width 0.125, images scaled to 96-160 pixels."""
@@ -359,6 +363,8 @@ def _write_proposals(root, split, rows=40):
     return found
 
 
+# a proposals file through kseg train: the default suite does it for rcnn_alexnet (tests/test_rcnn.py)
+@pytest.mark.slow
 def test_kseg_train_fast_rcnn_with_a_proposals_file(shapes, tmp_path):
     from kseg.train import load_recipe, train
     from kseg.train.fit import datasets
