@@ -60,11 +60,14 @@ def _adapt_alexnet(arrays, model, path):
 
 
 def torch_map():
-    """torchvision AlexNet's keys of the trunk (features.N, classifier.1 / .4); the SVMs and the box
-    regressors are R-CNN's own and have no torchvision counterpart."""
+    """A torch state_dict of the detector: torchvision AlexNet's keys for the trunk (features.N,
+    classifier.1 / .4), then R-CNN's own layers, which torchvision lacks, as `svm` (Linear on fc7) and
+    `bbox_reg` (Linear on pool5 flattened NCHW, as torchvision flattens)."""
     convs = [TorchMapping(f"features.{i}", c[0], "conv") for i, c in zip((0, 3, 6, 8, 10), CONVS)]
     return convs + [TorchMapping("classifier.1", "fc6", "dense_nchw", chw=(256, 6, 6)),
-                    TorchMapping("classifier.4", "fc7", "dense")]
+                    TorchMapping("classifier.4", "fc7", "dense"),
+                    TorchMapping("svm", "svm", "dense"),
+                    TorchMapping("bbox_reg", "bbox_reg", "dense_nchw", chw=(256, 6, 6))]
 
 
 def decoder(options: dict):
@@ -129,8 +132,8 @@ def rcnn_alexnet(*, num_classes=21, input_shape=None, num_proposals=NUM_PROPOSAL
     x = layers.Dropout(dropout, name="fc7_dropout")(x)
     fc7 = layers.Dense(scaled(4096, width), activation="relu", name="fc7")(x)
     foreground = int(num_classes) - 1
-    # Zero-initialised: a detector before its SVM / regression stages scores 0 and keeps each proposal.
-    svm = layers.Dense(foreground, kernel_initializer="zeros", name="svm")(fc7)
+    # The regression zero-initialised: before its stage a detector keeps each proposal's box.
+    svm = layers.Dense(foreground, name="svm")(fc7)
     regression = layers.Dense(4 * foreground, kernel_initializer="zeros", name="bbox_reg")(pool5)
     rows = int(num_proposals)
     class_logits = PerImage(rows, name="class_logits")(BackgroundColumns(1, name="svm_scores")(svm))
