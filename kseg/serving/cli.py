@@ -1,4 +1,4 @@
-"""`kseg export` and `kseg serve`: argument parsing and printing around kseg.serving.
+"""`kseg export`, `kseg serve` and `kseg worker`: argument parsing and printing around kseg.serving.
 
 kseg/cli.py wires these in with `add_parser(subparsers)`; each handler returns the exit code.
 """
@@ -24,7 +24,7 @@ def _option(text):
 
 
 def add_parser(subparsers):
-    """Register `export` and `serve` on an argparse sub-parser collection."""
+    """Register `export`, `serve` and `worker` on an argparse sub-parser collection."""
     p = subparsers.add_parser("export", help="export a model for TensorFlow Serving (BASE/NAME/VERSION)")
     p.add_argument("model", help="a model file (any format `kseg convert` reads) or a registered model name")
     p.add_argument("--serving", required=True, metavar="BASE/NAME", help="TF Serving model directory")
@@ -53,7 +53,8 @@ def add_parser(subparsers):
     p.set_defaults(func=cmd_export)
 
     s = subparsers.add_parser("serve", help="serve BASE/NAME/VERSION models over TF Serving's REST (and gRPC) API")
-    s.add_argument("base", help="model base directory: BASE/NAME/VERSION/saved_model.pb (or BASE/VERSION/)")
+    s.add_argument("base", nargs="?", help="model base directory: BASE/NAME/VERSION/saved_model.pb (or BASE/VERSION/); "
+                                          "not read with --broker (the workers load the models)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     s.add_argument("--rest-api-port", type=int, default=8501, help="REST port (TF Serving's flag name; 0: any free)")
     s.add_argument("--port", default="auto",
@@ -66,7 +67,28 @@ def add_parser(subparsers):
     s.add_argument("--poll-seconds", type=float, default=1.0,
                    help="how often BASE is scanned for new versions (TF Serving: file_system_poll_wait_seconds)")
     s.add_argument("--ready-file", help="write {rest_url, grpc_target} here as JSON once serving")
+    s.add_argument("--broker", metavar="redis://HOST:PORT/DB",
+                   help="queue requests on this Redis for `kseg worker` processes (any number, any machine) "
+                        "instead of running the models here")
+    s.add_argument("--request-timeout", type=float, default=30.0, metavar="S",
+                   help="with --broker: answer 504 when no worker has answered within S seconds")
     s.set_defaults(func=cmd_serve)
+
+    w = subparsers.add_parser("worker", help="run BASE's models for `kseg serve --broker` front ends")
+    w.add_argument("base", help="model base directory, as for kseg serve (versions and hot reload alike)")
+    w.add_argument("--broker", required=True, metavar="redis://HOST:PORT/DB", help="the front ends' Redis")
+    w.add_argument("--max-batch-size", type=int, default=8, help="rows pulled from the queue and run at once")
+    w.add_argument("--batch-timeout-ms", type=float, default=2.0,
+                   help="after the first request, wait this long for more to fill the batch")
+    w.add_argument("--poll-seconds", type=float, default=1.0, help="how often BASE is scanned for new versions")
+    w.add_argument("--heartbeat-seconds", type=float, default=1.0,
+                   help="heartbeat period; a worker silent for 3 periods is presumed dead and its requests "
+                        "are taken over")
+    w.add_argument("--max-deliveries", type=int, default=3,
+                   help="a request taken by this many workers that died before answering gets an error instead")
+    w.add_argument("--name", help="consumer name on the broker (default HOST-PID-RANDOM)")
+    w.add_argument("--ready-file", help="write {name, pid} here as JSON once serving")
+    w.set_defaults(func=cmd_worker)
     return subparsers
 
 
@@ -122,7 +144,20 @@ def cmd_serve(args):
         except ValueError:
             print(f"kseg serve: error: --port must be a number, 'auto' or 'off', got {port!r}", file=sys.stderr)
             return cliutil.USAGE
+    if args.base is None and args.broker is None:
+        print("kseg serve: error: give a model base directory BASE, or --broker redis://... for queued serving",
+              file=sys.stderr)
+        return cliutil.USAGE
+    broker = {"broker": args.broker, "request_timeout": args.request_timeout} if args.broker else {}
     return serve(args.base, host=args.host, rest_port=args.rest_api_port, grpc_port=grpc_port,
                  max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
                  num_batch_threads=args.num_batch_threads, max_body_bytes=args.max_body_bytes,
-                 poll_seconds=args.poll_seconds, ready_file=args.ready_file)
+                 poll_seconds=args.poll_seconds, ready_file=args.ready_file, **broker)
+
+
+def cmd_worker(args):
+    from kseg.serving.worker import work
+
+    return work(args.base, args.broker, ready_file=args.ready_file, max_batch_size=args.max_batch_size,
+                batch_timeout_ms=args.batch_timeout_ms, poll_seconds=args.poll_seconds,
+                heartbeat_seconds=args.heartbeat_seconds, max_deliveries=args.max_deliveries, name=args.name)

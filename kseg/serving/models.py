@@ -17,7 +17,22 @@ from kseg.serving.signatures import Signature, read_signature_defs
 log = logging.getLogger("kseg.serving")
 
 
-class Servable:
+class ServableBase:
+    """A model version's signatures by name (Servable here, RemoteServable behind a broker)."""
+
+    name = version = None
+    signatures = {}
+
+    def signature(self, name):
+        name = name or DEFAULT_SIGNATURE
+        if name not in self.signatures:
+            raise ServingError("INVALID_ARGUMENT", f'Serving signature name: "{name}" not found in signature def '
+                                                   f"(model {self.name} version {self.version} has "
+                                                   f"{', '.join(sorted(self.signatures))})")
+        return self.signatures[name]
+
+
+class Servable(ServableBase):
     """One loaded version of a model: its signatures, batchers and in-flight request count."""
 
     def __init__(self, name, version, path, batching):
@@ -35,14 +50,6 @@ class Servable:
         self._lock = threading.Lock()
         self.inflight = 0
         self.retired = False
-
-    def signature(self, name):
-        name = name or DEFAULT_SIGNATURE
-        if name not in self.signatures:
-            raise ServingError("INVALID_ARGUMENT", f'Serving signature name: "{name}" not found in signature def '
-                                                   f"(model {self.name} version {self.version} has "
-                                                   f"{', '.join(sorted(self.signatures))})")
-        return self.signatures[name]
 
     def predict(self, signature, arrays):
         arrays, rows = signature.prepare(arrays)
@@ -194,6 +201,11 @@ class ModelManager:
         with state.lock:
             state.status[servable.version] = ("END", "OK", "")
         log.info("model %s version %d unloaded", state.name, servable.version)
+
+    def summary(self):
+        """'NAME vV, ...' of the versions served now."""
+        return ", ".join(f"{n} v{s.current.version}" for n, s in sorted(self.models.items())
+                         if s.current is not None) or "none yet"
 
     # --- requests ---
 

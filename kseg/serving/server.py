@@ -16,13 +16,16 @@ batch_timeout_ms for more, like TF Serving's batching parameters). Written on th
 library's ThreadingHTTPServer; JSON goes through orjson when it is installed (a large speed-up
 for big float outputs), else the json module.
 
+With broker="redis://HOST:PORT/DB" the same front end queues each checked request on Redis for
+`kseg worker` processes instead of running it (kseg.serving.remote, kseg.serving.worker).
+
 Example:
     >>> from kseg.serving.server import ModelServer
     >>> with ModelServer("models", rest_port=0) as server:            # doctest: +SKIP
     ...     print(server.rest_url)                                    # http://127.0.0.1:PORT
 
 This module assembles the parts: errors (ServingError), signatures, batching, models
-(ModelManager), rest (JSON and HTTP) and grpc_server; nothing imports it back.
+(ModelManager) or remote (BrokerManager), rest (JSON and HTTP) and grpc_server; nothing imports it back.
 """
 
 from __future__ import annotations
@@ -60,10 +63,15 @@ class ModelServer:
 
     def __init__(self, base, *, host="127.0.0.1", rest_port=8501, grpc_port=None, max_batch_size=8,
                  batch_timeout_ms=2.0, num_batch_threads=1, max_body_bytes=64 << 20, poll_seconds=1.0,
-                 max_queued_rows=4096, grpc_max_message_bytes=None):
-        self.manager = ModelManager(base, poll_seconds=poll_seconds, max_batch_size=max_batch_size,
-                                    batch_timeout=batch_timeout_ms / 1000.0, num_batch_threads=num_batch_threads,
-                                    max_queued_rows=max_queued_rows)
+                 max_queued_rows=4096, grpc_max_message_bytes=None, broker=None, request_timeout=30.0):
+        if broker is not None:  # queued serving: kseg worker processes run the models (kseg.serving.remote)
+            from kseg.serving.remote import BrokerManager
+
+            self.manager = BrokerManager(broker, request_timeout=request_timeout, max_queued=max_queued_rows)
+        else:
+            self.manager = ModelManager(base, poll_seconds=poll_seconds, max_batch_size=max_batch_size,
+                                        batch_timeout=batch_timeout_ms / 1000.0, num_batch_threads=num_batch_threads,
+                                        max_queued_rows=max_queued_rows)
         self.host, self.rest_port, self.grpc_port = host, rest_port, grpc_port
         self.max_body_bytes = int(max_body_bytes)
         self.grpc_max_message_bytes = grpc_max_message_bytes or max(self.max_body_bytes, 64 << 20)
@@ -220,8 +228,7 @@ def serve(base, *, host="127.0.0.1", rest_port=8501, grpc_port=8500, ready_file=
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.start()
-        models = ", ".join(f"{n} v{s.current.version}" for n, s in sorted(server.manager.models.items())
-                           if s.current is not None) or "none yet"
+        models = server.manager.summary()
         grpc = f", gRPC at {server.grpc_target}" if server.grpc_target else ""
         print(f"kseg serve: REST API at {server.rest_url}{grpc}; models: {models}", flush=True)
         if ready_file:
