@@ -28,6 +28,7 @@ ImageNet backbone weights:
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import layers
 
 from kseg.layers import BilinearUpsampling, CropToReference, Scale
@@ -114,10 +115,19 @@ def _fcn(variant, *, num_classes, input_shape, trainable_upsampling, score_initi
 
 
 def _adapt_vgg16(arrays, model, path):
-    """VGG16 ImageNet arrays -> FCN layers: convs by name, fc1/fc2 convolutionalised into fc6/fc7."""
+    """VGG16 ImageNet arrays -> FCN layers: convs by name, fc1/fc2 convolutionalised into fc6/fc7.
+
+    A trained FCN file (the previous stage: FCN-32s for FCN-16s, FCN-16s for FCN-8s) is read
+    as the paper's staged training does it (section 4.2: "initialized with the parameters of
+    the last, coarser net ... The new parameters acting on pool4 are zero-initialized so that
+    the net starts with unmodified predictions"): every layer both nets have is copied, the
+    score layers this net adds are zero.
+    """
     # Lazy import: models stay free of file handling at import time.
     from kseg.weights import WeightsMismatchError, copy_by_name
 
+    if "score_fr" in arrays:
+        return _previous_stage(arrays, model, path)
     no_fc = [n for n in ("fc1", "fc2") if n not in arrays]
     if no_fc and all(n in arrays for n in VGG16_CONV_NAMES):
         raise WeightsMismatchError(
@@ -134,6 +144,24 @@ def _adapt_vgg16(arrays, model, path):
     # (7, 7, 512, out) conv kernel; read_backbone already permuted torchvision's NCHW rows to it.
     out["fc6"] = [fc1.reshape(7, 7, 512, fc1.shape[1]), b1]
     out["fc7"] = [fc2.reshape(1, 1, *fc2.shape), b2]
+    return out
+
+
+def _previous_stage(arrays, model, path):
+    from kseg.weights import WeightsMismatchError
+
+    absent = [n for n in VGG16_CONV_NAMES + ["fc6", "fc7"] if n not in arrays]
+    if absent:
+        raise WeightsMismatchError(f"{path}: an FCN file (it has score_fr) without the layers {absent[:4]}: "
+                                   "not a kseg FCN-32s / FCN-16s to start the next stage from")
+    out = {}
+    for layer in model.layers:
+        if not layer.weights:
+            continue
+        if layer.name in arrays:
+            out[layer.name] = arrays[layer.name]
+        elif layer.name.startswith("score_"):  # the skip this stage adds
+            out[layer.name] = [np.zeros(tuple(v.shape), v.dtype) for v in layer.weights]
     return out
 
 

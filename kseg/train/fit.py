@@ -40,7 +40,7 @@ from kseg.train.inputs import (  # noqa: F401 (the dataset builders, re-exported
     eval_transform,
     input_preprocessing,
 )
-from kseg.train.optim import FusedSGD
+from kseg.train.optim import Adam, AdamW, FusedSGD
 from kseg.train.pictures import SAMPLES_FILE, plot_samples
 from kseg.train.recipes import Recipe, apply_overrides, load_recipe, soft_labels
 
@@ -83,11 +83,13 @@ def make_optimizer(recipe: Recipe, steps_per_epoch=None, total_steps=None):
     # Keras applies weight_decay to the weights directly (w -= lr * wd * w) rather than adding
     # wd * w to the gradient as Caffe does; with momentum the two differ slightly.
     wd = o.get("weight_decay") or None
+    # Caffe's per-layer lr_mult / decay_mult 0, by variable path globs (kseg.train.optim.LayerRates).
+    layers = {"lr_multipliers": o.get("lr_multipliers"), "no_weight_decay": o.get("no_weight_decay")}
     if o["name"] == "sgd":
-        return FusedSGD(lr, momentum=o.get("momentum", 0.0), weight_decay=wd)
+        return FusedSGD(lr, momentum=o.get("momentum", 0.0), weight_decay=wd, **layers)
     if o["name"] == "adam":
-        return keras.optimizers.Adam(lr, weight_decay=wd)
-    return keras.optimizers.AdamW(lr, weight_decay=wd or 0.004)
+        return Adam(lr, weight_decay=wd, **layers)
+    return AdamW(lr, weight_decay=wd or 0.004, **layers)
 
 
 def make_loss(recipe: Recipe):
@@ -289,7 +291,14 @@ def _named_backbone(recipe: Recipe, backbone_weights: str):
 
 
 def from_scratch_notice(recipe: Recipe, backbone_weights=None) -> str | None:
-    """What to tell a user who trains a recipe whose paper starts from ImageNet weights without them."""
+    """What to tell a user who trains a recipe whose paper starts from ImageNet weights (or from the
+    previous stage of a staged training) without them."""
+    if recipe.init_from and backbone_weights is None:
+        return (f"{recipe.name} starts from a trained {recipe.init_from} in its paper ({recipe.source}: "
+                f"init_from = {recipe.init_from!r}), but no weights were given: training from scratch, which will "
+                f"not reach the paper's scores. Pass --backbone-weights FILE: the {recipe.init_from} run's "
+                f"best.keras (its layers are copied by name and the layers {recipe.model} adds start at zero), "
+                f"or ImageNet weights of the backbone to skip the earlier stage.")
     if recipe.backbone_init and backbone_weights is None:
         return (f"{recipe.name} starts from an ImageNet-trained {get_spec(recipe.model).backbone or 'backbone'} in "
                 f"its paper ({recipe.source}: backbone_init = {recipe.backbone_init!r}), but no backbone weights "

@@ -25,7 +25,9 @@ _NUM = (int, float)
 SCHEMA: dict[str, dict[str, tuple]] = {
     # backbone_init: what the paper initialises the backbone from ("imagenet"): kseg train then wants
     # --backbone-weights, and says loudly that it trains from scratch without them.
-    "": {"description": (str,), "model": (str,), "backbone_init": (str,)},
+    # init_from: a staged training's previous stage (FCN-16s starts from a trained FCN-32s): kseg train
+    # then wants that run's file as --backbone-weights.
+    "": {"description": (str,), "model": (str,), "backbone_init": (str,), "init_from": (str,)},
     "model_options": {},  # builder options, checked against the builder's signature at build time
     "data": {
         "layout": (str,), "train_split": (str,), "val_split": (str,), "crop": (list,), "resize": (list,),
@@ -46,7 +48,10 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         # Fast R-CNN: the proposals file per split ("{split}" replaced), relative to the data directory
         "proposals": (str,),
     },
-    "optimizer": {"name": (str,), "learning_rate": _NUM, "momentum": _NUM, "weight_decay": _NUM},
+    # lr_multipliers: {variable path glob: factor}, the first match wins (Caffe's lr_mult); no_weight_decay:
+    # [variable path globs] (Caffe's decay_mult 0). Paths are "layer/kernel" (kseg.train.optim.LayerRates).
+    "optimizer": {"name": (str,), "learning_rate": _NUM, "momentum": _NUM, "weight_decay": _NUM,
+                  "lr_multipliers": (dict,), "no_weight_decay": (list,)},
     "schedule": {
         "kind": (str,), "step_size": (int,), "gamma": _NUM, "power": _NUM, "boundaries": (list,),
         "values": (list,), "step_unit": (str,),
@@ -105,6 +110,7 @@ class Recipe:
     training: dict
     loss: dict
     backbone_init: str | None = None
+    init_from: str | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -210,6 +216,7 @@ def load_recipe(name_or_path, overrides=None) -> Recipe:
     name = os.path.splitext(os.path.basename(path))[0]
     recipe = apply_overrides(Recipe(name=name, source=path, model=top.get("model", ""),
                                     description=top.get("description", ""), backbone_init=top.get("backbone_init"),
+                                    init_from=top.get("init_from"),
                                     **sections), overrides)
     sections = {s: getattr(recipe, s) for s in SCHEMA if s}
     for section, key in REQUIRED:
@@ -229,6 +236,12 @@ def load_recipe(name_or_path, overrides=None) -> Recipe:
             raise RecipeError(f"{path}: [schedule] kind {kind!r} needs {key}")
     if kind == "piecewise" and len(schedule["values"]) != len(schedule["boundaries"]) + 1:
         raise RecipeError(f"{path}: [schedule] piecewise needs one more value than boundaries")
+    optimizer = sections["optimizer"]
+    for pattern, factor in optimizer.get("lr_multipliers", {}).items():
+        if isinstance(factor, bool) or not isinstance(factor, _NUM) or factor < 0:
+            raise RecipeError(f"{path}: [optimizer] lr_multipliers[{pattern!r}] must be a number >= 0, got {factor!r}")
+    if not all(isinstance(p, str) for p in optimizer.get("no_weight_decay", [])):
+        raise RecipeError(f"{path}: [optimizer] no_weight_decay must be a list of variable path patterns (strings)")
     data = sections["data"]
     for section, key in (("data", "switch_prob"), ("data", "mix_prob"), ("data", "cutout"),
                          ("loss", "label_smoothing")):
