@@ -301,6 +301,39 @@ def test_requests_of_a_dead_consumer_are_retried_then_refused(clean):
     assert client.lrange(wire.result_key("late"), 0, -1) == [b"y"] and client.xlen(STREAM) == 0
 
 
+def test_a_new_version_rolls_out_as_the_worker_loads_it(clean, tmp_path):
+    env = clean
+    base = tmp_path / "models"
+    export_dir = base / "digits"
+    os.makedirs(export_dir)
+    os.symlink(env["base"] / "digits" / "1", export_dir / "1")
+    with Worker(base, env["url"], heartbeat_seconds=0.3, poll_seconds=0.2) as worker, \
+            ModelServer(None, rest_port=0, broker=env["url"]) as front, \
+            ModelServer(env["base"], rest_port=0) as local:
+        url = front.rest_url
+        wait_for(lambda: available(url), what="v1")
+        # Metadata as kseg serve reports it for the same export.
+        assert request(url, "GET", "/v1/models/digits/metadata") == request(local.rest_url, "GET",
+                                                                            "/v1/models/digits/metadata")
+        keras.utils.set_random_seed(7)
+        export(kseg.build_model("lenet5"), str(export_dir), version=2, verify=False)
+        v2 = tf.saved_model.load(str(export_dir / "2")).signatures["serving_default"]
+        expected = v2(images=env["images"][:2])["probabilities"].numpy()
+
+        def v2_serves():
+            status, body = request(url, "GET", "/v1/models/digits")
+            return status == 200 and [(v["version"], v["state"]) for v in body["model_version_status"]] == [
+                ("2", "AVAILABLE"), ("1", "END")]
+
+        wait_for(v2_serves, what="version 2 AVAILABLE, version 1 retired")
+        status, body = predict(url, env["images"][:2])
+        assert status == 200
+        np.testing.assert_allclose(body["outputs"]["probabilities"], expected, atol=2e-5)
+        status, body = predict(url, env["images"][:2], version=1)
+        assert status == 503 and "Specific(digits, 1)" in body["error"]
+        assert worker.answered == 1
+
+
 def test_kseg_serve_without_base_or_broker_is_a_usage_error():
     proc = subprocess.run([sys.executable, "-m", "kseg.cli", "serve"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and "--broker" in proc.stderr
