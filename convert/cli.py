@@ -63,11 +63,48 @@ def add_parser(subparsers):
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_verify)
 
-    p = subparsers.add_parser("inspect", help="format, metadata, inputs/outputs and parameters of a model file")
-    p.add_argument("file")
+    p = subparsers.add_parser(
+        "inspect", help="format, metadata, inputs/outputs and parameters of a model file; --features: pictures of "
+                        "its layers' feature maps for an image",
+        description="Without --features: the format, kseg metadata, inputs/outputs and parameter count of a model "
+                    "file. With --features IMAGE --out DIR: runs the image through the model (its preprocessing, "
+                    "resized to its input size when that is fixed) and writes DIR/<layer>.png for each chosen layer, "
+                    "a grid of its first --max-maps channels, each scaled to 0..255 on its own, with 1-px "
+                    "separators, and DIR/index.json (each layer's output shape, channels shown, min/max).")
+    p.add_argument("file", metavar="MODEL",
+                   help="model file; with --features also a registered model name (random weights unless --weights)")
     p.add_argument("--model", help="kseg architecture for weights-only files")
+    p.add_argument("--features", metavar="IMAGE", help="draw the feature maps this image gives (needs --out)")
+    p.add_argument("--out", metavar="DIR", help="--features: the directory for <layer>.png and index.json")
+    p.add_argument("--layers", nargs="+", metavar="NAME_OR_GLOB",
+                   help="--features: layer names or fnmatch patterns (e.g. 'block*_conv*'; quote them). Default: "
+                        "each stage's output, the last layer no skip connection passes by of every run of "
+                        "consecutive layers with one spatial size (padding, cropping and dropout layers passed over; "
+                        "1x1 maps left out)")
+    p.add_argument("--max-maps", type=_positive, default=64, metavar="N",
+                   help="--features: channels drawn per layer, the first N (default 64)")
+    p.add_argument("--weights", help="--features with a registered model name: its weights (a file or a "
+                                     "registered name, see kseg weights list)")
+    p.add_argument("--preprocessing", help="--features: the input preprocessing (caffe, torch, unit, batchnorm or "
+                                           "an architecture's name) of a file that records none")
+    p.add_argument("--input-size", type=cliutil.parse_size, metavar="HxW",
+                   help=cliutil.size_help("--features: resize the image to this (default: the model's input size "
+                                          "when fixed, else the image's own)"))
+    p.add_argument("--unsafe", action="store_true", help="allow Lambda layers (runs code stored in the file)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
+
+
+def _positive(text):
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _report_table(report, title):
@@ -145,10 +182,20 @@ def cmd_verify(args):
     return cliutil.OK if report.passed else cliutil.PROBLEMS
 
 
+# Options that only --features reads.
+FEATURE_OPTIONS = {"out": "--out", "layers": "--layers", "weights": "--weights", "preprocessing": "--preprocessing",
+                   "input_size": "--input-size"}
+
+
 def cmd_inspect(args):
+    if args.features is not None:
+        return cmd_features(args)
+    given = [flag for dest, flag in FEATURE_OPTIONS.items() if getattr(args, dest) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} go{'es' if len(given) == 1 else ''} with --features IMAGE")
     from convert.api import inspect
 
-    info = inspect(args.file, model=args.model)
+    info = inspect(args.file, model=args.model, unsafe=args.unsafe)
     if args.json:
         print(json.dumps(info, indent=1, default=str))
         return cliutil.OK
@@ -173,4 +220,37 @@ def cmd_inspect(args):
         # Text, not markup: rich would read "[null, null, null, 3]" as a style tag and drop it.
         table.add_row(*(Text(v) for v in row))
     cliutil.console().print(table)
+    return cliutil.OK
+
+
+def cmd_features(args):
+    """`kseg inspect MODEL --features IMAGE --out DIR`: feature-map pictures (convert.features)."""
+    if args.out is None:
+        raise ValueError("--features IMAGE needs --out DIR, the directory for the pictures")
+    import os
+
+    from convert.features import feature_maps
+
+    source = os.fspath(args.file)
+    index = feature_maps(source, args.features, args.out, layers=args.layers, max_maps=args.max_maps,
+                         model=args.model, weights=args.weights, preprocessing=args.preprocessing,
+                         input_size=args.input_size, unsafe=args.unsafe)
+    if args.weights is None and not (os.path.exists(source) or os.path.exists(source + ".index")):
+        print(f"kseg inspect: note: {source} was built with random weights (pass --weights for trained ones)",
+              file=sys.stderr)
+    if args.json:
+        print(json.dumps(index, indent=1))
+        return cliutil.OK
+    from rich.table import Table
+
+    size = "x".join(map(str, index["input_size"]))
+    table = Table(title=f"{source}: feature maps of {args.features} at {size}")
+    for column in ("layer", "output", "shown", "min", "max", "file"):
+        table.add_column(column, no_wrap=column != "file", overflow="fold")
+    for e in index["layers"]:
+        table.add_row(e["layer"], "x".join(map(str, e["shape"])), f"{e['channels_shown']} of {e['channels']}",
+                      f"{e['min']:.4g}", f"{e['max']:.4g}", e["file"])
+    console = cliutil.console()
+    console.print(table)
+    console.print(f"wrote {len(index['layers'])} pictures and {os.path.join(args.out, 'index.json')}")
     return cliutil.OK

@@ -78,12 +78,54 @@ def _task_names():
     return load_catalog()["tasks"]
 
 
+def _check_model_name(name):
+    """ValueError for an unregistered name (naming close matches). A name the catalogue lists needs
+    no Keras; any other is looked up in the live registry (a model added since the catalogue)."""
+    if os.path.exists(CATALOG) and any(m["name"] == name for m in load_catalog()["models"]):
+        return
+    import kseg
+
+    kseg.get_spec(name)
+
+
 def cmd_models(args):
+    if args.plot is not None:
+        return cmd_models_plot(args)
+    if args.show_shapes:
+        raise ValueError("--show-shapes goes with --plot FILE")
+    if args.name is not None:
+        _check_model_name(args.name)
     if args.run is not None:
         import kseg
 
-        return run_models(args.run or kseg.list_models(args.task))
-    cliutil.console().print(_models_table(catalog_rows(args.task), "kseg models"))
+        names = ([args.name] if args.name else []) + args.run
+        return run_models(list(dict.fromkeys(names)) or kseg.list_models(args.task))
+    rows = catalog_rows(args.task)
+    if args.name is not None:
+        rows = [row for row in rows if row[0] == args.name] or \
+            [row for row in model_rows(args.task) if row[0] == args.name]
+        if not rows:
+            raise ValueError(f"{args.name} is not a {args.task} model")
+    cliutil.console().print(_models_table(rows, "kseg models"))
+    return cliutil.OK
+
+
+def cmd_models_plot(args):
+    """`kseg models NAME --plot FILE`: the architecture drawn by keras.utils.plot_model. pydot and
+    Graphviz's dot are checked first: without them nothing is built or written (exit 3)."""
+    if args.name is None:
+        raise ValueError("--plot FILE draws one model: name it (kseg models NAME --plot FILE.png)")
+    if args.run is not None:
+        raise ValueError("--plot draws a model and --run runs models: give one of them")
+    _check_model_name(args.name)
+    from convert.features import PlotUnavailable, plot_architecture
+
+    try:  # checks the file's suffix, then pydot and dot, before Keras is imported or anything written
+        path = plot_architecture(args.name, args.plot, show_shapes=args.show_shapes, dpi=args.dpi)
+    except PlotUnavailable as e:
+        print(f"kseg: error: {e}", file=sys.stderr)
+        return cliutil.MISSING_DEPENDENCY
+    cliutil.console().print(f"wrote {path} ({args.name}, drawn by keras.utils.plot_model)")
     return cliutil.OK
 
 
@@ -220,11 +262,19 @@ def build_parser():
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("models", help="list registered models (--run: build and run them)")
+    p = sub.add_parser("models", help="list registered models (--run: build and run them; NAME --plot FILE.png: "
+                                      "draw one)")
+    p.add_argument("name", nargs="?", metavar="NAME", help="only this model (its row, --run, or --plot)")
     p.add_argument("--task", choices=_task_names())
     p.add_argument("--run", nargs="*", metavar="MODEL",
                    help="build and run these models (default: all listed) on one input and check their "
                         "parameter counts")
+    p.add_argument("--plot", metavar="FILE",
+                   help="draw NAME's architecture (default build options) into FILE (.png, .svg, .pdf, .jpg) with "
+                        "keras.utils.plot_model; needs pydot (pip install pydot) and Graphviz's dot program "
+                        "(apt install graphviz / brew install graphviz)")
+    p.add_argument("--show-shapes", action="store_true", help="--plot: each layer's input and output shapes too")
+    p.add_argument("--dpi", type=int, default=96, help="--plot: resolution of a PNG or JPEG (default 96)")
     p.set_defaults(func=cmd_models)
 
     d = sub.add_parser("demo", help="the main job: synthetic data -> train a small DeepLab-LargeFOV on the "

@@ -99,6 +99,7 @@ INSTALL = {
     "cv2": 'pip install "kseg[proposals]"  (opencv-contrib-python-headless: Selective Search)',
     "tensorflow_serving": 'pip install --no-deps "tensorflow-serving-api~=2.21.0"',
     "grpc": "pip install grpcio",
+    "pydot": 'pip install "kseg[plot]"  (kseg models --plot also needs Graphviz: apt install graphviz)',
 }
 
 _NO_MODULE = re.compile(r"No module named '([\w.]+)'")

@@ -129,12 +129,17 @@ class TorchMapping:
     (C, H, W) map: torchvision flattens NCHW, Keras NHWC, so rows are permuted) or
     "vector" (the prefix is itself the key of a 1-D parameter, the layer's only weight,
     e.g. SSD's `backbone.scale_weight`).
+
+    input_scale (kind "bn"): the Keras layer's inputs are the torch module's times this (an input
+    BatchNorm fed 0..255 pixels where the module was fed 0..1: 255); its running statistics are
+    scaled to match (mean x s, variance x s^2; the Keras layer's epsilon is the module's x s^2).
     """
 
     prefix: str
     layer: str
     kind: str
     chw: tuple[int, int, int] | None = None
+    input_scale: float = 1.0
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

@@ -185,6 +185,8 @@ def _torch_key(prefix, suffix):
 
 def _convert(array, entry: TorchMapping, index: int) -> np.ndarray:
     a = np.asarray(array, dtype=np.float32)
+    if entry.kind == "bn" and index >= 2 and entry.input_scale != 1.0:  # running mean, running variance
+        return a * np.float32(entry.input_scale ** (index - 1))
     if index != 0 or entry.kind in ("bn", "vector"):
         return a
     if entry.kind == "conv":
@@ -213,6 +215,8 @@ def keras_to_torch(model, table: list[TorchMapping]) -> dict[str, np.ndarray]:
                 a = a.transpose(3, 2, 0, 1)
             elif i == 0 and entry.kind == "dense":
                 a = a.T
+            elif i >= 2 and entry.kind == "bn" and entry.input_scale != 1.0:
+                a = a / np.float32(entry.input_scale ** (i - 1))
             elif i == 0 and entry.kind == "dense_nchw":
                 c, h, w = entry.chw
                 a = a.reshape(h, w, c, -1).transpose(3, 2, 0, 1).reshape(-1, c * h * w)

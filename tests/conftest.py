@@ -22,9 +22,10 @@ BIG_MODEL_PARAMS = 50_000_000
 # Their .keras round trip (13-19 s each on 2 cores) repeats a sibling's layers at a larger size:
 # fcn8s covers the FCN variants' VGG trunk, crops and deconvolutions, the ResNet50 models the
 # 101-layer ones, alexnet rcnn_alexnet's trunk (tests/test_rcnn.py saves and reloads a small R-CNN
-# with its warp). They run in the slow set.
+# with its warp) and fcn_alexnet's (with fcn8s' crops and deconvolutions), segnet segnet_tutorial's
+# argmax pooling and BatchNorms. They run in the slow set.
 SIBLING_COVERED = {"fcn16s", "fcn32s", "fcn8s_atonce", "deeplab_largefov_resnet101", "fcn_resnet101", "resnet101",
-                   "faster_rcnn_resnet101_c4", "rcnn_alexnet"}
+                   "faster_rcnn_resnet101_c4", "rcnn_alexnet", "fcn_alexnet", "segnet_tutorial"}
 
 
 # Exporting a plainly saved model to TF Serving (test_models.py) traces and verifies four

@@ -12,7 +12,7 @@ from kseg.tasks import TASKS, get_task
 
 
 def test_every_registered_model_names_a_known_task():
-    assert set(TASKS) == {"classification", "segmentation", "edges", "detection"}
+    assert set(TASKS) == {"classification", "segmentation", "edges", "detection", "skeleton"}
     for name in kseg.list_models():
         assert kseg.get_spec(name).task_object is TASKS[kseg.get_spec(name).task]
 

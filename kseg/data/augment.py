@@ -44,7 +44,7 @@ class SegmentationAugment:
     scale: random rescale factor range, or None. crop: output (height, width) of the random
     crop (padded first when the scaled image is smaller), or None to keep the scaled size.
     flip: random horizontal flip with probability 0.5. brightness: max shift as a fraction
-    of 255; contrast / saturation: factor drawn from [1 - x, 1 + x]; hue: max shift as a
+    of 255; contrast / saturation: factor drawn from [max(0, 1 - x), 1 + x]; hue: max shift as a
     fraction of the colour circle. 0 disables a jitter.
     """
 
@@ -120,9 +120,11 @@ class ClassificationAugment:
 
 
 def _check_jitter(aug):
-    for name in ("brightness", "contrast", "saturation"):
-        if not 0 <= getattr(aug, name) < 1:
-            raise ValueError(f"{name} must be in [0, 1), got {getattr(aug, name)}")
+    if not 0 <= aug.brightness < 1:
+        raise ValueError(f"brightness must be in [0, 1), got {aug.brightness}")
+    for name in ("contrast", "saturation"):  # >= 1 reaches a factor of 0 (gray), as torchvision allows
+        if getattr(aug, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(aug, name)}")
     if not 0 <= aug.hue <= 0.5:
         raise ValueError(f"hue must be in [0, 0.5], got {aug.hue}")
 
@@ -210,14 +212,20 @@ def apply_affine(image, affine):
     return tf.reshape(flat, tf.shape(image))
 
 
+def _factor(u, x):
+    """A factor uniform in [max(0, 1 - x), 1 + x] (torchvision's ColorJitter range) from u in [-1, 1]."""
+    lo = max(0.0, 1.0 - x)
+    return lo + (u + 1.0) * (0.5 * (1.0 + x - lo))
+
+
 def _jitter(image, u, aug, affine=None):
     if not (aug.brightness or aug.contrast or aug.saturation or aug.hue):
         return apply_affine(image, affine)
     channels = image.shape[-1]
     b = u[0] * (aug.brightness * 255.0)
-    c = 1.0 + u[1] * aug.contrast
+    c = _factor(u[1], aug.contrast)
     if channels == 3:
-        s = 1.0 + u[2] * aug.saturation
+        s = _factor(u[2], aug.saturation)
         theta = u[3] * (aug.hue * 2.0 * np.pi)
         cos, sin = tf.cos(theta), tf.sin(theta)
         weights = tf.stack([1.0, s, cos, s * cos, sin, s * sin])

@@ -30,8 +30,9 @@ def add_parser(subparsers):
                    help=cliutil.size_help("image size (default 128)", 16))
     p.add_argument("--band", type=int, default=1, help="boundary band radius in pixels, 0 for none (default 1)")
     p.add_argument("--max-shapes", type=int, default=4)
-    p.add_argument("--task", default="segmentation", choices=["segmentation", "detection"],
-                   help="segmentation (SegmentationClass PNGs) or detection (Annotations XML, ImageSets/Main)")
+    p.add_argument("--task", default="segmentation", choices=["segmentation", "detection", "skeleton"],
+                   help="segmentation (SegmentationClass PNGs), detection (Annotations XML, ImageSets/Main) or "
+                        "skeleton (the SK-LARGE layout: images/, groundTruth/*.mat with symmetry and edge)")
     p.add_argument("--proposals", action="store_true",
                    help="--task detection: also write Selective Search's boxes of each split to "
                         "DIR/selective_search_{train,val}.npz (for detectors that take proposals; needs "
@@ -108,6 +109,12 @@ def cmd_synth(args) -> int:
     table = Table(title=f"kseg synthetic dataset: {args.dir}")
     table.add_column("")
     table.add_column("")
+    if args.task == "skeleton":
+        for key in ("seed", "train", "val", "size", "skeleton_pixels"):
+            table.add_row(key, "x".join(map(str, info[key])) if key == "size" else str(info[key]))
+        console.print(table)
+        console.print(f"read it with kseg.data.skeleton.sk_large({args.dir!r}, 'train')")
+        return 0
     for key in ("seed", "train", "val", "size", "boxes" if detection else "band", "classes"):
         value = info[key]
         table.add_row(key, "x".join(map(str, value)) if key == "size" else

@@ -179,6 +179,30 @@ def list_edges(list_file, root=None) -> Source:
                   ("edge",), problems)
 
 
+def list_skeleton(root, split="train") -> Source:
+    """SK-LARGE / SK-SMALL (SK506): images/<split>/*.jpg and groundTruth/<split>/*.mat matched by stem.
+
+    Each .mat holds `symmetry` (the skeleton) and `edge` (the object boundary); kseg.data.skeleton
+    reads them into scale maps.
+    """
+    root = os.fspath(root)
+    folders = [os.path.join(root, sub, split) for sub in ("images", "groundTruth")]
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{folder}: folder not found; expected the SK-LARGE layout "
+                                    f"(images/{split}/*.jpg, groundTruth/{split}/*.mat)")
+    image_files = _by_stem(folders[0], IMAGE_EXTENSIONS)
+    mat_files = _by_stem(folders[1], (".mat",))
+    problems = [(p, "image has no groundTruth .mat with the same stem") for s, p in image_files.items()
+                if s not in mat_files]
+    problems += [(p, "groundTruth .mat has no image with the same stem") for s, p in mat_files.items()
+                 if s not in image_files]
+    stems = [s for s in image_files if s in mat_files]
+    spec = LabelSpec("skeleton", 2, expected="a .mat with `symmetry` (skeleton) and `edge` (boundary) maps")
+    return Source([image_files[s] for s in stems], [mat_files[s] for s in stems], spec, ("background", "skeleton"),
+                  problems)
+
+
 def _by_stem(folder, extensions) -> dict[str, str]:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: folder not found")
@@ -319,6 +343,7 @@ LAYOUTS = {
     "folder": list_folder,
     "classification": list_classification,
     "classification_list": list_classification_list,
+    "skeleton": list_skeleton,
 }
 
 

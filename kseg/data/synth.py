@@ -17,6 +17,10 @@ Annotations/<id>.xml per image with each shape's class name and tight box, read 
 kseg.data.voc_detection with the classes.txt written next to it. proposals=True (`--proposals`)
 adds Selective Search's boxes of the train and val splits (selective_search_{split}.npz, kseg.data.proposals)
 for detectors that take proposals (a recipe's `[data] proposals = "selective_search_{split}.npz"`).
+
+With task="skeleton" (`--task skeleton`) each shape region's medial axis and contour are written in
+the SK-LARGE layout (kseg.data.skeleton), read by kseg.data.skeleton.sk_large with each skeleton
+point's distance to the boundary as its scale.
 """
 
 from __future__ import annotations
@@ -136,15 +140,25 @@ def make_synthetic(root, *, seed: int = 0, train: int = 200, val: int = 50, size
     root/JPEGImages/synth_NNNNN.jpg, root/SegmentationClass/synth_NNNNN.png (palette PNGs),
     root/ImageSets/Segmentation/{train,val,trainval}.txt, root/classes.txt, root/synth.json.
     task="detection" writes the detection layout instead (make_synthetic_detection; band unused;
-    proposals=True adds the Selective Search files).
+    proposals=True adds the Selective Search files); task="skeleton" the shapes' skeletons in the
+    SK-LARGE layout (kseg.data.skeleton.write_skeleton_set: images/ and groundTruth/ .mat with
+    `symmetry` and `edge`, splits train and val; band unused).
     """
     if task == "detection":
         return make_synthetic_detection(root, seed=seed, train=train, val=val, size=size, max_shapes=max_shapes,
                                         quality=quality, proposals=proposals, progress=progress)
-    if task != "segmentation":
-        raise ValueError(f"task must be 'segmentation' or 'detection', got {task!r}")
+    if task not in ("segmentation", "skeleton"):
+        raise ValueError(f"task must be 'segmentation', 'detection' or 'skeleton', got {task!r}")
     if proposals:
         raise ValueError("proposals (Selective Search boxes) go with task='detection' (--task detection)")
+    if task == "skeleton":
+        from kseg.data.skeleton import write_skeleton_set
+
+        size = _check_options(size, train, val)
+        info = {"dataset": "kseg synthetic skeletons", "seed": seed, "train": train, "val": val, "size": list(size),
+                "max_shapes": max_shapes, "quality": quality, "classes": list(SYNTH_CLASSES)}
+        samples = (render(seed, i, size, 0, max_shapes) for i in range(train + val))
+        return write_skeleton_set(root, samples, train=train, quality=quality, info=info)
     size = _check_options(size, train, val)
     root = os.fspath(root)
     for sub in ("JPEGImages", "SegmentationClass", os.path.join("ImageSets", "Segmentation")):

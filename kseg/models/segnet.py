@@ -48,15 +48,31 @@ CFGS = {
         decoder_relu=False,
         use_bias=False,
     ),
+    # The Oxford-IIIT Pet tutorial's net (see segnet_tutorial): 4 stages, no biases, BatchNorm and
+    # ReLU after every conv, the last decoder conv (to the classes) included; PyTorch's BatchNorm.
+    "tutorial": dict(
+        encoder=[[64, 64], [128, 128], [256, 256, 256], [512, 512, 512]],
+        decoder=[[512, 512, 256], [256, 256, 128], [128, 64], [64, None]],  # None: num_classes
+        kernel_size=3,
+        classifier_kernel_size=None,  # no separate classifier: the last decoder conv is it
+        decoder_relu=True,
+        use_bias=False,
+        batchnorm=dict(epsilon=1e-5, momentum=0.9),  # torch.nn.BatchNorm2d's eps 1e-5, momentum 0.1
+        # The tutorial feeds ToTensor's 0..1 to its input BatchNorm; kseg feeds 0..255 (no rescaling in
+        # front of the net, which graph optimisers fold differently from eager runs, flipping argmax
+        # pooling ties): the same BatchNorm in 255x units, eps 1e-5 * 255^2 (tutorial_torch_map scales
+        # the statistics).
+        input_batchnorm=dict(epsilon=1e-5 * 255.0 ** 2, momentum=0.9),
+    ),
 }
 
 
-def _conv_bn(x, filters, kernel_size, name, *, relu, use_bias):
+def _conv_bn(x, filters, kernel_size, name, *, relu, use_bias, batchnorm=None):
     # The paper initialises encoder and decoder with He et al.'s method (Caffe's "msra").
     x = layers.Conv2D(
         filters, kernel_size, padding="same", use_bias=use_bias, kernel_initializer="he_normal", name=name
     )(x)
-    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    x = layers.BatchNormalization(name=f"{name}_bn", **(batchnorm or {}))(x)
     if relu:
         x = layers.ReLU(name=f"{name}_relu")(x)
     return x
@@ -68,7 +84,9 @@ def _segnet(cfg, *, num_classes, input_shape, input_bn, name, width=1.0):
     inputs = model_input(input_shape, (None, None, 3))
     if input_bn not in (True, False):
         raise ValueError(f"input_bn must be True or False, got {input_bn!r}")
-    x = layers.BatchNormalization(name="input_bn")(inputs) if input_bn else inputs
+    batchnorm = cfg.get("batchnorm")
+    x = layers.BatchNormalization(name="input_bn", **cfg.get("input_batchnorm", batchnorm or {}))(inputs) \
+        if input_bn else inputs
 
     # === Encoder ===
     stages = []  # (pre-pool tensor, argmax) per stage, for the decoder
@@ -76,7 +94,7 @@ def _segnet(cfg, *, num_classes, input_shape, input_bn, name, width=1.0):
         for c, filters in enumerate(convs, start=1):
             x = _conv_bn(
                 x, scaled(filters, width), cfg["kernel_size"], f"block{b}_conv{c}", relu=True,
-                use_bias=cfg["use_bias"]
+                use_bias=cfg["use_bias"], batchnorm=batchnorm
             )
         # "same" padding pools odd sizes in ceil mode (the Caffe model's upsample_h/w);
         # the unpool takes its output size from the pre-pool tensor, so every input size,
@@ -92,12 +110,15 @@ def _segnet(cfg, *, num_classes, input_shape, input_bn, name, width=1.0):
         for j, filters in enumerate(convs, start=1):
             x = _conv_bn(
                 x,
-                scaled(filters, width),
+                num_classes if filters is None else scaled(filters, width),
                 cfg["kernel_size"],
                 f"decoder{i}_conv{j}",
                 relu=cfg["decoder_relu"],
                 use_bias=cfg["use_bias"],
+                batchnorm=batchnorm,
             )
+    if cfg["classifier_kernel_size"] is None:
+        return keras.Model(inputs, x, name=name)
     # Logits: the paper's "trainable soft-max classifier" is this conv plus the loss's softmax.
     outputs = layers.Conv2D(
         num_classes,
@@ -184,3 +205,57 @@ def segnet_basic(*, num_classes=11, input_shape=None, input_bn=False, width=1.0)
         "basic", num_classes=num_classes, input_shape=input_shape, input_bn=input_bn, name="segnet_basic",
         width=width,
     )
+
+
+TUTORIAL = ("the Oxford-IIIT Pet SegNet tutorial in PyTorch (its ImageSegmentation module), after "
+            "Badrinarayanan, Kendall & Cipolla, TPAMI 2017")
+
+
+def tutorial_torch_map():
+    """The tutorial module's state_dict keys: bn_input, dc1..dc4 (DownConv2/3) and uc4..uc1 (UpConv3/2),
+    each a `seq` of Conv2d(bias=False), BatchNorm2d, ReLU."""
+    from kseg.registry import TorchMapping
+
+    table = [TorchMapping("bn_input", "input_bn", "bn", input_scale=255.0)]
+    stages = [("dc", f"block{b}_conv", n, b) for b, n in ((1, 2), (2, 2), (3, 3), (4, 3))]
+    stages += [("uc", f"decoder{i}_conv", n, i) for i, n in ((4, 3), (3, 3), (2, 2), (1, 2))]
+    for prefix, name, convs, stage in stages:
+        for c in range(convs):
+            table.append(TorchMapping(f"{prefix}{stage}.seq.{3 * c}", f"{name}{c + 1}", "conv"))
+            table.append(TorchMapping(f"{prefix}{stage}.seq.{3 * c + 1}", f"{name}{c + 1}_bn", "bn"))
+    return table
+
+
+@register_model(
+    "segnet_tutorial",
+    task="segmentation",
+    paper=TUTORIAL,
+    input_shape=(128, 128, 3),
+    num_classes=3,
+    # Raw 0..255 pixels into the net's own input BatchNorm (the tutorial's ToTensor 0..1 is folded in it).
+    preprocessing="batchnorm",
+    # 15,274,892 trainable (convs 15,265,152 without biases + 2 x 4,870 BatchNorm scales and
+    # offsets) + 9,740 BatchNorm statistics; the tutorial prints 15.27M trainable.
+    params=15_284_632,
+    torch_map=tutorial_torch_map,
+)
+def segnet_tutorial(*, num_classes=3, input_shape=None, width=1.0):
+    """SegNet as the Oxford-IIIT Pet tutorial builds it: a 4-stage SegNet for 128x128 pets.
+
+    An input BatchNorm instead of normalisation (`input_bn`), encoder stages of 64-128-256-512
+    filters with 2, 2, 3, 3 convs, argmax pooling, a mirrored decoder unpooling with the indices,
+    3x3 convs without bias each followed by BatchNorm and ReLU, the last one (to the 3 trimap
+    classes: pet, background, border) included, so the logits are >= 0 as in the tutorial
+    (its cross-entropy sees them after that ReLU). PyTorch's BatchNorm settings (eps 1e-5,
+    momentum 0.1) and the tutorial's module names (`tutorial_torch_map`) load its state_dict
+    exactly. Inputs are raw 0..255 RGB (preprocessing "batchnorm"): the tutorial's ToTensor
+    scaling to 0..1 lives in `input_bn`'s statistics and epsilon, 255 and 255^2 times its own.
+    The tutorial pools in floor mode; kseg in ceil mode, the same on its 128x128 (and every
+    even-by-16) input. `width` scales every conv but the last (rounded, at least 8).
+
+        >>> import kseg
+        >>> kseg.build_model("segnet_tutorial").count_params()        # 15,274,892 of them trainable
+        15284632
+    """
+    return _segnet("tutorial", num_classes=num_classes, input_shape=input_shape, input_bn=True,
+                   name="segnet_tutorial", width=width)

@@ -16,8 +16,9 @@ from kseg.tasks.classification import CLASSIFICATION
 from kseg.tasks.detection import DETECTION
 from kseg.tasks.edges import EDGES
 from kseg.tasks.segmentation import SEGMENTATION
+from kseg.tasks.skeleton import SKELETON
 
-TASKS: dict[str, Task] = {t.name: t for t in (CLASSIFICATION, SEGMENTATION, EDGES, DETECTION)}
+TASKS: dict[str, Task] = {t.name: t for t in (CLASSIFICATION, SEGMENTATION, EDGES, DETECTION, SKELETON)}
 
 
 def get_task(name) -> Task:

@@ -29,6 +29,9 @@ def add_parser(subparsers):
                         "trains from scratch and says so")
     p.add_argument("--precision", default="float32", choices=("float32", "mixed_float16", "mixed_bfloat16"))
     p.add_argument("--xla", action="store_true", help="compile train steps with XLA (jit_compile)")
+    p.add_argument("--gif", type=int, nargs="?", const=21, metavar="N",
+                   help="after every epoch, add a frame to OUT/predictions.gif: N validation images (default 21), "
+                        "their ground truth and the predictions (segmentation and edges)")
     p.set_defaults(func=cmd_train)
 
     return subparsers
@@ -51,7 +54,7 @@ def cmd_train(args):
             warnings.simplefilter("ignore", FromScratchWarning)  # said above
             result = train(recipe, args.data, args.out, epochs=args.epochs, batch_size=args.batch_size,
                            overrides=values, precision=args.precision, jit_compile=args.xla,
-                           backbone_weights=args.backbone_weights)
+                           backbone_weights=args.backbone_weights, gif=args.gif)
     except (RecipeError, TrainingSetupError) as e:
         return cliutil.fail(e, "kseg train")
     score = result["val_score"]

@@ -41,7 +41,7 @@ from kseg.train.inputs import (  # noqa: F401 (the dataset builders, re-exported
     input_preprocessing,
 )
 from kseg.train.optim import Adam, AdamW, FusedSGD
-from kseg.train.pictures import SAMPLES_FILE, plot_samples
+from kseg.train.pictures import GIF_FILE, SAMPLES_FILE, plot_samples, prediction_gif
 from kseg.train.recipes import Recipe, apply_overrides, load_recipe, soft_labels
 
 
@@ -309,7 +309,7 @@ def from_scratch_notice(recipe: Recipe, backbone_weights=None) -> str | None:
 
 def train(recipe, data_dir, out_dir, *, epochs=None, batch_size=None, overrides=None, strategy=None,
           precision="float32", jit_compile=False, steps_per_epoch=None, init=None, verbose="auto",
-          tensorboard="auto", extra_callbacks=(), backbone_weights=None):
+          tensorboard="auto", extra_callbacks=(), backbone_weights=None, gif=None):
     """Train a recipe's model on data_dir, writing checkpoints and logs to out_dir; returns a summary dict.
 
     Running the same call again after an interruption resumes from the last completed epoch.
@@ -317,8 +317,12 @@ def train(recipe, data_dir, out_dir, *, epochs=None, batch_size=None, overrides=
     backbone_weights: ImageNet weights of the backbone (kseg.build_model's backbone_weights=: a file, or
     a registered name such as "imagenet", whose preprocessing the data then gets), as the recipe's
     paper starts from; without them a recipe with backbone_init warns.
+    gif: draw out_dir/predictions.gif, the predictions on this many validation images after every
+    epoch (kseg.train.pictures.prediction_gif; dense tasks).
     """
     overrides = dict(overrides or {})
+    if gif is not None and gif < 1:
+        raise TrainingSetupError(f"--gif N draws N validation images per epoch: N must be >= 1, got {gif}")
     if epochs is not None:
         overrides["training.epochs"] = int(epochs)
     if batch_size is not None:
@@ -390,6 +394,13 @@ def train(recipe, data_dir, out_dir, *, epochs=None, batch_size=None, overrides=
         return tuple(y[n] for n in names) if renamed and isinstance(y, dict) else y
 
     fit_train, fit_val = (ds.map(lambda x, y: (x, fit_targets(y))) for ds in (train_ds, val_ds))
+    if gif is not None:
+        try:
+            drawn = prediction_gif(model, val_ds, os.path.join(out_dir, GIF_FILE), count=gif,
+                                   preprocessing=input_preprocessing(recipe))
+        except ValueError as e:
+            raise TrainingSetupError(str(e)) from None
+        extra_callbacks = [*extra_callbacks, drawn]
     start = time.perf_counter()
     # shuffle=False: kseg's readers shuffle (seeded); Keras only warns that it ignores shuffle=True.
     with _naming_undecodable(recipe, data_dir):

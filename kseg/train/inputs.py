@@ -56,10 +56,11 @@ def datasets(recipe: Recipe, data_dir, *, batch_size=None, seed=0):
     prep = input_preprocessing(recipe)
     crop = d.get("crop") or None
     scale = d.get("scale") or None
-    jitter = 0.0 if not d.get("color_jitter") else None
     aug_kwargs = dict(crop=crop, scale=scale, flip=d.get("flip", False))
-    if jitter is not None:
+    if not d.get("color_jitter"):
         aug_kwargs.update(brightness=0, contrast=0, saturation=0, hue=0)
+    else:  # the recipe's own ranges where it gives them, SegmentationAugment's defaults otherwise
+        aug_kwargs.update({k: d[k] for k in ("brightness", "contrast", "saturation", "hue") if k in d})
     augment = kd.SegmentationAugment(**aug_kwargs)
     common = dict(preprocessing=prep, resize=d.get("resize") or None, pad_to=d.get("pad_to") or None)
     split = (lambda s: s) if layout != "folder" else None

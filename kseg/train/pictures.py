@@ -1,6 +1,7 @@
 """Pictures of a training run: samples.png (image / ground truth / prediction rows for dense
-tasks; images with their true and predicted class for classifiers). Needs matplotlib, an
-optional dependency: without it nothing is drawn and a note says why.
+tasks; images with their true and predicted class for classifiers; needs matplotlib, an optional
+dependency: without it nothing is drawn and a note says why) and predictions.gif (`kseg train
+--gif N`: one frame per epoch of N validation images, drawn with PIL).
 """
 
 from __future__ import annotations
@@ -135,3 +136,119 @@ def _plot_edge_samples(plt, model, task, dataset, path, count, prep):
             axes[r, c].axis("off")
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+GIF_FILE = "predictions.gif"
+
+
+def prediction_gif(model, dataset, path, *, count=21, columns=7, preprocessing=None, palette=None, seconds=0.8):
+    """A Keras callback that writes `path` (predictions.gif): one frame per epoch showing `count`
+    images of `dataset` in three panels, the images, their ground truth and the model's prediction
+    (label maps in colour; edge maps in grey), `columns` per row, and the epoch's validation
+    figures as the title. The file is rewritten atomically after each epoch; a resumed run keeps
+    the frames of the epochs it resumes after. Dense tasks only (one prediction per pixel).
+    """
+    import keras
+
+    task = task_of(model)
+    if not task.dense:
+        raise ValueError(f"--gif draws per-pixel predictions; {model.name} is a {task.name} model (one prediction "
+                         "per image): see samples.png instead")
+    prep = resolve_preprocessing(preprocessing)
+    if dataset.element_spec[0].shape.rank == 4:
+        dataset = dataset.unbatch()
+    examples = list(dataset.take(count))
+    if not examples:
+        raise ValueError(f"--gif: the validation set is empty, nothing to draw in {path}")
+    inputs = np.stack([np.asarray(x) for x, _ in examples])
+    shown = [np.clip(_unpreprocess(x, prep), 0, 255).astype(np.uint8) for x in inputs]
+    shown = [np.repeat(s, 3, axis=-1) if s.shape[-1] == 1 else s for s in shown]
+    edges = task.target_kind == "edge_map"
+    head = task.head(list(model.output_names), identify(model).options)
+
+    def picture(target):
+        target = np.asarray(target)
+        target = target[..., 0] if target.ndim == 3 else target
+        if edges:
+            grey = (255 - np.clip(target * 255.0, 0, 255)).astype(np.uint8)  # edges dark on white
+            return np.repeat(grey[..., None], 3, axis=-1)
+        return colorize(target.astype(np.int64), palette)
+
+    truth = [picture(y) for _, y in examples]
+
+    def predictions():
+        outputs = model(inputs, training=False)
+        if edges:
+            return [picture(p) for p in task.edge_map(outputs, head)]
+        return [picture(np.argmax(np.asarray(p), axis=-1)) for p in task.main_output(outputs, model.output_names)]
+
+    class _Gif(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.frames = _read_frames(path)
+            self.first = True
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if self.first:  # resumed after `epoch` epochs: keep their frames only
+                self.frames, self.first = self.frames[:epoch], False
+
+        def on_epoch_end(self, epoch, logs=None):
+            figures = ", ".join(f"{k} {v:.3f}" for k, v in sorted((logs or {}).items())
+                                if k.startswith("val_") and isinstance(v, (int, float)))
+            title = f"epoch {epoch + 1}" + (f": {figures}" if figures else "")
+            self.frames.append(_frame([shown, truth, predictions()], ["image", "ground truth", "prediction"],
+                                      columns, title))
+            _write_gif(self.frames, path, seconds)
+
+    return _Gif()
+
+
+def _grid(pictures, columns, gap=2):
+    h, w = max(p.shape[0] for p in pictures), max(p.shape[1] for p in pictures)
+    rows = -(-len(pictures) // columns)
+    out = np.full((rows * (h + gap) + gap, columns * (w + gap) + gap, 3), 255, np.uint8)
+    for i, p in enumerate(pictures):
+        r, c = divmod(i, columns)
+        top, left = gap + r * (h + gap), gap + c * (w + gap)
+        out[top:top + p.shape[0], left:left + p.shape[1]] = p
+    return out
+
+
+def _frame(panels, names, columns, title, line=14):
+    from PIL import Image, ImageDraw
+
+    grids = [_grid(p, min(columns, len(p))) for p in panels]
+    width = max(g.shape[1] for g in grids)
+    height = line + sum(g.shape[0] + line for g in grids)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, 1), title, fill="black")
+    y = line
+    for name, grid in zip(names, grids):
+        draw.text((2, y + 1), name, fill="black")
+        canvas.paste(Image.fromarray(grid), (0, y + line))
+        y += line + grid.shape[0]
+    return canvas
+
+
+def _read_frames(path):
+    import os
+
+    from PIL import Image, ImageSequence
+
+    if not os.path.isfile(path):
+        return []
+    with Image.open(path) as gif:
+        return [frame.convert("RGB") for frame in ImageSequence.Iterator(gif)]
+
+
+def _write_gif(frames, path, seconds):
+    import os
+
+    tmp = f"{path}.{os.getpid()}.tmp.gif"
+    try:
+        frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=int(seconds * 1000), loop=0)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

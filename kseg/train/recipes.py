@@ -32,6 +32,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "data": {
         "layout": (str,), "train_split": (str,), "val_split": (str,), "crop": (list,), "resize": (list,),
         "pad_to": (list,), "scale": (list,), "flip": (bool,), "color_jitter": (bool,), "preprocessing": (str,),
+        # dense tasks' colour jitter ranges with color_jitter = true (kseg.data.SegmentationAugment): brightness
+        # shift x 255, contrast / saturation factor in [max(0, 1 - x), 1 + x] as torchvision's, hue turn
+        "brightness": _NUM, "contrast": _NUM, "saturation": _NUM, "hue": _NUM,
         # classifiers' evaluation transform: shorter side resized to eval_resize, centre eval_crop
         "eval_resize": (int,), "eval_crop": (int, list), "interpolation": (str,),
         # classifiers' batch mixing: Beta(alpha, alpha) MixUp / CutMix, CutMix's share of the mixed
