@@ -32,6 +32,10 @@ SIBLING_COVERED = {"fcn16s", "fcn32s", "fcn8s_atonce", "deeplab_largefov_resnet1
 # signatures; the default suite does it for the models up to this size (their layers: every kind the
 # bigger ones hold, segnet_basic's unpooling, deeplab's dilations, hed's crops), the slow set for all.
 EXPORT_DEFAULT_PARAMS = 22_000_000
+# ... and not these, whose serving signatures a sibling's export exercises in the default suite (segnet_basic:
+# argmax unpooling; hed: crops, deconvolutions and the edge signatures fsds' skeleton_images follows, tested on
+# its own in tests/test_fsds.py).
+EXPORT_SIBLING_COVERED = {"fsds", "segnet_tutorial"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m "not slow" deselects
@@ -39,7 +43,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         callspec = getattr(item, "callspec", None)
         if item.originalname == "test_plain_keras_save_exports_with_no_flags" and callspec:
-            if kseg.get_spec(callspec.params["built"]).params > EXPORT_DEFAULT_PARAMS:
+            name = callspec.params["built"]
+            if kseg.get_spec(name).params > EXPORT_DEFAULT_PARAMS or name in EXPORT_SIBLING_COVERED:
                 item.add_marker(pytest.mark.slow)
             continue
         if item.originalname != "test_save_and_reload" or not callspec:
