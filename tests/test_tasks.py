@@ -91,5 +91,6 @@ def test_evaluate_scores_edges_on_the_fused_map():
     expected = {**edge_ods_ois(list(fuse[..., 0]), list(truth[..., 0])), "output": "fuse"}
     assert scores.pop("images") == 2
     assert scores.pop("ois_thresholds") == expected.pop("ois_thresholds") and scores.pop("output") == "fuse"
+    assert scores.pop("protocol").startswith("BSDS benchmark: NMS")
     expected.pop("output")
     assert scores == pytest.approx(expected, rel=1e-6)

@@ -7,6 +7,9 @@
     det = kseg.data.voc_detection("VOCdevkit/VOC2007", "trainval", size=(300, 300), batch_size=32)
     # (images, {"boxes": [B, 100, 4] xyxy px, "classes": [B, 100] (-1 pad), "difficult", "image_shape"})
 
+    sk = kseg.data.sk_large("SK-LARGE", "train", flip=True, batch_size=1, preprocessing="fsds")
+    # (images, radius float32 [B, H, W, 1]: each skeleton pixel's distance to the boundary, 0 elsewhere)
+
 A dataset knows no network: this package imports kseg.registry (for preprocessing specs)
 but never kseg.models, kseg.train or kseg.cli.
 
@@ -56,9 +59,11 @@ _LAZY = {
     "tfrecord": "readers",
     "voc": "readers",
     "write_tfrecord": "readers",
+    "sk_large": "skeleton",
+    "skeleton_splits": "skeleton",
 }
-_SUBMODULES = {"augment", "check", "cli", "decode", "detection", "layouts", "palette", "pipeline", "readers", "spec",
-               "synth"}
+_SUBMODULES = {"augment", "check", "cli", "decode", "detection", "layouts", "palette", "pipeline", "readers",
+               "skeleton", "spec", "synth"}
 
 if TYPE_CHECKING:  # for static tools; at run time these load lazily
     from kseg.data.augment import ClassificationAugment, SegmentationAugment  # noqa: F401
@@ -95,6 +100,7 @@ if TYPE_CHECKING:  # for static tools; at run time these load lazily
         voc,
         write_tfrecord,
     )
+    from kseg.data.skeleton import sk_large, skeleton_splits  # noqa: F401
     from kseg.data.synth import SYNTH_CLASSES, make_synthetic, make_synthetic_detection  # noqa: F401
 
 
@@ -118,6 +124,7 @@ __all__ = [
     "check_dataset", "classification_folder", "classification_list", "coco_detection", "colorize", "edges",
     "folder", "list_coco", "list_source", "list_voc_detection",
     "make_synthetic", "make_synthetic_detection", "overlay", "pets", "read_label", "resolve_preprocessing",
-    "rgb_to_index", "sbd", "synthetic", "tfrecord", "voc", "voc_detection", "voc_palette", "write_label",
+    "rgb_to_index", "sbd", "sk_large", "skeleton_splits", "synthetic", "tfrecord", "voc", "voc_detection",
+    "voc_palette", "write_label",
     "write_tfrecord",
 ]

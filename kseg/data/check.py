@@ -1,9 +1,10 @@
 """`kseg data check`: find the label and file mistakes that cost segmentation users days.
 
 The checker lists a dataset exactly as its reader does (kseg.data.readers.list_source)
-and applies the reader's rules with Pillow, so every file it passes the reader accepts,
-plus what a reader cannot afford per element: counts, sizes, per-class pixel histograms,
-image modes, and hints on how to fix each problem.
+and applies the reader's rules with Pillow (SciPy for the skeleton layout's .mat ground
+truth), so every file it passes the reader accepts, plus what a reader cannot afford per
+element: counts, sizes, per-class pixel histograms, image modes, and hints on how to fix
+each problem.
 """
 
 from __future__ import annotations
@@ -156,21 +157,42 @@ def _colour_hint(rgb) -> str:
     return ""
 
 
+def _edge_values(path, spec, result) -> np.ndarray | None:
+    """An edge map: any image Pillow decodes, as 8-bit grey strengths."""
+    lbl, _, problem = _open(path)
+    if problem:
+        result["errors"].append((path, problem))
+        return None
+    return np.asarray(lbl.convert("L"))
+
+
+def _skeleton_values(path, spec, result) -> np.ndarray | None:
+    """An SK-LARGE ground truth .mat read as kseg.data.skeleton reads it (loadable, `symmetry` and `edge`
+    H x W maps of one size, a boundary wherever there is a skeleton): 1 on the skeleton, 0 elsewhere."""
+    from kseg.data.skeleton import read_ground_truth, scale_map
+
+    try:
+        skeleton, edge = read_ground_truth(path)
+        scale_map(skeleton, edge)  # the reader's scales: undefined for a skeleton without a boundary
+    except ValueError as e:
+        text = str(e)
+        result["errors"].append((path, text[len(path) + 2:] if text.startswith(f"{path}: ") else text))
+        return None
+    return skeleton.astype(np.uint8)
+
+
+# How a label file of each LabelSpec kind is read into per-pixel values (index labels: _label_values).
+LABEL_VALUES = {"edge": _edge_values, "skeleton": _skeleton_values}
+
+
 def _check_pair(image_path, label_path, spec):
     result = {"errors": [], "warnings": [], "mode": None, "size": None, "converted": None, "counts": None}
     im = _check_image(image_path, result)
     if spec.kind == "class":
         return result
-    if spec.kind == "edge":
-        lbl, _, problem = _open(label_path)
-        if problem:
-            result["errors"].append((label_path, problem))
-            return result
-        values = np.asarray(lbl.convert("L"))
-    else:
-        values = _label_values(label_path, spec, result)
-        if values is None:
-            return result
+    values = LABEL_VALUES.get(spec.kind, _label_values)(label_path, spec, result)
+    if values is None:
+        return result
     if im is not None and values.shape != (im.height, im.width):
         result["errors"].append((image_path, f"image is {im.height}x{im.width} (HxW) but its label "
                                              f"{label_path} is {values.shape[0]}x{values.shape[1]}"))

@@ -7,8 +7,11 @@ import sys
 # `from kseg import cliutil`, not `import kseg.cliutil`: kseg.data's import test forbids "kseg.cli*" names.
 from kseg import cliutil
 
-# voc / voc-det: every list file present
-DEFAULT_SPLITS = {"voc": None, "sbd": "train_aug", "pets": "trainval", "voc-det": None}
+# The layouts checked split by split: the default split, or None for every split present (SPLIT_LISTS).
+DEFAULT_SPLITS = {"voc": None, "sbd": "train_aug", "pets": "trainval", "voc-det": None, "skeleton": None}
+# layout -> (module, function) listing every split of a dataset (imported only when used).
+SPLIT_LISTS = {"voc": ("kseg.data.layouts", "voc_splits"), "voc-det": ("kseg.data.detection", "voc_detection_splits"),
+               "skeleton": ("kseg.data.skeleton", "skeleton_splits")}
 DETECTION_LAYOUTS = ("voc-det", "coco")  # kseg.data.detection's, without importing it for the parser
 
 
@@ -46,10 +49,12 @@ def add_parser(subparsers):
                                    "files; grayscale/RGBA/CMYK images are reported (readers convert them).")
     p.add_argument("dir", help="dataset root (for --layout edges: the list file; for --layout coco: the image folder)")
     p.add_argument("--layout", default="voc", choices=["voc", "sbd", "pets", "folder", "edges", "classification",
-                                                       "classification_list", *DETECTION_LAYOUTS])
+                                                       "classification_list", *DETECTION_LAYOUTS, "skeleton"],
+                   help="skeleton: SK-LARGE's images/SPLIT/*.jpg with groundTruth/SPLIT/*.mat (`symmetry` and "
+                        "`edge` maps, each checked to load and to match its image's size)")
     p.add_argument("--split", help="list name or list file (default: voc: every ImageSets/Segmentation/*.txt "
                                    "list present, each checked; voc-det: every ImageSets/Main split list; "
-                                   "pets: trainval; sbd: train_aug; "
+                                   "pets: trainval; sbd: train_aug; skeleton: every images/SPLIT folder; "
                                    "classification_list: DIR/SPLIT.txt or DIR/meta/SPLIT.txt when DIR is a folder)")
     p.add_argument("--annotations", metavar="JSON", help="coco layout: the instances_*.json file (required)")
     p.add_argument("--max-boxes", type=int, default=100,
@@ -113,7 +118,8 @@ def cmd_synth(args) -> int:
         for key in ("seed", "train", "val", "size", "skeleton_pixels"):
             table.add_row(key, "x".join(map(str, info[key])) if key == "size" else str(info[key]))
         console.print(table)
-        console.print(f"read it with kseg.data.skeleton.sk_large({args.dir!r}, 'train')")
+        console.print(f"read it with kseg.data.sk_large({args.dir!r}, 'train'); check it with "
+                      f"`kseg data check {args.dir} --layout skeleton`")
         return 0
     for key in ("seed", "train", "val", "size", "boxes" if detection else "band", "classes"):
         value = info[key]
@@ -168,17 +174,14 @@ def cmd_check(args) -> int:
         options["annotations"] = args.annotations
     elif args.annotations:
         raise ValueError(f"--annotations applies to --layout coco, not {args.layout}")
-    if args.layout in ("voc", "sbd", "pets", "voc-det"):
+    if args.layout in DEFAULT_SPLITS:
         if args.split or DEFAULT_SPLITS[args.layout]:
             splits = [args.split or DEFAULT_SPLITS[args.layout]]
-        elif args.layout == "voc-det":
-            from kseg.data.detection import voc_detection_splits
-
-            splits = voc_detection_splits(args.dir)
         else:
-            from kseg.data.layouts import voc_splits
+            import importlib
 
-            splits = voc_splits(args.dir)
+            module, function = SPLIT_LISTS[args.layout]
+            splits = getattr(importlib.import_module(module), function)(args.dir)
     elif args.layout == "classification_list":
         options["split"] = args.split
     elif args.split:

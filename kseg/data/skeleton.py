@@ -54,8 +54,8 @@ def read_ground_truth(path) -> tuple[np.ndarray, np.ndarray]:
     path = os.fspath(path)
     try:
         mat = loadmat(path)
-    except (ValueError, OSError, NotImplementedError) as e:
-        raise ValueError(f"{path}: not a readable MATLAB .mat file ({e})") from None
+    except Exception as e:  # SciPy raises many types for a broken or truncated file (IndexError, MatReadError, ...)
+        raise ValueError(f"{path}: not a readable MATLAB .mat file ({e or type(e).__name__})") from None
     found = sorted(k for k in mat if not k.startswith("__"))
     arrays = []
     for field in (SKELETON_FIELD, EDGE_FIELD):
@@ -87,6 +87,19 @@ def scale_map(skeleton, edge) -> np.ndarray:
 def load_scale_map(path) -> np.ndarray:
     """scale_map of one .mat file (read_ground_truth)."""
     return scale_map(*read_ground_truth(path))
+
+
+def skeleton_splits(root) -> list[str]:
+    """The splits of a dataset in the SK-LARGE layout: the folders in images/ or groundTruth/, sorted
+    (SK-LARGE's train and test; the synthetic set's train and val)."""
+    root = os.fspath(root)
+    found = {name for sub in ("images", "groundTruth") if os.path.isdir(os.path.join(root, sub))
+             for name in os.listdir(os.path.join(root, sub))
+             if not name.startswith(".") and os.path.isdir(os.path.join(root, sub, name))}
+    if not found:
+        raise FileNotFoundError(f"{root}: no split folders in images/ or groundTruth/; expected the SK-LARGE layout "
+                                f"(images/SPLIT/*.jpg, groundTruth/SPLIT/*.mat)")
+    return sorted(found)
 
 
 # === reader ===

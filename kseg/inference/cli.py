@@ -20,7 +20,10 @@ SCORE_THRESHOLD = 0.3
 _EXPECTED = (*cliutil.INPUT_ERRORS, ImportError)
 CLASSIFICATION_LAYOUTS = ("classification_folder", "classification_list")
 DETECTION_LAYOUTS = ("voc_detection", "coco_detection")
-_LAYOUT_CHOICES = ("voc", "sbd", "synthetic", "pets", *CLASSIFICATION_LAYOUTS, "edges", *DETECTION_LAYOUTS)
+_LAYOUT_CHOICES = ("voc", "sbd", "synthetic", "pets", *CLASSIFICATION_LAYOUTS, "edges", *DETECTION_LAYOUTS,
+                   "skeleton")
+# Layouts read as (root, split) with one raw (0..255) image per batch, by their kseg.data reader's name.
+_SPLIT_READERS = {"voc": "voc", "sbd": "sbd", "synthetic": "synthetic", "pets": "pets", "skeleton": "sk_large"}
 # Detection evaluation reads batches of this many images (all resized to the network input);
 # a detector that takes any size reads one image at a time, at its own size.
 DETECTION_BATCH = 8
@@ -30,7 +33,8 @@ def add_parser(subparsers):
     """Register `evaluate`, `predict` and `crf-search` on an argparse sub-parser collection."""
     e = subparsers.add_parser("evaluate", help="score a saved model on a dataset (FCN metrics, per-class IoU; "
                                                "classifiers: top-1/top-5, per-class accuracy, confusion matrix; "
-                                               "detectors: VOC mAP (VOC07 11-point and all-point), COCO AP)")
+                                               "detectors: VOC mAP (VOC07 11-point and all-point), COCO AP; "
+                                               "edges and skeletons: ODS / OIS F-measures)")
     _model_args(e)
     e.add_argument("--data", required=True, help="dataset root (classification_list: the folder or the list file; "
                                                  "coco_detection: the image folder)")
@@ -42,7 +46,8 @@ def add_parser(subparsers):
                         "DATA/meta/SPLIT.txt or the file DATA; edges: 'image edge_map' lines (BSDS / HED "
                         "lists) in the file DATA or DATA/SPLIT[.lst]; voc_detection: DATA/Annotations/*.xml, "
                         "JPEGImages/, ImageSets/Main/SPLIT.txt (DATA: VOC2007 or a VOCdevkit holding one year); "
-                        "coco_detection: the images in DATA, the boxes in --annotations")
+                        "coco_detection: the images in DATA, the boxes in --annotations; skeleton: SK-LARGE's "
+                        "DATA/images/SPLIT/*.jpg and DATA/groundTruth/SPLIT/*.mat (its splits: train, test)")
     e.add_argument("--split", default="val")
     e.add_argument("--annotations", metavar="JSON",
                    help="coco_detection: the instances JSON (e.g. annotations/instances_val2017.json); its file "
@@ -65,7 +70,8 @@ def add_parser(subparsers):
 
     p = subparsers.add_parser("predict", help="label maps (palette PNGs) and colour overlays for image files; "
                                               "classifiers: predictions.json; detectors: detections.json and "
-                                              "the images with their boxes drawn")
+                                              "the images with their boxes drawn; edge and skeleton models: "
+                                              "probability maps (grey PNGs)")
     _model_args(p)
     p.add_argument("images", nargs="+", help="image files or directories of images")
     p.add_argument("--out", required=True, help="output directory: STEM.png (class indices) and STEM_overlay.png; "
@@ -183,10 +189,10 @@ def _classifier_args(p):
 
 
 def _edge_args(p):
-    g = p.add_argument_group("edge models (HED)")
+    g = p.add_argument_group("edge and skeleton models (HED, FSDS)")
     g.add_argument("--output", dest="edge_output", choices=("average", "fuse"),
                    help="the edge map: the average of the fused and side outputs (default, the HED paper's "
-                        "result) or the fused output alone")
+                        "result) or the fused output alone; a skeleton map is always FSDS's fused output's")
 
 
 def _classifier_options(args, inference):
@@ -262,7 +268,7 @@ def _raw_data(args, inference=None):
         raise ValueError("--annotations goes with --layout coco_detection")
     if args.layout in DETECTION_LAYOUTS:
         return _detection_data(args, inference)
-    reader = {"voc": kd.voc, "sbd": kd.sbd, "synthetic": kd.synthetic, "pets": kd.pets}[args.layout]
+    reader = getattr(kd, _SPLIT_READERS[args.layout])
     # Raw RGB: the model's preprocessing is applied before the network, the CRF sees the colours.
     return reader(args.data, args.split, batch_size=1)
 
@@ -451,10 +457,11 @@ def coco_table(scores):
 
 
 def edge_table(scores, title):
-    """The BSDS benchmark's scores: ODS and OIS F-measures, their thresholds, precision and recall."""
+    """ODS and OIS F-measures, their thresholds, precision and recall, under the benchmark the scores'
+    "protocol" names (the BSDS one of kseg.tasks.edges, the skeleton one of kseg.tasks.skeleton)."""
     from rich.table import Table
 
-    table = Table(title=f"{title}: BSDS benchmark ({scores['output']} map; NMS, 99 thresholds, maxDist 0.0075)")
+    table = Table(title=f"{title}: {scores['protocol']} ({scores['output']} map)")
     for column in ("", "F", "threshold", "precision", "recall"):
         table.add_column(column, justify="right" if column else "left", no_wrap=True)
     ois_t = scores["ois_thresholds"]
@@ -549,7 +556,8 @@ def cmd_predict(args):
               f"{args.out}")
         return cliutil.OK
     if edges:
-        print(f"wrote {len(results)} edge maps (STEM.png, edge probability x 255, the {results[0]['output']} "
+        kind = inference.task.map_name  # what the task's maps are: edge, skeleton
+        print(f"wrote {len(results)} {kind} maps (STEM.png, {kind} probability x 255, the {results[0]['output']} "
               f"map) to {args.out}" if results else f"no images: nothing written to {args.out}")
         return cliutil.OK
     if not inference.task.dense:

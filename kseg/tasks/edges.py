@@ -22,6 +22,7 @@ class Edges(Task):
     # (Xie & Tu 2015, section 4: "we average the fusion output and the side outputs"), or "fuse".
     OUTPUTS = ("average", "fuse")
     default_output = "average"
+    map_name = "edge"  # what the per-pixel maps are (kseg predict's words)
 
     def head(self, output_names, build_kwargs=None, output_rank=None) -> Head:
         # HED: side outputs then the fused map; the fused one is the paper's prediction.
@@ -94,6 +95,9 @@ class Edges(Task):
         return {"edge_images": edge_images}
 
 
+PROTOCOL = "BSDS benchmark: NMS, 99 thresholds, thinning, maxDist 0.0075"
+
+
 def _activate(z, activation):
     if activation == "sigmoid":
         return 1 / (1 + np.exp(-z))
@@ -120,7 +124,8 @@ class EdgeEvaluator(Evaluator):
         self.ground_truths.extend(truth)
 
     def result(self) -> dict:
-        return {**edge_ods_ois(self.predictions, self.ground_truths), "output": self.output or EDGES.default_output}
+        return {**edge_ods_ois(self.predictions, self.ground_truths), "output": self.output or EDGES.default_output,
+                "protocol": PROTOCOL}
 
 
 EDGES = Edges()

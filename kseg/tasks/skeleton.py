@@ -171,6 +171,11 @@ class Skeleton(Task):
     checkpoint_mode = "min"
     OUTPUTS = ("fuse",)
     default_output = "fuse"
+    # What the per-pixel probability maps are called (`kseg predict` writes "skeleton maps").
+    map_name = "skeleton"
+    # A recipe's [loss] name for this task's own loss (`loss`, with the [loss] section's other keys:
+    # balance, normalize).
+    loss_name = "scale_balanced_cross_entropy"
 
     def head(self, output_names, build_kwargs=None, output_rank=None) -> Head:
         names = list(output_names)

@@ -97,6 +97,9 @@ def make_loss(recipe: Recipe):
     if soft_labels(recipe):  # mixed or smoothed one-hot targets
         return get_spec(recipe.model).task_object.soft_loss(spec.get("label_smoothing", 0.0))
     stride8 = spec.get("stride8", False)
+    task = get_spec(recipe.model).task_object
+    if spec["name"] == getattr(task, "loss_name", None):  # the task's own loss, with the [loss] section's options
+        return task.loss(**{k: v for k, v in spec.items() if k != "name"})
     if spec["name"] == "multibox":  # the detection task's: SSD's MultiBox loss for both outputs
         return get_spec(recipe.model).task_object.loss(neg_pos_ratio=spec.get("neg_pos_ratio", 3.0))
     if spec["name"] == "sparse_cross_entropy":

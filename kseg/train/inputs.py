@@ -1,7 +1,9 @@
 """The training data of a recipe: `datasets(recipe, data_dir)` -> (train, val) tf.data in the
 layout its [data] section names, for model.fit (kseg.train.fit re-exports everything here).
 
-Segmentation, edges and classification read with kseg.data's readers and augmentations.
+Segmentation, edges and classification read with kseg.data's readers and augmentations;
+skeletons (layout "skeleton", SK-LARGE's) with kseg.data.sk_large (radius maps, which the
+skeleton task quantises into scale classes for each output: Skeleton.fit_targets).
 Detection (`voc_detection`, `coco_detection`) reads boxes with kseg.data.voc_detection /
 coco_detection, augments image and boxes together (DetectionAugment: SSD's photometric
 distortion, zoom out, min-IoU crop and horizontal flip) and encodes each image's boxes into the
@@ -34,7 +36,8 @@ def datasets(recipe: Recipe, data_dir, *, batch_size=None, seed=0):
     training set with the recipe's augmentation (classification_augment), the validation set
     with its evaluation transform (eval_resize, then the centre eval_crop), both batched.
     Detection: images at the model's input size with encoded box targets, the training set
-    augmented (detection_augment), both batched (see detection_datasets).
+    augmented (detection_augment), both batched (see detection_datasets). Skeletons: see
+    skeleton_datasets.
     """
     d = recipe.data
     layout = d.get("layout", "voc")
@@ -45,6 +48,8 @@ def datasets(recipe: Recipe, data_dir, *, batch_size=None, seed=0):
     batch = batch_size or recipe.training["batch_size"]
     if layout in DETECTION_READERS:
         return _detection_datasets(recipe, data_dir, batch, seed)
+    if layout in LAYOUT_DATASETS:
+        return LAYOUT_DATASETS[layout](recipe, data_dir, batch, seed)
     if not task.dense:
         return _classification_datasets(recipe, data_dir, batch, seed)
     readers = {"voc": kd.voc, "sbd": kd.sbd, "synthetic": kd.synthetic, "pets": kd.pets, "folder": kd.folder,
@@ -180,6 +185,49 @@ def _widen_one_hot(ds, depth):
     for name in ("class_names", "num_classes", "skipped"):
         setattr(out, name, getattr(ds, name, None))
     return out
+
+
+# [data] keys the skeleton reader has no counterpart for: resizing or cropping would change the skeletons'
+# scales, and its only augmentation is the left-right flip (exact for a skeleton and its scales).
+SKELETON_UNSUPPORTED = ("crop", "scale", "resize", "pad_to", "color_jitter")
+
+
+def skeleton_datasets(recipe: Recipe, data_dir, batch, seed):
+    """(train, val) of a dataset in the SK-LARGE layout (kseg.data.sk_large): (images, radius maps
+    [B, H, W, 1]), the training split shuffled and, with [data] flip, flipped left-right at random;
+    the validation split as it is, batch 1. A batch of several images needs images of one size
+    (the synthetic set's; SK-LARGE's differ): checked here, from the files' headers."""
+    from kseg.data.layouts import list_skeleton
+
+    d = recipe.data
+    asked = [k for k in SKELETON_UNSUPPORTED if d.get(k)]
+    if asked:
+        raise TrainingSetupError(f"{recipe.source}: [data] {', '.join(asked)}: the skeleton reader keeps every image "
+                                 "at its own size (its only augmentation is [data] flip)")
+    prep = input_preprocessing(recipe)
+    train_split, val_split = d.get("train_split", "train"), d.get("val_split", "val")
+    try:
+        train = kd.sk_large(data_dir, train_split, preprocessing=prep, batch_size=batch, shuffle=True, seed=seed,
+                            flip=d.get("flip", False))
+        val = kd.sk_large(data_dir, val_split, preprocessing=prep, batch_size=1)
+        sizes = {_image_size(p) for p in list_skeleton(data_dir, train_split).images} if batch > 1 else ()
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise TrainingSetupError(f"cannot read skeleton data at {data_dir}: {e}") from None
+    if len(sizes) > 1:
+        raise TrainingSetupError(f"{data_dir} ({train_split}): batch_size {batch} needs images of one size, but they "
+                                 f"come in {len(sizes)} sizes; train with batch_size 1 (--set training.batch_size=1)")
+    return train, val
+
+
+def _image_size(path):
+    from PIL import Image
+
+    with Image.open(path) as im:  # the header only
+        return im.size
+
+
+# Layouts with their own (train, val) builder: (recipe, data_dir, batch, seed) -> (train, val).
+LAYOUT_DATASETS = {"skeleton": skeleton_datasets}
 
 
 def input_preprocessing(recipe: Recipe):

@@ -76,18 +76,23 @@ SCHEMA: dict[str, dict[str, tuple]] = {
              "rois_per_image": (int,), "fg_fraction": _NUM, "feature_norm": _NUM, "svm_c": _NUM,
              "svm_pos_weight": _NUM, "svm_neg_iou": _NUM, "hard_threshold": _NUM, "evict_threshold": _NUM,
              "retrain_limit": (int,), "svm_epochs": (int,), "svm_batch": (int,), "svm_lr": _NUM, "bbox_iou": _NUM,
-             "bbox_lambda": _NUM},
+             "bbox_lambda": _NUM,
+             # scale_balanced_cross_entropy (FSDS, kseg.tasks.skeleton): the class weights, "paper" (per-class
+             # inverse frequencies) or "caffe" (the released layer's two); normalize: divide each image's sum
+             # over the pixels by their count (default false: the sum, as the reference)
+             "balance": (str,), "normalize": (bool,)},
 }
 CHOICES = {
     ("", "backbone_init"): ("imagenet",),
     ("data", "layout"): ("voc", "sbd", "synthetic", "pets", "edges", "folder", "classification_folder",
-                         "classification_list", "voc_detection", "coco_detection"),
+                         "classification_list", "voc_detection", "coco_detection", "skeleton"),
     ("data", "interpolation"): ("bilinear", "bicubic", "nearest", "area", "lanczos3", "lanczos5"),
     ("optimizer", "name"): ("sgd", "adam", "adamw"),
     ("schedule", "kind"): ("constant", "step", "poly", "piecewise"),
     ("schedule", "step_unit"): ("iterations", "epochs"),
     ("loss", "name"): ("sparse_cross_entropy", "sparse_focal_loss", "balanced_sigmoid_cross_entropy", "multibox",
-                       "rcnn"),
+                       "rcnn", "scale_balanced_cross_entropy"),
+    ("loss", "balance"): ("paper", "caffe"),
     ("loss", "convention"): ("pyfaster", "torchvision"),
 }
 # Numbers that may be negative: R-CNN's SVM score thresholds.
