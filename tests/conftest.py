@@ -23,9 +23,11 @@ BIG_MODEL_PARAMS = 50_000_000
 # fcn8s covers the FCN variants' VGG trunk, crops and deconvolutions, the ResNet50 models the
 # 101-layer ones, alexnet rcnn_alexnet's trunk (tests/test_rcnn.py saves and reloads a small R-CNN
 # with its warp) and fcn_alexnet's (with fcn8s' crops and deconvolutions), segnet segnet_tutorial's
-# argmax pooling and BatchNorms. They run in the slow set.
+# argmax pooling and BatchNorms, vgg16 the plain VGGs', vgg11_bn the other _bn ones', resnet50
+# resnet152's bottlenecks and resnet18 resnet34's basic blocks. They run in the slow set.
 SIBLING_COVERED = {"fcn16s", "fcn32s", "fcn8s_atonce", "deeplab_largefov_resnet101", "fcn_resnet101", "resnet101",
-                   "faster_rcnn_resnet101_c4", "rcnn_alexnet", "fcn_alexnet", "segnet_tutorial"}
+                   "faster_rcnn_resnet101_c4", "rcnn_alexnet", "fcn_alexnet", "segnet_tutorial", "resnet152",
+                   "resnet34", "vgg11", "vgg13", "vgg19", "vgg13_bn", "vgg19_bn"}
 
 
 # Exporting a plainly saved model to TF Serving (test_models.py) traces and verifies four
@@ -34,8 +36,9 @@ SIBLING_COVERED = {"fcn16s", "fcn32s", "fcn8s_atonce", "deeplab_largefov_resnet1
 EXPORT_DEFAULT_PARAMS = 22_000_000
 # ... and not these, whose serving signatures a sibling's export exercises in the default suite (segnet_basic:
 # argmax unpooling; hed: crops, deconvolutions and the edge signatures fsds' skeleton_images follows, tested on
-# its own in tests/test_fsds.py).
-EXPORT_SIBLING_COVERED = {"fsds", "segnet_tutorial"}
+# its own in tests/test_fsds.py; the classification export of lenet5 and the recipes' end-to-end tests: a
+# classifier's signatures, which resnet18 / resnet34 add nothing to).
+EXPORT_SIBLING_COVERED = {"fsds", "segnet_tutorial", "resnet18", "resnet34"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m "not slow" deselects

@@ -14,6 +14,8 @@ from convert.verify import keras_runner, verify
 from kseg import identity as md
 from kseg.api import deployment_model
 
+# Classifiers whose fixed 224 top is left out (vgg16's and resnet50's are covered): their trunks.
+TRUNK_ONLY = ("resnet18", "resnet34", "resnet152", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg19", "vgg19_bn")
 CASES = {name: ({}, (49, 67)) for name in kseg.list_models()}
 CASES.update({
     "lenet5": ({}, (32, 32)),
@@ -22,6 +24,7 @@ CASES.update({
     "ssd300": ({}, (300, 300)),
     "resnet50": ({"include_top": False}, (64, 64)),
     "resnet101": ({"include_top": False}, (64, 64)),
+    **{name: ({"include_top": False}, (64, 64)) for name in TRUNK_ONLY},
     "rcnn_alexnet": ({"num_proposals": 16}, (49, 67)),  # an AlexNet pass per proposal: 16, not 2000
 })
 # R-CNN's warp (CropAndResize) is no TFLite builtin: its refusal is tested in tests/test_rcnn.py.

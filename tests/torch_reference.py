@@ -203,3 +203,108 @@ class SSD300(nn.Module):
 
     def forward(self, x):
         return self.head(self.backbone(x))
+
+
+# --- VGG11/13/19 and the _bn variants; ResNet18/34 (basic blocks) -----------------------------
+
+# torchvision's vgg.py cfgs by model: filters per conv, "M" a 2x2 max-pool.
+VGG_CFGS = {
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
+}
+
+
+def vgg_features(arch, batch_norm=False):
+    """torchvision's make_layers: conv (with bias), [BatchNorm2d,] ReLU per conv; a max-pool per "M"."""
+    layers, c = [], 3
+    for v in VGG_CFGS[arch]:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(c, v, 3, padding=1)] + ([nn.BatchNorm2d(v)] if batch_norm else [])
+            layers.append(nn.ReLU(inplace=True))
+            c = v
+    return nn.Sequential(*layers)
+
+
+class VGG(nn.Module):
+    """torchvision's VGG for any of VGG_CFGS, with BatchNorm (vgg*_bn) or without."""
+
+    def __init__(self, arch, batch_norm=False, num_classes=1000):
+        super().__init__()
+        self.features = vgg_features(arch, batch_norm)
+        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        self.classifier = nn.Sequential(
+            nn.Linear(512 * 49, 4096), nn.ReLU(True), nn.Dropout(),
+            nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(),
+            nn.Linear(4096, num_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class VGGFeatures(nn.Module):
+    """Only `features` of torchvision's VGG (state_dict keys features.{i}.*), for trunk-only checks
+    without the 102M-weight classifier."""
+
+    def __init__(self, arch, batch_norm=False):
+        super().__init__()
+        self.features = vgg_features(arch, batch_norm)
+
+    def forward(self, x):
+        return self.features(x)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock: two 3x3 convs, the first strided, no expansion."""
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class BasicResNet(nn.Module):
+    """torchvision's resnet18 (blocks (2, 2, 2, 2)) / resnet34 ((3, 4, 6, 3))."""
+
+    def __init__(self, blocks=(2, 2, 2, 2), num_classes=1000):
+        super().__init__()
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = self._make_layer(64, blocks[0])
+        self.layer2 = self._make_layer(128, blocks[1], 2)
+        self.layer3 = self._make_layer(256, blocks[2], 2)
+        self.layer4 = self._make_layer(512, blocks[3], 2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, num_classes)
+
+    def _make_layer(self, planes, n, stride=1):
+        downsample = None
+        if stride != 1 or self.inplanes != planes:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+        layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes
+        layers += [BasicBlock(planes, planes) for _ in range(1, n)]
+        return nn.Sequential(*layers)
+
+    def features(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
