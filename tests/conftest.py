@@ -19,15 +19,18 @@ def rng():
 BIG_MODEL_PARAMS = 50_000_000
 
 
-# Their .keras round trip (13-19 s each on 2 cores) repeats a sibling's layers at a larger size:
+# Their round trips (.keras: 13-19 s each on 2 cores) repeat a sibling's layers at a larger size:
 # fcn8s covers the FCN variants' VGG trunk, crops and deconvolutions, the ResNet50 models the
 # 101-layer ones, alexnet rcnn_alexnet's trunk (tests/test_rcnn.py saves and reloads a small R-CNN
 # with its warp) and fcn_alexnet's (with fcn8s' crops and deconvolutions), segnet segnet_tutorial's
 # argmax pooling and BatchNorms, vgg16 the plain VGGs', vgg11_bn the other _bn ones', resnet50
-# resnet152's bottlenecks and resnet18 resnet34's basic blocks. They run in the slow set.
+# resnet152's bottlenecks and resnet18 resnet34's basic blocks; faster_rcnn_vgg16 fast_rcnn_vgg16's
+# trunk and head, fcn_resnet50 + deeplab_largefov deeplab_largefov_resnet50's, segnet_basic segnet's
+# argmax pooling. Their .keras and .h5 round trips run in the slow set.
 SIBLING_COVERED = {"fcn16s", "fcn32s", "fcn8s_atonce", "deeplab_largefov_resnet101", "fcn_resnet101", "resnet101",
                    "faster_rcnn_resnet101_c4", "rcnn_alexnet", "fcn_alexnet", "segnet_tutorial", "resnet152",
-                   "resnet34", "vgg11", "vgg13", "vgg19", "vgg13_bn", "vgg19_bn"}
+                   "resnet34", "vgg11", "vgg13", "vgg19", "vgg13_bn", "vgg19_bn", "fast_rcnn_vgg16",
+                   "deeplab_largefov_resnet50", "segnet"}
 
 
 # Exporting a plainly saved model to TF Serving (test_models.py) traces and verifies four
@@ -41,10 +44,22 @@ EXPORT_DEFAULT_PARAMS = 22_000_000
 EXPORT_SIBLING_COVERED = {"fsds", "segnet_tutorial", "resnet18", "resnet34"}
 
 
+# Every generic test of these (build, forward, snapshot, save) is in the slow set: variants of a family whose
+# default-suite member runs the same builder code (vgg16, vgg11_bn, resnet50), their parameter counts asserted
+# by tests/test_classification_variants.py without a forward pass.
+# The 101-layer ResNets beside the 50-layer ones and FCN-32s/16s/at-once beside FCN-8s likewise (their counts:
+# test_models.py's build-only test_parameter_count_without_a_run).
+GENERIC_SLOW = {"resnet152", "vgg11", "vgg13", "vgg19", "vgg13_bn", "vgg19_bn", "resnet101", "fcn_resnet101",
+                "deeplab_largefov_resnet101", "faster_rcnn_resnet101_c4", "fcn16s", "fcn32s", "fcn8s_atonce"}
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m "not slow" deselects
 def pytest_collection_modifyitems(config, items):
     for item in items:
         callspec = getattr(item, "callspec", None)
+        if callspec and item.module.__name__ == "test_models" and callspec.params.get("built") in GENERIC_SLOW:
+            item.add_marker(pytest.mark.slow)
+            continue
         if item.originalname == "test_plain_keras_save_exports_with_no_flags" and callspec:
             name = callspec.params["built"]
             if kseg.get_spec(name).params > EXPORT_DEFAULT_PARAMS or name in EXPORT_SIBLING_COVERED:
@@ -54,5 +69,5 @@ def pytest_collection_modifyitems(config, items):
             continue
         name, suffix = callspec.params["built"], callspec.params.get("suffix")
         big = kseg.get_spec(name).params > BIG_MODEL_PARAMS
-        if (suffix == ".h5" and big) or (suffix == ".keras" and name in SIBLING_COVERED):
+        if big and suffix == ".h5" or name in SIBLING_COVERED:  # both formats of a sibling-covered model
             item.add_marker(pytest.mark.slow)

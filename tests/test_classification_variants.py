@@ -55,6 +55,7 @@ def test_parameter_counts(name, torchvision, total):
     keras.backend.clear_session()
 
 
+@pytest.mark.slow  # 11 s: resnet50's keras.applications names test runs the same naming code by default
 def test_resnet152_counts_and_keras_applications_names():
     # keras.applications.ResNet152(weights=None): 60,268,520 trainable, 60,419,944 in all, the same
     # weighted layers by name and shape (so its files load by name); torchvision's v1.5: 60,192,808.

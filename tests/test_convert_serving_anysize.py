@@ -64,6 +64,7 @@ def _row(out, i):
     return {k: np.asarray(v)[i:i + 1] for k, v in out.items() if k != "image_size"}
 
 
+@pytest.mark.slow  # 23 s; the any-size scale logic runs by default in test_detection_anysize
 def test_convert_writes_the_export_servings_any_size_module(frcnn, tmp_path, capsys):
     model, path = frcnn
     assert serving_size(model) == ((600, 600), (600, 1000, "bilinear"))  # py-faster-rcnn's scale by default

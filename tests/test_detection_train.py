@@ -287,6 +287,7 @@ def test_mixed_precision_gives_the_named_targets_by_position(shapes, tmp_path):
     assert np.isfinite(result["history"]["loss"][0]) and np.isfinite(result["history"]["val_loss"][0])
 
 
+@pytest.mark.slow  # 10 s; kseg train of SSD runs by default (checkpoints, losses); the augmentation has own tests
 def test_kseg_train_runs_the_ssd300_voc_recipe_with_ssd_augmentation(tmp_path, capsys):
     # The paper's recipe (photometric distortion, zoom out, min-IoU crop, flip) on a VOCdevkit/VOC2007
     # of 4 small images, at width 0.125 for time; the fixture has no test split: validated on val.
@@ -376,6 +377,7 @@ def test_ssd300_width_scales_the_convs_not_the_heads(small_ssd):
 # === the demo ===
 
 
+@pytest.mark.slow  # 17 s; its steps (kseg train, evaluate, predict of SSD) run by default here, test_detection_cli
 def test_kseg_demo_detection_runs_end_to_end_on_a_few_images(tmp_path, capsys):
     out = str(tmp_path / "demo")
     code = main(["demo", "--task", "detection", "--out", out, "--train-images", "4", "--val-images", "2",

@@ -310,9 +310,10 @@ def test_train_starts_from_backbone_weights_or_says_it_trains_from_scratch(liste
             np.testing.assert_array_equal(got, want)
     record = json.loads(open(os.path.join(out, "kseg_run.json")).read())
     assert record["backbone_weights"] == os.path.abspath(path)
-    # Without them: trained, and told loudly that the paper's start is missing.
-    assert main(["train", "--recipe", "hed_bsds", "--data", listed["list"], "--out", str(tmp_path / "r2"),
-                 *TINY]) == 0
+    # Without them: told loudly, before anything else, that the paper's start is missing (the run then fails
+    # here on its missing data; a run without weights trains as usual: test_train_runs_the_hed_recipe...).
+    assert main(["train", "--recipe", "hed_bsds", "--data", str(tmp_path / "no-data.lst"), "--out",
+                 str(tmp_path / "r2"), *TINY]) == 2
     err = capsys.readouterr().err
     assert "warning: hed_bsds starts from an ImageNet-trained vgg16" in err and "--backbone-weights" in err
     # A missing file is named before anything is trained.

@@ -7,6 +7,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from conftest import GENERIC_SLOW
 
 import kseg
 from kseg.cli import main
@@ -56,6 +57,14 @@ def built(request):
     x = _input_for(spec, np.random.default_rng(0))
     y = model.predict(x, verbose=0)
     yield spec, model, x, y
+    keras.backend.clear_session()
+
+
+@pytest.mark.parametrize("name", sorted(GENERIC_SLOW))
+def test_parameter_count_without_a_run(name):
+    # The models whose generic tests are all in the slow set (conftest.GENERIC_SLOW): their counts, built only.
+    model = kseg.build_model(name, **SMOKE_BUILD.get(name, {}))
+    assert model.count_params() == kseg.get_spec(name).params
     keras.backend.clear_session()
 
 

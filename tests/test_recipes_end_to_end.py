@@ -26,6 +26,10 @@ from kseg.cli import main
 from kseg.identity import read_metadata
 from kseg.train import load_recipe
 
+# Four trainings, their exports and a server: about a minute and a half on 2 cores, each step covered in the
+# default suite on its own (test_classification_cli, test_edges_cli, test_serving_export, test_serving_server).
+pytestmark = pytest.mark.slow
+
 
 def _set(*pairs):
     return [a for p in pairs for a in ("--set", p)]

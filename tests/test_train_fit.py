@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import kseg
 import kseg.data as kd
@@ -53,10 +54,12 @@ def _recipe(tmp_path, epochs=1, num_classes=5):
 
 def test_train_writes_checkpoints_logs_and_scores(synth, tmp_path):
     out = tmp_path / "run"
-    result = train(_recipe(tmp_path, epochs=2), synth, str(out), verbose=0)
+    result = train(_recipe(tmp_path, epochs=2), synth, str(out), verbose=0, gif=2)  # kseg train --gif 2
     assert len(result["history"]["loss"]) == 2 and 0 <= result["val_mean_iou"] <= 1
     for name in ("best.keras", "final.keras", "log.csv", "kseg_run.json"):
         assert (out / name).exists(), name
+    with Image.open(out / "predictions.gif") as gif:  # a frame per epoch (its drawing: test_segnet_tutorial.py)
+        assert gif.n_frames == 2
     assert not (out / "backup").exists()  # BackupAndRestore removes it once fit completes
     with open(out / "log.csv") as f:
         rows = list(csv.DictReader(f))
