@@ -163,12 +163,18 @@ def test_kseg_worker_killed_mid_batch_loses_no_request_and_sigterm_drains(clean,
         for t in threads:
             t.start()
 
-        def w1_holds_requests():
-            pending = env["client"].xpending_range(STREAM, wire.GROUP, "-", "+", 100, consumername="w1")
-            return len(pending) >= 2
+        def w1_frozen_holding_requests():
+            # Freeze w1 (SIGSTOP), then look: if it holds requests now it cannot finish them before the kill.
+            procs["w1"].send_signal(signal.SIGSTOP)
+            held = env["client"].xpending_range(STREAM, wire.GROUP, "-", "+", 100, consumername="w1")
+            if held:
+                return True
+            procs["w1"].send_signal(signal.SIGCONT)
+            time.sleep(0.02)
+            return False
 
-        wait_for(w1_holds_requests, 60, "w1 to hold requests")
-        procs["w1"].send_signal(signal.SIGKILL)
+        wait_for(w1_frozen_holding_requests, 60, "w1 to hold requests")
+        procs["w1"].send_signal(signal.SIGKILL)  # mid-batch: it holds requests it has not answered
         procs["w1"].wait(timeout=30)
         sent_at_kill = len(results)
         wait_for(lambda: len(results) > sent_at_kill + 48, 60, "more answers after the kill")

@@ -145,6 +145,7 @@ def _free_ports(n):
     return ports
 
 
+@pytest.mark.slow  # 16 s; the mirrored two-replica test runs the same distributed fit path by default
 def test_two_local_workers_match_single_replica(tmp_path):
     # MultiWorkerMirroredStrategy with two real worker processes talking over 127.0.0.1: the same
     # global batches, split across the workers, must give the single-replica run's weights.
