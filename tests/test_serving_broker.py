@@ -177,6 +177,8 @@ def test_kseg_worker_killed_mid_batch_loses_no_request_and_sigterm_drains(clean,
         procs["w1"].send_signal(signal.SIGKILL)  # mid-batch: it holds requests it has not answered
         procs["w1"].wait(timeout=30)
         sent_at_kill = len(results)
+        # w1's heartbeat outlives it by up to its TTL (3 beats + 0.5 s); only then may w2 claim what it held.
+        wait_for(lambda: "took over" in (tmp_path / "w2.log").read_text(), 60, "w2 to take over w1's requests")
         wait_for(lambda: len(results) > sent_at_kill + 48, 60, "more answers after the kill")
         # SIGTERM w2 while requests keep coming: it answers what it holds, then withdraws at once.
         procs["w2"].send_signal(signal.SIGTERM)
