@@ -25,7 +25,7 @@ class Preprocessing:
     ecosystem see exactly the tensors they were trained on.
     """
 
-    kind: str  # "caffe" | "torch" | "unit" | "batchnorm" | "caffe_ssd" | "torch_ssd"
+    kind: str  # "caffe" | "torch" | "unit" | "tf" | "batchnorm" | "caffe_ssd" | "torch_ssd"
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     bgr: bool = False
@@ -65,6 +65,8 @@ TORCH = Preprocessing(
     "torch", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), scale=1 / 255.0
 )
 UNIT = Preprocessing("unit", scale=1 / 255.0)
+# keras.applications' "tf" mode (MobileNet V2 / V3's published files): x / 127.5 - 1, RGB in [-1, 1].
+TF = Preprocessing("tf", mean=(1.0, 1.0, 1.0), scale=1 / 127.5)
 # Caffe SSD (ssd_pascal.py's transform_param): BGR, 0..255, minus the integer means 104, 117, 123.
 CAFFE_SSD = Preprocessing("caffe_ssd", mean=(104.0, 117.0, 123.0), bgr=True)
 # torchvision's ssd300_vgg16: GeneralizedRCNNTransform on [0, 1] RGB with image_mean
@@ -74,7 +76,7 @@ TORCH_SSD = Preprocessing("torch_ssd", mean=(122.99925, 116.9991, 103.9992))
 # (SegNet's Oxford-IIIT Pet recipe); the pipeline feeds raw 0..255 floats.
 BATCHNORM = Preprocessing("batchnorm")
 
-PREPROCESSING = {p.kind: p for p in (CAFFE, TORCH, UNIT, BATCHNORM, CAFFE_SSD, TORCH_SSD)}
+PREPROCESSING = {p.kind: p for p in (CAFFE, TORCH, UNIT, TF, BATCHNORM, CAFFE_SSD, TORCH_SSD)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +126,8 @@ class ModelSpec:
 class TorchMapping:
     """One torchvision module (a state_dict key prefix) and the Keras layer holding its weights.
 
-    kind: "conv" (OIHW <-> HWIO), "bn" (weight/bias/running_mean/running_var), "dense"
+    kind: "conv" (OIHW <-> HWIO), "depthwise" (a groups=C conv's (C, 1, kh, kw) <-> DepthwiseConv2D's
+    (kh, kw, C, 1); depth multiplier 1), "bn" (weight/bias/running_mean/running_var), "dense"
     (out,in <-> in,out), "dense_nchw" (a dense layer right after a flatten of a
     (C, H, W) map: torchvision flattens NCHW, Keras NHWC, so rows are permuted) or
     "vector" (the prefix is itself the key of a 1-D parameter, the layer's only weight,

@@ -170,13 +170,14 @@ def _some(names, n=20):
 
 _TORCH_SUFFIXES = {
     "conv": ("weight", "bias"),
+    "depthwise": ("weight", "bias"),
     "dense": ("weight", "bias"),
     "dense_nchw": ("weight", "bias"),
     "bn": ("weight", "bias", "running_mean", "running_var"),
     "vector": ("",),  # the prefix is the key
 }
 # Kinds whose bias follows the layer's use_bias.
-_BIASED = ("conv", "dense", "dense_nchw")
+_BIASED = ("conv", "depthwise", "dense", "dense_nchw")
 
 
 def _torch_key(prefix, suffix):
@@ -191,6 +192,8 @@ def _convert(array, entry: TorchMapping, index: int) -> np.ndarray:
         return a
     if entry.kind == "conv":
         return a.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    if entry.kind == "depthwise":
+        return a.transpose(2, 3, 0, 1)  # (C, 1, kh, kw) -> DepthwiseConv2D's (kh, kw, C, 1)
     if entry.kind == "dense":
         return a.T
     c, h, w = entry.chw
@@ -213,6 +216,8 @@ def keras_to_torch(model, table: list[TorchMapping]) -> dict[str, np.ndarray]:
         for i, (suffix, a) in enumerate(zip(_TORCH_SUFFIXES[entry.kind], arrays)):
             if i == 0 and entry.kind == "conv":
                 a = a.transpose(3, 2, 0, 1)
+            elif i == 0 and entry.kind == "depthwise":
+                a = a.transpose(2, 3, 0, 1)
             elif i == 0 and entry.kind == "dense":
                 a = a.T
             elif i >= 2 and entry.kind == "bn" and entry.input_scale != 1.0:

@@ -65,8 +65,8 @@ def test_overrides_are_validated_and_replace_the_length():
     assert r.training["epochs"] == 2 and "iterations" not in r.training and r.optimizer["learning_rate"] == 0.01
     with pytest.raises(RecipeError, match=r"\[training\] batch_size: expected int, got 'x'"):
         load_recipe("synthetic_demo", {"training.batch_size": "x"})
-    with pytest.raises(RecipeError, match=r"\[optimizer\] name: 'rmsprop' is not one of"):
-        load_recipe("synthetic_demo", ["optimizer.name=rmsprop"])
+    with pytest.raises(RecipeError, match=r"\[optimizer\] name: 'lamb' is not one of"):
+        load_recipe("synthetic_demo", ["optimizer.name=lamb"])
     with pytest.raises(RecipeError, match="section.key=value"):
         load_recipe("synthetic_demo", ["epochs=3"])
     # --lr on a piecewise schedule (absolute rates): the whole sequence scales with it.

@@ -12,7 +12,7 @@ label_mode="categorical", mixup or cutmix).
 Common options (keyword-only, every segmentation reader):
   augment: None (eval), True (SegmentationAugment() defaults) or a SegmentationAugment.
   preprocessing: None (raw 0..255), a kseg.Preprocessing, a kind ("caffe", "torch",
-      "unit", "batchnorm") or a model name whose registry spec decides.
+      "unit", "tf", "batchnorm") or a model name whose registry spec decides.
   batch_size: None (unbatched) or an int. Full-size images batch only with resize= or
       pad_to= (or a crop in augment); pad_to pads with the mean colour and label 255.
   shuffle: default True when augmenting. seed: makes order and augmentation

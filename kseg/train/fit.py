@@ -40,7 +40,7 @@ from kseg.train.inputs import (  # noqa: F401 (the dataset builders, re-exported
     eval_transform,
     input_preprocessing,
 )
-from kseg.train.optim import Adam, AdamW, FusedSGD
+from kseg.train.optim import Adam, AdamW, FusedSGD, RMSprop
 from kseg.train.pictures import GIF_FILE, SAMPLES_FILE, plot_samples, prediction_gif
 from kseg.train.recipes import Recipe, apply_overrides, load_recipe, soft_labels
 
@@ -70,10 +70,20 @@ def learning_rate(recipe: Recipe, steps_per_epoch: int | None = None, total_step
     if kind == "piecewise":
         return keras.optimizers.schedules.PiecewiseConstantDecay([b * per for b in s["boundaries"]],
                                                                  [float(v) for v in s["values"]])
+    if kind in ("poly", "cosine") and not total_steps:
+        raise ValueError(f"{recipe.source}: a {kind} schedule needs the total number of steps")
     if kind == "poly":
-        if not total_steps:
-            raise ValueError(f"{recipe.source}: a poly schedule needs the total number of steps")
         return keras.optimizers.schedules.PolynomialDecay(lr, total_steps, 0.0, power=s.get("power", 0.9))
+    if kind == "cosine":
+        warmup = s.get("warmup", 0) * per
+        if warmup >= total_steps:
+            raise ValueError(f"{recipe.source}: [schedule] warmup ({warmup} steps) must be shorter than the "
+                             f"training ({total_steps} steps)")
+        alpha = float(s.get("min_lr", 0.0)) / lr
+        if not warmup:
+            return keras.optimizers.schedules.CosineDecay(lr, total_steps, alpha=alpha)
+        return keras.optimizers.schedules.CosineDecay(float(s.get("warmup_start", 0.0)), total_steps - warmup,
+                                                      alpha=alpha, warmup_target=lr, warmup_steps=warmup)
     raise ValueError(f"{recipe.source}: unknown schedule {kind!r}")
 
 
@@ -85,10 +95,18 @@ def make_optimizer(recipe: Recipe, steps_per_epoch=None, total_steps=None):
     wd = o.get("weight_decay") or None
     # Caffe's per-layer lr_mult / decay_mult 0, by variable path globs (kseg.train.optim.LayerRates).
     layers = {"lr_multipliers": o.get("lr_multipliers"), "no_weight_decay": o.get("no_weight_decay")}
+    # Clipping the global norm, as torch.nn.utils.clip_grad_norm_; an EMA of the weights (see callbacks).
+    layers.update(global_clipnorm=o.get("clip_grad_norm"))
+    if "ema" in o:
+        layers.update(use_ema=True, ema_momentum=float(o["ema"]))
+    if "epsilon" in o:
+        layers.update(epsilon=float(o["epsilon"]))
     if o["name"] == "sgd":
         return FusedSGD(lr, momentum=o.get("momentum", 0.0), weight_decay=wd, **layers)
     if o["name"] == "adam":
         return Adam(lr, weight_decay=wd, **layers)
+    if o["name"] == "rmsprop":
+        return RMSprop(lr, rho=float(o.get("rho", 0.9)), momentum=o.get("momentum", 0.0), weight_decay=wd, **layers)
     return AdamW(lr, weight_decay=wd or 0.004, **layers)
 
 
@@ -182,8 +200,12 @@ def callbacks(recipe, out_dir, *, monitor=None, tensorboard="auto"):
         monitor = checkpoint_monitor(recipe)
         mode = checkpoint_mode(recipe)
     os.makedirs(out_dir, exist_ok=True)
-    cbs = [
-        keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup")),
+    cbs = [keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup"))]
+    if "ema" in recipe.optimizer:
+        # After the backup (it keeps the raw weights and their average as they are), before the
+        # checkpoint: validation and best.keras see the averaged weights, training the raw ones.
+        cbs.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+    cbs += [
         keras.callbacks.ModelCheckpoint(os.path.join(out_dir, "best.keras"), monitor=monitor, mode=mode,
                                         save_best_only=True),
         keras.callbacks.CSVLogger(os.path.join(out_dir, "log.csv"), append=True),

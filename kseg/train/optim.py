@@ -106,6 +106,19 @@ class AdamW(LayerRates, keras.optimizers.AdamW):
 
 
 @keras.saving.register_keras_serializable(package="kseg")
+class RMSprop(LayerRates, keras.optimizers.RMSprop):
+    """keras.optimizers.RMSprop with LayerRates (MobileNet's and EfficientNet's optimizer).
+
+    Its epsilon is added inside the square root (w -= lr * g / sqrt(v + eps)), as TensorFlow's RMSProp
+    that MobileNet V2 / V3 were trained with; PyTorch's torch.optim.RMSprop adds eps outside it, so
+    torchvision's eps=0.0316 recipe is this eps=0.001 (0.0316^2).
+    """
+
+    def update_step(self, gradient, variable, learning_rate):
+        return super().update_step(gradient, variable, self._rate(variable, learning_rate))
+
+
+@keras.saving.register_keras_serializable(package="kseg")
 class FusedSGD(LayerRates, keras.optimizers.SGD):
     """keras.optimizers.SGD (momentum, Nesterov, weight decay, clipping, schedules) with a fused update
     and LayerRates."""

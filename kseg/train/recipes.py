@@ -53,11 +53,18 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     },
     # lr_multipliers: {variable path glob: factor}, the first match wins (Caffe's lr_mult); no_weight_decay:
     # [variable path globs] (Caffe's decay_mult 0). Paths are "layer/kernel" (kseg.train.optim.LayerRates).
+    # epsilon / rho: Adam's / RMSprop's epsilon and RMSprop's squared-gradient decay (PyTorch's alpha);
+    # clip_grad_norm: the global gradient norm clipped to (torch.nn.utils.clip_grad_norm_);
+    # ema: the decay of an exponential moving average of the trainable weights (Polyak averaging), which
+    # validation, the best checkpoint and the final model use (Keras' use_ema + SwapEMAWeights)
     "optimizer": {"name": (str,), "learning_rate": _NUM, "momentum": _NUM, "weight_decay": _NUM,
-                  "lr_multipliers": (dict,), "no_weight_decay": (list,)},
+                  "lr_multipliers": (dict,), "no_weight_decay": (list,), "epsilon": _NUM, "rho": _NUM,
+                  "clip_grad_norm": _NUM, "ema": _NUM},
+    # cosine: from learning_rate to min_lr over the steps after a linear warmup of `warmup` steps (in
+    # step_unit) from warmup_start, updated every iteration (keras.optimizers.schedules.CosineDecay)
     "schedule": {
         "kind": (str,), "step_size": (int,), "gamma": _NUM, "power": _NUM, "boundaries": (list,),
-        "values": (list,), "step_unit": (str,),
+        "values": (list,), "step_unit": (str,), "warmup": (int,), "warmup_start": _NUM, "min_lr": _NUM,
     },
     "training": {"batch_size": (int,), "epochs": (int,), "iterations": (int,), "steps_per_epoch": (int,),
                  "seed": (int,)},
@@ -87,8 +94,8 @@ CHOICES = {
     ("data", "layout"): ("voc", "sbd", "synthetic", "pets", "edges", "folder", "classification_folder",
                          "classification_list", "voc_detection", "coco_detection", "skeleton"),
     ("data", "interpolation"): ("bilinear", "bicubic", "nearest", "area", "lanczos3", "lanczos5"),
-    ("optimizer", "name"): ("sgd", "adam", "adamw"),
-    ("schedule", "kind"): ("constant", "step", "poly", "piecewise"),
+    ("optimizer", "name"): ("sgd", "adam", "adamw", "rmsprop"),
+    ("schedule", "kind"): ("constant", "step", "poly", "piecewise", "cosine"),
     ("schedule", "step_unit"): ("iterations", "epochs"),
     ("loss", "name"): ("sparse_cross_entropy", "sparse_focal_loss", "balanced_sigmoid_cross_entropy", "multibox",
                        "rcnn", "scale_balanced_cross_entropy"),
@@ -238,13 +245,22 @@ def load_recipe(name_or_path, overrides=None) -> Recipe:
         raise RecipeError(f"{path}: [training] needs epochs or iterations")
     schedule = sections["schedule"]
     kind = schedule.get("kind", "constant")
-    need = {"step": ("step_size",), "piecewise": ("boundaries", "values"), "poly": (), "constant": ()}[kind]
+    need = {"step": ("step_size",), "piecewise": ("boundaries", "values"), "poly": (), "constant": (),
+            "cosine": ()}[kind]
     for key in need:
         if key not in schedule:
             raise RecipeError(f"{path}: [schedule] kind {kind!r} needs {key}")
     if kind == "piecewise" and len(schedule["values"]) != len(schedule["boundaries"]) + 1:
         raise RecipeError(f"{path}: [schedule] piecewise needs one more value than boundaries")
+    if kind != "cosine" and any(k in schedule for k in ("warmup", "warmup_start", "min_lr")):
+        raise RecipeError(f"{path}: [schedule] warmup, warmup_start and min_lr belong to kind \"cosine\", "
+                          f"not {kind!r}")
     optimizer = sections["optimizer"]
+    if "ema" in optimizer and not 0 < optimizer["ema"] < 1:
+        raise RecipeError(f"{path}: [optimizer] ema is a decay in (0, 1), e.g. 0.9998, got {optimizer['ema']!r}")
+    if "rho" in optimizer and optimizer["name"] != "rmsprop":
+        raise RecipeError(f"{path}: [optimizer] rho is RMSprop's: name = \"rmsprop\" takes it, "
+                          f"not {optimizer['name']!r}")
     for pattern, factor in optimizer.get("lr_multipliers", {}).items():
         if isinstance(factor, bool) or not isinstance(factor, _NUM) or factor < 0:
             raise RecipeError(f"{path}: [optimizer] lr_multipliers[{pattern!r}] must be a number >= 0, got {factor!r}")
