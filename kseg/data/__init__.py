@@ -47,6 +47,8 @@ _LAZY = {
     "voc_detection": "detection",
     "ClassificationAugment": "augment",
     "SegmentationAugment": "augment",
+    "random_erasing": "erasing",
+    "rand_augment": "randaugment",
     "SkipLog": "pipeline",
     "resolve_preprocessing": "pipeline",
     "classification_folder": "readers",
@@ -62,8 +64,8 @@ _LAZY = {
     "sk_large": "skeleton",
     "skeleton_splits": "skeleton",
 }
-_SUBMODULES = {"augment", "check", "cli", "decode", "detection", "layouts", "palette", "pipeline", "readers",
-               "skeleton", "spec", "synth"}
+_SUBMODULES = {"augment", "check", "cli", "decode", "detection", "erasing", "layouts", "palette", "pipeline",
+               "randaugment", "readers", "skeleton", "spec", "synth"}
 
 if TYPE_CHECKING:  # for static tools; at run time these load lazily
     from kseg.data.augment import ClassificationAugment, SegmentationAugment  # noqa: F401
@@ -76,6 +78,7 @@ if TYPE_CHECKING:  # for static tools; at run time these load lazily
         list_voc_detection,
         voc_detection,
     )
+    from kseg.data.erasing import random_erasing  # noqa: F401
     from kseg.data.layouts import LAYOUTS, PETS_CLASSES, list_source  # noqa: F401
     from kseg.data.palette import (  # noqa: F401
         IGNORE_LABEL,
@@ -88,6 +91,7 @@ if TYPE_CHECKING:  # for static tools; at run time these load lazily
         write_label,
     )
     from kseg.data.pipeline import SkipLog, resolve_preprocessing  # noqa: F401
+    from kseg.data.randaugment import rand_augment  # noqa: F401
     from kseg.data.readers import (  # noqa: F401
         classification_folder,
         classification_list,
@@ -123,7 +127,8 @@ __all__ = [
     "CheckReport", "ClassificationAugment", "DetectionSource", "SegmentationAugment", "SkipLog",
     "check_dataset", "classification_folder", "classification_list", "coco_detection", "colorize", "edges",
     "folder", "list_coco", "list_source", "list_voc_detection",
-    "make_synthetic", "make_synthetic_detection", "overlay", "pets", "read_label", "resolve_preprocessing",
+    "make_synthetic", "make_synthetic_detection", "overlay", "pets", "rand_augment", "random_erasing", "read_label",
+    "resolve_preprocessing",
     "rgb_to_index", "sbd", "sk_large", "skeleton_splits", "synthetic", "tfrecord", "voc", "voc_detection",
     "voc_palette", "write_label",
     "write_tfrecord",

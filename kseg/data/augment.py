@@ -20,6 +20,9 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
+from kseg.data.erasing import FILLS as ERASING_FILLS
+from kseg.data.erasing import random_erasing
+from kseg.data.randaugment import rand_augment
 from kseg.tasks.classification import center_crop, resize_shorter
 
 # Fallback pad colour (RGB, 0..255) when the preprocessing has no mean: ImageNet's mean.
@@ -76,6 +79,13 @@ class ClassificationAugment:
     recipe, Touvron et al. 2021 table 9); mix_prob: probability that a batch is mixed at all.
     cutout: probability of erasing one random patch per image (keras.layers.RandomErasing,
     filled with the mean colour). With mixup or cutmix the labels come out one-hot, soft.
+    randaugment: (num_ops, magnitude) of RandAugment (Cubuk et al. 2020) on each crop, as
+    torchvision's RandAugment with randaugment_bins magnitude bins (31: torchvision's; 11: timm's
+    "rand-m9", magnitude out of 10). erasing: probability of Random Erasing (Zhong et al. 2020)
+    per image before any mixing, a rectangle of erasing_area x the image area and aspect
+    log-uniform in erasing_aspect, filled per erasing_fill: "random" (uniform pixels, the paper),
+    "mean" (the preprocessing's mean colour, torchvision's value=0) or "normal" (per-pixel
+    N(0, 1) in the model's input space, timm's mode="pixel", as DeiT trains).
     scale: (low, high) pixels: instead of the random resized crop, the image is resized so
     its shorter side is S, drawn uniformly from [low, high], and a random window of the
     output size is cut from it (VGG's scale jittering, Simonyan & Zisserman 2015 sec. 3.1;
@@ -96,6 +106,12 @@ class ClassificationAugment:
     scale: tuple[int, int] | None = None
     switch_prob: float = 0.5
     mix_prob: float = 1.0
+    randaugment: tuple[int, int] | None = None
+    randaugment_bins: int = 31
+    erasing: float | None = None
+    erasing_area: tuple[float, float] = (0.02, 1 / 3)
+    erasing_aspect: tuple[float, float] = (0.3, 1 / 0.3)
+    erasing_fill: str = "random"
 
     def __post_init__(self):
         if self.scale is not None:
@@ -106,7 +122,16 @@ class ClassificationAugment:
                 raise ValueError("ClassificationAugment: scale (shorter-side jitter + random crop) replaces the "
                                  "random resized crop: pass area=None with it")
             object.__setattr__(self, "scale", (lo, hi))
-        for name in ("switch_prob", "mix_prob", "cutout"):
+        if self.randaugment is not None:
+            ops, magnitude = (int(v) for v in self.randaugment)
+            if ops < 1 or not 0 <= magnitude < self.randaugment_bins:
+                raise ValueError(f"ClassificationAugment: randaugment is (num_ops >= 1, magnitude in [0, "
+                                 f"{self.randaugment_bins})), got {self.randaugment}")
+            object.__setattr__(self, "randaugment", (ops, magnitude))
+        if self.erasing_fill not in ERASING_FILLS:
+            raise ValueError(f"ClassificationAugment: erasing_fill must be one of {ERASING_FILLS}, "
+                             f"got {self.erasing_fill!r}")
+        for name in ("switch_prob", "mix_prob", "cutout", "erasing"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 1:
                 raise ValueError(f"ClassificationAugment: {name} is a probability in [0, 1], got {value}")
@@ -283,14 +308,23 @@ def augment_image(image, seed, aug: ClassificationAugment, size, affine=None):
         x1, x2 = tf.where(flip, x2, x1), tf.where(flip, x1, x2)
     box = tf.stack([y1, x1, y2, x2])[None]
     out = tf.image.crop_and_resize(image[None], box, [0], list(size))[0]
+    if aug.randaugment is not None:  # on the crop, before the jitter, as torchvision's presets order them
+        ops, magnitude = aug.randaugment
+        out = rand_augment(out, tf.random.experimental.stateless_fold_in(seed, 1), num_ops=ops,
+                           magnitude=magnitude, num_magnitude_bins=aug.randaugment_bins)
     return _jitter(out, u[1:] * 2.0 - 1.0, aug, affine)
 
 
-def batch_mixers(aug: ClassificationAugment, seed: int | None, pad_rgb):
-    """The callables that mix a batch ({'images', 'labels'} with one-hot labels), in order."""
+def batch_mixers(aug: ClassificationAugment, seed: int | None, pad_rgb, std_rgb=None):
+    """The callables that mix a batch ({'images', 'labels'} with one-hot labels), in order.
+
+    pad_rgb / std_rgb: the raw 0..255 colour the preprocessing maps to 0 and the raw step it maps to 1.
+    """
     import keras
 
     layers = []
+    if aug.erasing:
+        layers.append(_Erasing(aug, pad_rgb, std_rgb, None if seed is None else seed + 4))
     mixup = keras.layers.MixUp(alpha=aug.mixup, seed=seed) if aug.mixup else None
     cutmix = keras.layers.CutMix(factor=aug.cutmix, seed=None if seed is None else seed + 1) if aug.cutmix else None
     if mixup or cutmix:
@@ -300,6 +334,25 @@ def batch_mixers(aug: ClassificationAugment, seed: int | None, pad_rgb):
                                                  value_range=(0, 255),
                                                  seed=None if seed is None else seed + 2))
     return layers
+
+
+class _Erasing:
+    """Random Erasing of each image of a batch (kseg.data.erasing), with a per-batch stateless seed."""
+
+    def __init__(self, aug, mean, std, seed):
+        import keras
+
+        self.aug, self.mean, self.std = aug, mean, std if std is not None else (1.0, 1.0, 1.0)
+        self.seed = keras.random.SeedGenerator(seed)
+
+    def __call__(self, data):
+        import keras
+
+        seed = keras.random.randint((2,), 0, 2 ** 31 - 1, seed=self.seed, dtype="int32")
+        images = random_erasing(data["images"], seed, self.aug.erasing, area=self.aug.erasing_area,
+                                aspect=self.aug.erasing_aspect, fill=self.aug.erasing_fill, mean=self.mean,
+                                std=self.std)
+        return {**data, "images": images}
 
 
 class _MixOrCut:

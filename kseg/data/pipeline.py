@@ -73,6 +73,15 @@ def pad_colour(preprocessing) -> tuple[float, float, float]:
     return tuple(float(v) for v in (mean[::-1] if preprocessing.bgr else mean))
 
 
+def _raw_std(preprocessing) -> tuple[float, float, float]:
+    """The raw 0..255 step that preprocessing maps to 1 (its std over its scale), per RGB channel."""
+    if preprocessing is None:
+        return (1.0, 1.0, 1.0)
+    std = np.asarray(preprocessing.std if preprocessing.std is not None else (1.0, 1.0, 1.0), np.float64)
+    std = std / preprocessing.scale
+    return tuple(float(v) for v in (std[::-1] if preprocessing.bgr else std))
+
+
 _PREPROCESSING_FIELDS = {"kind", "mean", "std", "bgr", "scale"}
 
 
@@ -358,9 +367,9 @@ def classification_dataset(source: Source, *, image_size, channels=3, augment=No
         image_size = crop
     image_size = aug_ops._pair(image_size, "image_size")
     shuffle = augment is not None if shuffle is None else shuffle
-    mixers = aug_ops.batch_mixers(augment, seed, pad_rgb) if augment is not None else []
+    mixers = aug_ops.batch_mixers(augment, seed, pad_rgb, _raw_std(prep)) if augment is not None else []
     if mixers and not batch_size:
-        raise ValueError("mixup / cutmix / cutout mix images within a batch: pass batch_size")
+        raise ValueError("mixup / cutmix / cutout / erasing work on a batch: pass batch_size")
     if label_mode not in ("int", "categorical"):
         raise ValueError(f"label_mode must be 'int' or 'categorical', got {label_mode!r}")
     one_hot = label_mode == "categorical" or any(getattr(m, "mixes_labels", False) for m in mixers)

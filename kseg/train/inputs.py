@@ -115,11 +115,14 @@ def classification_augment(data: dict):
     crop + scale: shorter side jittered in scale (pixels), random crop (VGG, AlexNet); crop
     alone: Inception-style random resized crop to crop; no crop: the whole image resized.
     flip: random horizontal flips; color_jitter: ClassificationAugment's default jitter;
-    mixup / cutmix / switch_prob / mix_prob / cutout: the batch mixing of ClassificationAugment.
+    mixup / cutmix / switch_prob / mix_prob / cutout / erasing*: the batch mixing of ClassificationAugment;
+    randaugment / randaugment_bins: its RandAugment on each crop.
     """
     crop, scale, flip = data.get("crop") or None, data.get("scale") or None, data.get("flip", False)
     jitter = {} if data.get("color_jitter") else dict(brightness=0, contrast=0, saturation=0, hue=0)
-    mixing = {k: data[k] for k in ("mixup", "cutmix", "cutout", "switch_prob", "mix_prob") if k in data}
+    mixing = {k: data[k] for k in ("mixup", "cutmix", "cutout", "switch_prob", "mix_prob", "randaugment_bins",
+                                   "erasing", "erasing_fill") if k in data}
+    mixing.update({k: tuple(data[k]) for k in ("randaugment", "erasing_area", "erasing_aspect") if k in data})
     if crop and scale:
         return kd.ClassificationAugment(area=None, scale=tuple(scale), flip=flip, **jitter, **mixing)
     if crop:

@@ -40,6 +40,10 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         # classifiers' batch mixing: Beta(alpha, alpha) MixUp / CutMix, CutMix's share of the mixed
         # batches when both are given, the share of batches mixed at all; Cutout's probability
         "mixup": _NUM, "cutmix": _NUM, "switch_prob": _NUM, "mix_prob": _NUM, "cutout": _NUM,
+        # RandAugment [num_ops, magnitude] of randaugment_bins (31: torchvision's scale; 11: timm's m0-m10);
+        # Random Erasing's probability, area fraction and aspect ranges and fill (kseg.data.ClassificationAugment)
+        "randaugment": (list,), "randaugment_bins": (int,), "erasing": _NUM, "erasing_area": (list,),
+        "erasing_aspect": (list,), "erasing_fill": (str,),
         # detection: boxes padded to max_boxes per image, VOC's difficult objects trained on or not;
         # SSD's augmentation (kseg.train.inputs.DetectionAugment): photometric distortion, zoom out
         # to at most zoom_out times the image (1: none), the min-IoU random crop (and flip, above)
@@ -94,6 +98,7 @@ CHOICES = {
     ("data", "layout"): ("voc", "sbd", "synthetic", "pets", "edges", "folder", "classification_folder",
                          "classification_list", "voc_detection", "coco_detection", "skeleton"),
     ("data", "interpolation"): ("bilinear", "bicubic", "nearest", "area", "lanczos3", "lanczos5"),
+    ("data", "erasing_fill"): ("random", "mean", "normal"),
     ("optimizer", "name"): ("sgd", "adam", "adamw", "rmsprop"),
     ("schedule", "kind"): ("constant", "step", "poly", "piecewise", "cosine"),
     ("schedule", "step_unit"): ("iterations", "epochs"),
@@ -267,7 +272,7 @@ def load_recipe(name_or_path, overrides=None) -> Recipe:
     if not all(isinstance(p, str) for p in optimizer.get("no_weight_decay", [])):
         raise RecipeError(f"{path}: [optimizer] no_weight_decay must be a list of variable path patterns (strings)")
     data = sections["data"]
-    for section, key in (("data", "switch_prob"), ("data", "mix_prob"), ("data", "cutout"),
+    for section, key in (("data", "switch_prob"), ("data", "mix_prob"), ("data", "cutout"), ("data", "erasing"),
                          ("loss", "label_smoothing")):
         value = sections[section].get(key)
         if value is not None and value > 1:
