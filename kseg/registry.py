@@ -97,6 +97,9 @@ class ModelSpec:
     layout_preprocessing: dict[str, Preprocessing] = dataclasses.field(default_factory=dict)
     # torchvision state_dict layout as a table of TorchMapping; None if torchvision has no such net
     torch_map: Callable[[], list["TorchMapping"]] | None = None
+    # renames a published state_dict's keys to torch_map's before the import (torchvision's DenseNet
+    # files keep the pre-0.3 names `norm.1`, `conv.1` of their dense layers)
+    torch_keys: Callable[[dict], dict] | None = None
     # ImageNet classifier whose weights initialise this model (build_model(backbone_weights=...)),
     # and adapt(arrays_by_backbone_layer, model, path) -> arrays_by_model_layer
     backbone: str | None = None
@@ -160,6 +163,7 @@ def register_model(
     layouts: dict[str, dict] | None = None,
     layout_preprocessing: dict[str, str | Preprocessing] | None = None,
     torch_map: Callable | None = None,
+    torch_keys: Callable | None = None,
     backbone: str | None = None,
     backbone_adapt: Callable | None = None,
     postprocess: Callable | None = None,
@@ -200,6 +204,7 @@ def register_model(
             layouts=dict(layouts or {}),
             layout_preprocessing={k: resolve(v) for k, v in (layout_preprocessing or {}).items()},
             torch_map=torch_map,
+            torch_keys=torch_keys,
             backbone=backbone,
             backbone_adapt=backbone_adapt,
             postprocess=postprocess,

@@ -50,7 +50,7 @@ def load_weights(model, path, *, spec: ModelSpec | None = None):
             raise ValueError(
                 f"{path}: {name} has no torchvision layout, so a state_dict cannot be mapped onto it"
             )
-        arrays = torch_to_keras(load_state_dict(path), spec.torch_map(), model, path)
+        arrays = torch_to_keras(_published_keys(load_state_dict(path), spec), spec.torch_map(), model, path)
     assign_weights(model, arrays, path)
 
 
@@ -162,6 +162,11 @@ def torch_to_keras(state: dict, table: list[TorchMapping], model, path) -> dict[
         target = model.name if model is not None else "the expected torchvision layout"
         raise WeightsMismatchError(f"{path}: state_dict does not fit {target}: " + "; ".join(parts))
     return out
+
+
+def _published_keys(state: dict, spec: ModelSpec) -> dict:
+    """The state_dict under the torch map's keys (spec.torch_keys renames a published file's old ones)."""
+    return spec.torch_keys(state) if spec.torch_keys is not None else state
 
 
 def _some(names, n=20):
@@ -286,7 +291,7 @@ def read_backbone(path, backbone: str) -> dict[str, list[np.ndarray]]:
     spec = get_spec(backbone)
     if spec.torch_map is None:
         raise ValueError(f"{path}: {backbone} has no torchvision layout, so a state_dict cannot be read as it")
-    return torch_to_keras(load_state_dict(path), spec.torch_map(), None, path)
+    return torch_to_keras(_published_keys(load_state_dict(path), spec), spec.torch_map(), None, path)
 
 
 def copy_by_name(arrays, names, path, backbone) -> dict[str, list[np.ndarray]]:

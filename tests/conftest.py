@@ -27,10 +27,12 @@ BIG_MODEL_PARAMS = 50_000_000
 # resnet152's bottlenecks and resnet18 resnet34's basic blocks; faster_rcnn_vgg16 fast_rcnn_vgg16's
 # trunk and head, fcn_resnet50 + deeplab_largefov deeplab_largefov_resnet50's, segnet_basic segnet's
 # argmax pooling. Their .keras and .h5 round trips run in the slow set.
+# The new classifier families use Keras' own layers only (the round trip tests kseg's serialization):
+# mobilenet_v3_small's round trips cover MobileNetV2's and DenseNet's, repvgg_a0's its siblings'.
 SIBLING_COVERED = {"fcn16s", "fcn32s", "fcn8s_atonce", "deeplab_largefov_resnet101", "fcn_resnet101", "resnet101",
                    "faster_rcnn_resnet101_c4", "rcnn_alexnet", "fcn_alexnet", "segnet_tutorial", "resnet152",
                    "resnet34", "vgg11", "vgg13", "vgg19", "vgg13_bn", "vgg19_bn", "fast_rcnn_vgg16",
-                   "deeplab_largefov_resnet50", "segnet"}
+                   "deeplab_largefov_resnet50", "segnet", "mobilenet_v2", "densenet121"}
 
 
 # Exporting a plainly saved model to TF Serving (test_models.py) traces and verifies four
@@ -41,7 +43,8 @@ EXPORT_DEFAULT_PARAMS = 22_000_000
 # argmax unpooling; hed: crops, deconvolutions and the edge signatures fsds' skeleton_images follows, tested on
 # its own in tests/test_fsds.py; the classification export of lenet5 and the recipes' end-to-end tests: a
 # classifier's signatures, which resnet18 / resnet34 add nothing to).
-EXPORT_SIBLING_COVERED = {"fsds", "segnet_tutorial", "resnet18", "resnet34"}
+EXPORT_SIBLING_COVERED = {"fsds", "segnet_tutorial", "resnet18", "resnet34", "mobilenet_v2", "densenet121",
+                          "repvgg_a0"}
 
 
 # Every generic test of these (build, forward, snapshot, save) is in the slow set: variants of a family whose
@@ -50,7 +53,14 @@ EXPORT_SIBLING_COVERED = {"fsds", "segnet_tutorial", "resnet18", "resnet34"}
 # The 101-layer ResNets beside the 50-layer ones and FCN-32s/16s/at-once beside FCN-8s likewise (their counts:
 # test_models.py's build-only test_parameter_count_without_a_run).
 GENERIC_SLOW = {"resnet152", "vgg11", "vgg13", "vgg19", "vgg13_bn", "vgg19_bn", "resnet101", "fcn_resnet101",
-                "deeplab_largefov_resnet101", "faster_rcnn_resnet101_c4", "fcn16s", "fcn32s", "fcn8s_atonce"}
+                "deeplab_largefov_resnet101", "faster_rcnn_resnet101_c4", "fcn16s", "fcn32s", "fcn8s_atonce",
+                "mobilenet_v3_large", "densenet169", "densenet201", "repvgg_a1", "repvgg_a2", "repvgg_b0",
+                "repvgg_b1"}
+
+# Classifiers whose fixed 224 top the conversion tests leave out (lenet5's, alexnet's and vgg16's are
+# converted whole): their trunks (include_top=False) at 64x64.
+TRUNK_ONLY = tuple(name for name in kseg.list_models(task="classification")
+                   if name not in ("lenet5", "alexnet", "vgg16"))
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m "not slow" deselects

@@ -14,6 +14,7 @@ import shutil
 import keras
 import numpy as np
 import pytest
+from conftest import TRUNK_ONLY
 
 import kseg
 from convert import api, formats
@@ -22,12 +23,8 @@ from convert.keras_format import save_keras
 from kseg.identity import build_metadata
 
 # Build options that keep a model small or fast where its default top is fixed-size and heavy.
-# Classifiers whose fixed 224 top is left out (vgg16's and resnet50's are covered): their trunks.
-TRUNK_ONLY = ("resnet18", "resnet34", "resnet152", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg19", "vgg19_bn")
 SMALL = {
     "vgg16": {"include_top": False},
-    "resnet50": {"include_top": False},
-    "resnet101": {"include_top": False},
     **{name: {"include_top": False} for name in TRUNK_ONLY},
     "rcnn_alexnet": {"num_proposals": 16},  # every proposal is an AlexNet pass: 16, not 2000
 }

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import TRUNK_ONLY
 
 import kseg
 from convert.io import OutputExistsError
@@ -20,23 +21,20 @@ from kseg.api import deployment_model
 
 # name -> (build kwargs, verification input size). Small sizes keep CI fast; odd sizes exercise
 # ceil-mode pooling, crops and "same"-padded argmax pooling.
-# Classifiers whose fixed 224 top is left out (vgg16's and resnet50's are covered): their trunks.
-TRUNK_ONLY = ("resnet18", "resnet34", "resnet152", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg19", "vgg19_bn")
 CASES = {name: ({}, (49, 67)) for name in kseg.list_models()}
 CASES.update({
     "lenet5": ({}, (32, 32)),
     "alexnet": ({}, (224, 224)),
     "vgg16": ({}, (224, 224)),
     "ssd300": ({}, (300, 300)),
-    "resnet50": ({"include_top": False}, (64, 64)),
-    "resnet101": ({"include_top": False}, (64, 64)),
     **{name: ({"include_top": False}, (64, 64)) for name in TRUNK_ONLY},
     "rcnn_alexnet": ({"num_proposals": 16}, (49, 67)),  # an AlexNet pass per proposal: 16, not 2000
 })
 # Together these cover every layer type: argmax pooling + unpooling (segnet_basic), dilated convs +
-# align-corners resize (deeplab_largefov), crops + transposed convs (fcn8s), six outputs (hed),
-# BatchNorm + residual adds (resnet50), LeNet's dense head.
-FAST = ["lenet5", "segnet_basic", "deeplab_largefov", "resnet50", "fcn8s", "hed"]
+# align-corners resize (deeplab_largefov), crops + transposed convs and six outputs (hed; fcn8s' are
+# the same layers at 134M parameters, slow), BatchNorm + residual adds (resnet50), depthwise convs,
+# hard-swish and squeeze-and-excitation (mobilenet_v3_small), LeNet's dense head.
+FAST = ["lenet5", "segnet_basic", "deeplab_largefov", "resnet50", "mobilenet_v3_small", "hed"]
 
 
 def _params(names):

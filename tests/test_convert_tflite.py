@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import TRUNK_ONLY
 
 import kseg
 from convert.io import OutputExistsError
@@ -14,16 +15,12 @@ from convert.verify import keras_runner, verify
 from kseg import identity as md
 from kseg.api import deployment_model
 
-# Classifiers whose fixed 224 top is left out (vgg16's and resnet50's are covered): their trunks.
-TRUNK_ONLY = ("resnet18", "resnet34", "resnet152", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg19", "vgg19_bn")
 CASES = {name: ({}, (49, 67)) for name in kseg.list_models()}
 CASES.update({
     "lenet5": ({}, (32, 32)),
     "alexnet": ({}, (224, 224)),
     "vgg16": ({}, (224, 224)),
     "ssd300": ({}, (300, 300)),
-    "resnet50": ({"include_top": False}, (64, 64)),
-    "resnet101": ({"include_top": False}, (64, 64)),
     **{name: ({"include_top": False}, (64, 64)) for name in TRUNK_ONLY},
     "rcnn_alexnet": ({"num_proposals": 16}, (49, 67)),  # an AlexNet pass per proposal: 16, not 2000
 })

@@ -83,8 +83,10 @@ def test_output_shape_and_finite(built):
     else:
         for out in outputs:
             assert out.shape[1:3] == x.shape[1:3], "dense prediction must come back at input size"
-    # Different inputs must give different outputs (a constant network would pass the shape checks).
-    assert not np.allclose(outputs[0][0], outputs[0][1])
+    # Different inputs must give different outputs (a constant network would pass the shape checks),
+    # relative to the outputs' scale: untrained MobileNets' logits are ~1e-10 in inference mode.
+    first = outputs[0]
+    assert np.abs(first[0] - first[1]).max() > 1e-3 * np.abs(first).max()
 
 
 def test_parameter_count_matches_reference(built):
