@@ -73,6 +73,11 @@ MODELS = {
     "deeplab_largefov": dict(size=(129, 129, 3), train_batch=2, dense=True),
     "hed": dict(size=(128, 128, 3), train_batch=2, dense=True),
     "fcn_resnet50": dict(size=(128, 128, 3), train_batch=2, dense=True),
+    # The modern families in the layout PyTorch users run (torchvision's; RepVGG: timm's train-time form).
+    "mobilenet_v2": dict(size=(224, 224, 3), train_batch=8, kwargs={"layout": "torchvision"}),
+    "mobilenet_v3_large": dict(size=(224, 224, 3), train_batch=8, kwargs={"layout": "torchvision"}),
+    "densenet121": dict(size=(224, 224, 3), train_batch=4, kwargs={"layout": "torchvision"}),
+    "repvgg_a0": dict(size=(224, 224, 3), train_batch=8),
     # A detector, timed with and without decoding + NMS (scripts/_bench_ssd.py): torchvision's
     # ssd300_vgg16 layout and its 91 COCO classes, at its own 300x300. Opt-in (--models ssd300).
     "ssd300": dict(size=(300, 300, 3), train_batch=None, detector=True,
@@ -455,6 +460,9 @@ def torch_module(name, spec_kwargs, num_classes):
                     x = F.max_pool2d(x, 2, 2, ceil_mode=True)
             return [*sides, self.fuse(torch.cat(sides, 1))]
 
+    reference = _test_reference(name, num_classes)  # the classifier families' modules of the test suite
+    if reference is not None:
+        return reference, "tests/torch_reference_*.py (torchvision's / timm's module names)"
     builders = {"lenet5": LeNet5, "alexnet": AlexNet, "vgg16": VGG16, "resnet50": ResNet50,
                 "fcn_resnet50": FCNResNet50, "fcn8s": FCN8s, "segnet": SegNet,
                 "deeplab_largefov": DeepLabLargeFOV, "hed": HED}
@@ -462,6 +470,30 @@ def torch_module(name, spec_kwargs, num_classes):
         raise ValueError(f"no PyTorch module for {name}; benchmarked models: {sorted(builders)}")
     return builders[name](), "written here (torchvision layout)" if name in (
         "alexnet", "vgg16", "resnet50", "fcn_resnet50") else "written here (paper / reference net)"
+
+
+def _test_reference(name, num_classes):
+    """The test suite's reference module for `name` (written with the reference's module names, so
+    kseg's torch map fills it), or None."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    try:
+        if name in ("mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small"):
+            import torch_reference_mobilenet as ref
+
+            if name == "mobilenet_v2":
+                return ref.MobileNetV2(num_classes=num_classes)
+            return ref.MobileNetV3(name.rsplit("_", 1)[1], num_classes=num_classes)
+        if name.startswith("densenet"):
+            import torch_reference_densenet as ref
+
+            return ref.DenseNet(name, num_classes=num_classes)
+        if name.startswith("repvgg"):
+            import torch_reference_repvgg as ref
+
+            return ref.RepVGG(name, num_classes=num_classes)
+        return None
+    finally:
+        sys.path.remove(os.path.join(ROOT, "tests"))
 
 
 def _DictOut(module):
