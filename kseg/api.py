@@ -23,7 +23,7 @@ def build_model(name, *, num_classes=None, input_shape=None, weights=None, backb
             torchvision-layout state_dict (.pth, .pt, .safetensors, .npz). Named weights set the
             build options their file needs (layout, num_classes) unless given, and the model
             records their name, preprocessing, class names and evaluation transform (kseg.identity).
-            For architectures with two published layouts (ResNet), a state_dict selects the
+            For architectures with two published layouts (ResNet, MobileNet, DenseNet), a state_dict selects the
             torchvision layout unless `layout` is given.
         backbone_weights: for dense-prediction models, ImageNet weights of the backbone
             classifier (a registered name of the backbone's weights, a keras.applications file or a
@@ -193,7 +193,7 @@ def _decode(model, raw, decoder):
 
 def layout_options(name, *weight_files) -> dict:
     """The build options a weight file implies: a torchvision state_dict (full or backbone) selects
-    the torchvision layout where `name` has two (ResNet); {} otherwise."""
+    the torchvision layout where `name` has two (ResNet, MobileNet, DenseNet); {} otherwise."""
     from kseg import weights as weights_mod
 
     for path in weight_files:

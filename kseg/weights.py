@@ -177,12 +177,13 @@ _TORCH_SUFFIXES = {
     "conv": ("weight", "bias"),
     "depthwise": ("weight", "bias"),
     "dense": ("weight", "bias"),
+    "in_proj": ("in_proj_weight", "in_proj_bias"),  # torch.nn.MultiheadAttention's fused q, k, v projection
     "dense_nchw": ("weight", "bias"),
     "bn": ("weight", "bias", "running_mean", "running_var"),
     "vector": ("",),  # the prefix is the key
 }
 # Kinds whose bias follows the layer's use_bias.
-_BIASED = ("conv", "depthwise", "dense", "dense_nchw")
+_BIASED = ("conv", "depthwise", "dense", "in_proj", "dense_nchw")
 
 
 def _torch_key(prefix, suffix):
@@ -199,7 +200,7 @@ def _convert(array, entry: TorchMapping, index: int) -> np.ndarray:
         return a.transpose(2, 3, 1, 0)  # OIHW -> HWIO
     if entry.kind == "depthwise":
         return a.transpose(2, 3, 0, 1)  # (C, 1, kh, kw) -> DepthwiseConv2D's (kh, kw, C, 1)
-    if entry.kind == "dense":
+    if entry.kind in ("dense", "in_proj"):
         return a.T
     c, h, w = entry.chw
     if a.ndim != 2 or a.shape[1] != c * h * w:
@@ -223,7 +224,7 @@ def keras_to_torch(model, table: list[TorchMapping]) -> dict[str, np.ndarray]:
                 a = a.transpose(3, 2, 0, 1)
             elif i == 0 and entry.kind == "depthwise":
                 a = a.transpose(2, 3, 0, 1)
-            elif i == 0 and entry.kind == "dense":
+            elif i == 0 and entry.kind in ("dense", "in_proj"):
                 a = a.T
             elif i >= 2 and entry.kind == "bn" and entry.input_scale != 1.0:
                 a = a / np.float32(entry.input_scale ** (i - 1))
