@@ -130,12 +130,12 @@ class TorchMapping:
     """One torchvision module (a state_dict key prefix) and the Keras layer holding its weights.
 
     kind: "conv" (OIHW <-> HWIO), "depthwise" (a groups=C conv's (C, 1, kh, kw) <-> DepthwiseConv2D's
-    (kh, kw, C, 1); depth multiplier 1), "in_proj" (torch.nn.MultiheadAttention's fused query / key / value
-    projection, `in_proj_weight` (3D, D) / `in_proj_bias`, into a Dense of 3D units), "bn" (weight/bias/running_mean/running_var), "dense"
-    (out,in <-> in,out), "dense_nchw" (a dense layer right after a flatten of a
-    (C, H, W) map: torchvision flattens NCHW, Keras NHWC, so rows are permuted) or
-    "vector" (the prefix is itself the key of a parameter of any shape, the layer's only weight, as is,
-    e.g. SSD's `backbone.scale_weight`).
+    (kh, kw, C, 1); depth multiplier 1), "bn" (weight/bias/running_mean/running_var), "dense"
+    (out,in <-> in,out), "in_proj" (torch.nn.MultiheadAttention's fused query / key / value projection,
+    `in_proj_weight` (3D, D) and `in_proj_bias`, into a Dense of 3D units), "dense_nchw" (a dense layer
+    right after a flatten of a (C, H, W) map: torchvision flattens NCHW, Keras NHWC, so rows are
+    permuted) or "vector" (the prefix is itself the key of a parameter of any shape, the layer's only
+    weight, as is, e.g. SSD's `backbone.scale_weight`, a ViT's class token).
 
     input_scale (kind "bn"): the Keras layer's inputs are the torch module's times this (an input
     BatchNorm fed 0..255 pixels where the module was fed 0..1: 255); its running statistics are

@@ -42,6 +42,11 @@ CLASSIFIERS = {
     "vgg16_imagenet": _set("data.val_split=test", "model_options.num_classes=3",
                            "model_options.input_shape=[32, 32, 3]", "data.crop=[32, 32]", "data.scale=[36, 44]",
                            "data.eval_resize=40", "data.eval_crop=32"),
+    # The modern families' recipes (RMSprop + weight EMA, cosine per iteration, piecewise) at 32x32.
+    **{name: _set("data.val_split=test", "model_options.num_classes=3", "model_options.input_shape=[32, 32, 3]",
+                  "data.crop=[32, 32]", "data.eval_resize=40", "data.eval_crop=32")
+       for name in ("mobilenet_v2_imagenet", "mobilenet_v3_large_imagenet", "densenet121_imagenet",
+                    "repvgg_a0_imagenet")},
 }
 RECIPES = [*CLASSIFIERS, "hed_bsds"]
 
