@@ -347,10 +347,17 @@ def verify_cache(model: str | None = None) -> list[tuple[WeightsEntry, str, str 
 # --- the published weights ----------------------------------------------------------
 
 # Licences. keras.applications: the notice of fchollet/deep-learning-models README.md ("License"),
-# where keras.applications' weights were first published. torchvision: pytorch/vision README.md
+# where keras.applications' weights were first published; DenseNet and MobileNetV3 are not in that notice:
+# the licences of the releases they were converted from. torchvision: pytorch/vision README.md
 # ("Pre-trained Model License").
 _VGG_LICENSE = "CC BY 4.0 (VGG's Oxford release, ported by Keras)"
 _RESNET_LICENSE = "MIT (Kaiming He's deep-residual-networks release, ported by Keras)"
+_DENSENET_LICENSE = "BSD-3-Clause (Zhuang Liu's Torch DenseNet release, ported by Keras)"
+_DENSENET_LICENSE_SOURCE = ("licence: liuzhuang13/DenseNet LICENSE (the Torch release keras-team/keras-applications "
+                            "README.md cites for DenseNet121/169/201)")
+_MOBILENET_V3_LICENSE = "Apache-2.0 (TensorFlow Models' MobileNetV3 checkpoints, converted by Keras)"
+_MOBILENET_V3_LICENSE_SOURCE = ("licence: tensorflow/models LICENSE (research/slim's MobileNetV3 checkpoints, which "
+                                "keras/src/applications/mobilenet_v3.py's table names)")
 _TV_LICENSE = ("torchvision: BSD-3-Clause code; its weights 'may have their own licenses or terms and conditions "
                "derived from the dataset used for training' ({data})")
 _KERAS_LICENSE_SOURCE = "licence: fchollet/deep-learning-models README.md (License)"
@@ -358,19 +365,25 @@ _TV_LICENSE_SOURCE = "licence: pytorch/vision README.md (Pre-trained Model Licen
 _KERAS_TABLE = "size and accuracy: https://keras.io/api/applications/ (Available models)"
 
 
-def _keras(model, cls, module, url, md5, notop_md5, size_mb, top1, top5, constants, license):
-    base = dict(model=model, layout="keras", preprocessing="caffe", license=license)
+def _keras(model, cls, module, url, md5, notop_md5, size_mb, top1, top5, constants, license, *,
+           preprocessing="caffe", notop_url=None, metric_source=_KERAS_TABLE, license_source=_KERAS_LICENSE_SOURCE,
+           note="", notop_note=None):
+    """keras.applications' `imagenet` file and its `imagenet_notop` (notop_url: default the `_notop.h5` name).
+    preprocessing: the file's input (keras.applications' preprocess_input mode); top5 None: one published figure;
+    note, notop_note: appended to the descriptions (notop_note: default note)."""
+    base = dict(model=model, layout="keras", preprocessing=preprocessing, license=license)
     where = f"keras-team/keras keras/src/applications/{module} ({constants})"
+    metric = {"dataset": "ImageNet-1K", "acc@1": top1, **({"acc@5": top5} if top5 is not None else {})}
     _add(WeightsEntry(
-        name="imagenet", url=url, md5=md5, size_mb=size_mb, classes="imagenet",
-        metric={"dataset": "ImageNet-1K", "acc@1": top1, "acc@5": top5},
-        source=f"URL, md5: {where}; {_KERAS_TABLE}; class names: kseg/classnames/imagenet.txt (torchvision's; keras' "
-               f"imagenet_class_index.json has the same order); {_KERAS_LICENSE_SOURCE}",
-        description=f"keras.applications.{cls}(weights='imagenet')", **base))
+        name="imagenet", url=url, md5=md5, size_mb=size_mb, classes="imagenet", metric=metric,
+        source=f"URL, md5: {where}; {metric_source}; class names: kseg/classnames/imagenet.txt (torchvision's; keras' "
+               f"imagenet_class_index.json has the same order); {license_source}",
+        description=f"keras.applications.{cls}(weights='imagenet'){note}", **base))
     _add(WeightsEntry(
-        name="imagenet_notop", url=url.replace(".h5", "_notop.h5"), md5=notop_md5, options={"include_top": False},
-        source=f"URL, md5: {where}; {_KERAS_LICENSE_SOURCE}",
-        description=f"keras.applications.{cls}(weights='imagenet', include_top=False)", **base))
+        name="imagenet_notop", url=notop_url or url.replace(".h5", "_notop.h5"), md5=notop_md5,
+        options={"include_top": False}, source=f"URL, md5: {where}; {license_source}",
+        description=f"keras.applications.{cls}(weights='imagenet', include_top=False)"
+                    f"{note if notop_note is None else notop_note}", **base))
 
 
 def _tv(model, name, enum, module, url, size_mb, metric, *, preprocessing="torch", layout=None,
@@ -406,6 +419,46 @@ for _arch, _cls, _md5, _notop, _size, _t1, _t5 in (
          76.4, 92.8)):
     _keras(_arch, _cls, "resnet.py", f"{_KEY}/resnet/{_arch}_weights_tf_dim_ordering_tf_kernels.h5", _md5, _notop,
            _size, _t1, _t5, "BASE_WEIGHTS_PATH, WEIGHTS_HASHES", _RESNET_LICENSE)
+# DenseNet: keras.applications.densenet.preprocess_input is "torch" mode. The files' layer names are those of
+# keras-team/keras-applications' densenet.py, which has the same file_hash values: `conv1/conv`, `conv1/bn` and
+# `fc1000` where Keras 3 (and kseg) have `conv1_conv`, `conv1_bn` and `predictions`; every other name is the same.
+_DENSENET_NOTE = " (file layer names conv1/conv, conv1/bn, fc1000: Keras 3's conv1_conv, conv1_bn, predictions)"
+_DENSENET_NOTOP_NOTE = " (file layer names conv1/conv, conv1/bn: Keras 3's conv1_conv, conv1_bn)"
+for _arch, _cls, _md5, _notop, _size, _t1, _t5 in (
+        ("densenet121", "DenseNet121", "9d60b8095a5708f2dcce2bca79d332c7", "30ee3e1110167f948a6b9946edeeb738", 33,
+         75.0, 92.3),
+        ("densenet169", "DenseNet169", "d699b8f76981ab1b30698df4c175e90b", "b8c4d4c20dd625c148057b9ff1c1176b", 57,
+         76.2, 93.2),
+        ("densenet201", "DenseNet201", "1ceb130c1ea1b78c3bf6114dbdfd8807", "c13680b51ded0fb44dff2d8f86ac8bb1", 80,
+         77.3, 93.6)):
+    _keras(_arch, _cls, "densenet.py", f"{_KEY}/densenet/{_arch}_weights_tf_dim_ordering_tf_kernels.h5", _md5,
+           _notop, _size, _t1, _t5, f"{_arch.upper()}_WEIGHT_PATH, {_arch.upper()}_WEIGHT_PATH_NO_TOP, file_hash",
+           _DENSENET_LICENSE, preprocessing="torch", license_source=_DENSENET_LICENSE_SOURCE, note=_DENSENET_NOTE,
+           notop_note=_DENSENET_NOTOP_NOTE)
+# MobileNetV3 (alpha 1.0, 224, not minimalistic: WEIGHTS_HASHES["large_224_1.0_float"] etc.). keras.applications'
+# model rescales its input itself (include_preprocessing=True: a Rescaling layer, x / 127.5 - 1, without weights,
+# so the files hold none for it); kseg's model has no such layer and takes the rescaled input ("tf"). The files'
+# layer names are those of tf.keras 2's mobilenet_v3.py, which has the same WEIGHTS_HASHES (`Conv`, `Conv/BatchNorm`,
+# `expanded_conv/depthwise`, `.../squeeze_excite/Conv`, `Conv_2`, `Logits`, ...) where Keras 3 (and kseg) have
+# `conv`, `conv_bn`, `expanded_conv_depthwise`, `..._squeeze_excite_conv`, `conv_2`, `logits`: `/BatchNorm` -> `_bn`,
+# `/` -> `_`, lower case. No documented size; the accuracy is keras' docstring table's (top-1 only): keras.io's
+# Available models table has no MobileNetV3.
+_V3_NOTE = (" (input x / 127.5 - 1: the file's Rescaling layer has no weights, kseg's model has none; file layer "
+            "names tf.keras 2's: Conv/BatchNorm, expanded_conv/depthwise, ... for Keras 3's conv_bn, "
+            "expanded_conv_depthwise, ...)")
+for _arch, _cls, _size, _md5, _notop, _t1 in (
+        ("mobilenet_v3_large", "MobileNetV3Large", "large", "59e551e166be033d707958cf9e29a6a7",
+         "07fb09a5933dd0c8eaafa16978110389", 75.6),
+        ("mobilenet_v3_small", "MobileNetV3Small", "small", "8768d4c2e7dee89b9d02b2d03d65d862",
+         "d3e8ec802a04aa4fc771ee12a9a9b836", 68.1)):
+    _keras(_arch, _cls, "mobilenet_v3.py", f"{_KEY}/mobilenet_v3/weights_mobilenet_v3_{_size}_224_1.0_float.h5",
+           _md5, _notop, None, _t1, None, "BASE_WEIGHT_PATH, WEIGHTS_HASHES, file_name", _MOBILENET_V3_LICENSE,
+           preprocessing="tf", notop_url=f"{_KEY}/mobilenet_v3/weights_mobilenet_v3_{_size}_224_1.0_float_no_top_v2.h5",
+           metric_source=f"accuracy: keras/src/applications/mobilenet_v3.py (BASE_DOCSTRING's table, "
+                         f"mobilenet_v3_{_size}_1.0_224 Top1 Accuracy)",
+           license_source=_MOBILENET_V3_LICENSE_SOURCE, note=_V3_NOTE)
+# MobileNetV2: keras.applications publishes no hash for its files (mobilenet_v2.py fetches them without a
+# file_hash), and an entry needs one: not registered.
 
 _tv("alexnet", "imagenet_torchvision", "AlexNet_Weights.IMAGENET1K_V1", "alexnet.py",
     f"{_PT}/alexnet-owt-7be5be79.pth", 233.087, _imagenet(56.522, 79.066), eval_transform=_TV_CROP)
@@ -434,3 +487,31 @@ for _arch, _enum, _url, _size, _miou, _acc in (
 _tv("ssd300", "coco", "SSD300_VGG16_Weights.COCO_V1", "detection/ssd.py", f"{_PT}/ssd300_vgg16_coco-b556d3b4.pth",
     135.988, {"dataset": "COCO-val2017", "box_map": 25.1}, preprocessing="torch_ssd", layout="torchvision",
     options={"num_classes": 91}, classes="coco91", data="COCO")
+# Classifier families: ImageClassification(crop_size=224) (V1: resize 256) or resize_size=232 (V2), bilinear.
+for _name, _enum, _url, _size, _metric, _transform in (
+        ("imagenet_torchvision", "IMAGENET1K_V1", "mobilenet_v2-b0353104.pth", 13.555, _imagenet(71.878, 90.286),
+         _TV_CROP),
+        ("imagenet_torchvision_v2", "IMAGENET1K_V2", "mobilenet_v2-7ebf99e0.pth", 13.598, _imagenet(72.154, 90.822),
+         _TV_CROP_V2)):
+    _tv("mobilenet_v2", _name, f"MobileNet_V2_Weights.{_enum}", "mobilenetv2.py", f"{_PT}/{_url}", _size, _metric,
+        layout="torchvision", eval_transform=_transform)
+for _name, _enum, _url, _size, _metric, _transform in (
+        ("imagenet_torchvision", "IMAGENET1K_V1", "mobilenet_v3_large-8738ca79.pth", 21.114,
+         _imagenet(74.042, 91.340), _TV_CROP),
+        ("imagenet_torchvision_v2", "IMAGENET1K_V2", "mobilenet_v3_large-5c1a4163.pth", 21.107,
+         _imagenet(75.274, 92.566), _TV_CROP_V2)):
+    _tv("mobilenet_v3_large", _name, f"MobileNet_V3_Large_Weights.{_enum}", "mobilenetv3.py", f"{_PT}/{_url}", _size,
+        _metric, layout="torchvision", eval_transform=_transform)
+_tv("mobilenet_v3_small", "imagenet_torchvision", "MobileNet_V3_Small_Weights.IMAGENET1K_V1", "mobilenetv3.py",
+    f"{_PT}/mobilenet_v3_small-047dcff4.pth", 9.829, _imagenet(67.668, 87.402), layout="torchvision",
+    eval_transform=_TV_CROP)
+# DenseNet: ported from LuaTorch; the files keep the pre-0.3 dense-layer keys (`norm.1`, `conv.1`, ...), which the
+# model spec's torch_keys renames before the import.
+for _arch, _cls, _url, _size, _metric in (
+        ("densenet121", "DenseNet121", "densenet121-a639ec97.pth", 30.845, _imagenet(74.434, 91.972)),
+        ("densenet169", "DenseNet169", "densenet169-b2777c0a.pth", 54.708, _imagenet(75.600, 92.806)),
+        ("densenet201", "DenseNet201", "densenet201-c1103571.pth", 77.373, _imagenet(76.896, 93.370))):
+    _tv(_arch, "imagenet_torchvision", f"{_cls}_Weights.IMAGENET1K_V1", "densenet.py", f"{_PT}/{_url}", _size, _metric,
+        layout="torchvision", eval_transform=_TV_CROP)
+# RepVGG (timm's layout): timm publishes its files on the Hugging Face hub by repository id only
+# (hf_hub_id="timm/", e.g. timm/repvgg_a0.rvgg_in1k), with no file hash in its source: not registered.

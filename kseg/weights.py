@@ -7,6 +7,7 @@ half-loaded.
 
 from __future__ import annotations
 
+import logging
 import os
 import zipfile
 
@@ -14,6 +15,8 @@ import numpy as np
 
 from kseg.registry import ModelSpec, TorchMapping, get_spec
 from kseg.statedict import WeightsFileError, load_state_dict
+
+log = logging.getLogger(__name__)
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".npz")
@@ -43,7 +46,7 @@ def load_weights(model, path, *, spec: ModelSpec | None = None):
     """Load `path` into `model` (Keras files by layer name; state_dicts via the spec's torch map)."""
     path = os.fspath(path)
     if detect_format(path) == "keras":
-        arrays = read_keras_weights(path)
+        arrays = _by_position_if_renamed(model, read_keras_weights(path), path)
     else:
         if spec is None or spec.torch_map is None:
             name = spec.name if spec else model.name
@@ -87,6 +90,27 @@ def read_keras_weights(path) -> dict[str, list[np.ndarray]]:
         raise
     except (OSError, zipfile.BadZipFile, KeyError) as e:
         raise WeightsFileError(f"{path}: cannot read Keras weights ({e}); is the file complete?") from None
+
+
+def _by_position_if_renamed(model, arrays, path):
+    """`arrays` keyed by the model's layer names where the file names its layers otherwise.
+
+    keras.applications' DenseNet and MobileNetV3 files were written by older Keras code whose layer
+    names (`conv1/conv`, `Conv/BatchNorm`, `fc1000`) differ from today's; Keras itself loads such
+    files by position (the weighted layers in order). So does this, only when the names do not fit
+    and every weighted layer's shapes agree in order; otherwise the names stand and assign_weights
+    names what is missing.
+    """
+    weighted = [layer for layer in model.layers if layer.weights]
+    if all(layer.name in arrays for layer in weighted) or len(arrays) != len(weighted):
+        return arrays
+    pairs = list(zip(weighted, arrays.items()))
+    if any([tuple(a.shape) for a in got] != [tuple(v.shape) for v in layer.weights] for layer, (_, got) in pairs):
+        return arrays
+    renamed = [(name, layer.name) for layer, (name, _) in pairs if name != layer.name]
+    log.info("%s: %d layers named otherwise (e.g. %s -> %s) loaded by position, as Keras loads this file",
+             path, len(renamed), *renamed[0])
+    return {layer.name: got for layer, (_, got) in pairs}
 
 
 def _text(value):
@@ -180,6 +204,7 @@ _TORCH_SUFFIXES = {
     "in_proj": ("in_proj_weight", "in_proj_bias"),  # torch.nn.MultiheadAttention's fused q, k, v projection
     "dense_nchw": ("weight", "bias"),
     "bn": ("weight", "bias", "running_mean", "running_var"),
+    "layernorm": ("weight", "bias"),  # nn.LayerNorm's scale and shift: Keras' gamma, beta as they are
     "vector": ("",),  # the prefix is the key
 }
 # Kinds whose bias follows the layer's use_bias.
@@ -194,7 +219,7 @@ def _convert(array, entry: TorchMapping, index: int) -> np.ndarray:
     a = np.asarray(array, dtype=np.float32)
     if entry.kind == "bn" and index >= 2 and entry.input_scale != 1.0:  # running mean, running variance
         return a * np.float32(entry.input_scale ** (index - 1))
-    if index != 0 or entry.kind in ("bn", "vector"):
+    if index != 0 or entry.kind in ("bn", "layernorm", "vector"):
         return a
     if entry.kind == "conv":
         return a.transpose(2, 3, 1, 0)  # OIHW -> HWIO

@@ -348,3 +348,152 @@ def test_training_with_a_named_backbone_feeds_the_weights_preprocessing(home, mo
     recipe, _, _ = _named_backbone(pets, "imagenet_notop")
     assert input_preprocessing(recipe) == input_preprocessing(pets) and "preprocessing" not in recipe.data
     assert _named_backbone(pets, "vgg16.h5") == (pets, "vgg16.h5", None)
+
+
+# --- the classifier families' entries (MobileNetV2/V3, DenseNet) ------------------------------------
+
+# torchvision's num_params (its Weights enums' meta; trainable parameters here, in either layout: Keras'
+# count_params() adds the BatchNorm moving statistics) and the classes of each family's entries.
+TV_PARAMS = {"mobilenet_v2": 3_504_872, "mobilenet_v3_large": 5_483_032, "mobilenet_v3_small": 2_542_856,
+             "densenet121": 7_978_856, "densenet169": 14_149_480, "densenet201": 20_013_928}
+FAMILY_WEIGHTS = {
+    # keras.applications publishes no hash for MobileNetV2's files: torchvision's only.
+    "mobilenet_v2": {"imagenet_torchvision", "imagenet_torchvision_v2"},
+    "mobilenet_v3_large": {"imagenet", "imagenet_notop", "imagenet_torchvision", "imagenet_torchvision_v2"},
+    "mobilenet_v3_small": {"imagenet", "imagenet_notop", "imagenet_torchvision"},
+    **{f"densenet{n}": {"imagenet", "imagenet_notop", "imagenet_torchvision"} for n in (121, 169, 201)},
+}
+# torchvision's files (torchvision/models/mobilenetv2.py, mobilenetv3.py, densenet.py): URL file name,
+# _file_size, acc@1, acc@5, ImageClassification's resize_size (crop 224, bilinear).
+TV_FILES = {
+    ("mobilenet_v2", "IMAGENET1K_V1"): ("mobilenet_v2-b0353104.pth", 13.555, 71.878, 90.286, 256),
+    ("mobilenet_v2", "IMAGENET1K_V2"): ("mobilenet_v2-7ebf99e0.pth", 13.598, 72.154, 90.822, 232),
+    ("mobilenet_v3_large", "IMAGENET1K_V1"): ("mobilenet_v3_large-8738ca79.pth", 21.114, 74.042, 91.340, 256),
+    ("mobilenet_v3_large", "IMAGENET1K_V2"): ("mobilenet_v3_large-5c1a4163.pth", 21.107, 75.274, 92.566, 232),
+    ("mobilenet_v3_small", "IMAGENET1K_V1"): ("mobilenet_v3_small-047dcff4.pth", 9.829, 67.668, 87.402, 256),
+    ("densenet121", "IMAGENET1K_V1"): ("densenet121-a639ec97.pth", 30.845, 74.434, 91.972, 256),
+    ("densenet169", "IMAGENET1K_V1"): ("densenet169-b2777c0a.pth", 54.708, 75.600, 92.806, 256),
+    ("densenet201", "IMAGENET1K_V1"): ("densenet201-c1103571.pth", 77.373, 76.896, 93.370, 256),
+}
+
+
+def _family_entries():
+    return [e for model in FAMILY_WEIGHTS for e in pretrained.list_weights(model)]
+
+
+def test_the_classifier_families_entries_are_complete():
+    assert {m: {e.name for e in pretrained.list_weights(m)} for m in FAMILY_WEIGHTS} == FAMILY_WEIGHTS
+    for e in _family_entries():
+        where = f"{e.model} {e.name}"
+        spec = kseg.get_spec(e.model)
+        top = e.options.get("include_top", True)
+        assert e.license and "licence:" in e.source and e.description, where
+        assert e.resolved_preprocessing() == spec.preprocessing_for(e.layout), where
+        assert e.resolved_preprocessing().kind == ("tf" if e.model.startswith("mobilenet") and e.layout == "keras"
+                                                   else "torch"), where
+        if top:  # a classifier file: its 1000 classes and the publisher's top-1 accuracy
+            assert e.classes == "imagenet" and len(e.class_names) == spec.num_classes == 1000, where
+            assert e.metric["dataset"] == "ImageNet-1K" and e.metric["acc@1"] > 60, where
+        else:
+            assert e.classes is None and not e.metric and e.layout == "keras", where
+        if e.layout == "torchvision":
+            file_name, size, top1, top5, resize = TV_FILES[(e.model, e.aliases[0])]
+            assert e.url == f"https://download.pytorch.org/models/{file_name}", where
+            assert (e.size_mb, e.metric, e.eval_transform) == \
+                (size, {"dataset": "ImageNet-1K", "acc@1": top1, "acc@5": top5}, (resize, 224, "bilinear")), where
+        else:
+            assert e.layout == "keras" and e.md5 and e.sha256 is None and e.eval_transform is None, where
+
+
+def _keras_source(module):
+    import importlib.util
+
+    with open(importlib.util.find_spec(f"keras.src.applications.{module}").origin, encoding="utf-8") as f:
+        return f.read()
+
+
+def test_the_keras_entries_have_keras_own_urls_and_hashes():
+    # Against the installed keras' own source, which downloads these files.
+    from keras.src.applications import densenet, mobilenet_v3
+
+    text = _keras_source("densenet")
+    for arch in ("densenet121", "densenet169", "densenet201"):
+        top, notop = pretrained.get_weights(arch, "imagenet"), pretrained.get_weights(arch, "imagenet_notop")
+        assert top.url == getattr(densenet, f"{arch.upper()}_WEIGHT_PATH")
+        assert notop.url == getattr(densenet, f"{arch.upper()}_WEIGHT_PATH_NO_TOP")
+        for entry in (top, notop):
+            assert re.search(rf'"{entry.filename}",\s*{arch.upper()}_WEIGHT_PATH\w*,\s*cache_subdir="models",\s*'
+                             rf'file_hash="{entry.md5}"', text), entry
+    for arch, size in (("mobilenet_v3_large", "large"), ("mobilenet_v3_small", "small")):
+        top, notop = pretrained.get_weights(arch, "imagenet"), pretrained.get_weights(arch, "imagenet_notop")
+        model_name = f"{size}_224_1.0_float"  # alpha 1.0, not minimalistic: build_model's defaults
+        assert (top.md5, notop.md5) == mobilenet_v3.WEIGHTS_HASHES[model_name]
+        assert top.url == f"{mobilenet_v3.BASE_WEIGHT_PATH}weights_mobilenet_v3_{model_name}.h5"
+        assert notop.url == f"{mobilenet_v3.BASE_WEIGHT_PATH}weights_mobilenet_v3_{model_name}_no_top_v2.h5"
+    assert 'f"weights_mobilenet_v3_{model_name}_no_top_v2.h5"' in _keras_source("mobilenet_v3")
+    # Were keras to publish MobileNetV2's hashes, they belong in the registry.
+    assert "file_hash" not in _keras_source("mobilenet_v2")
+
+
+def _build_each(entries):
+    """Each entry's build options built once (no weights): the output the file fits, and the trainable count."""
+    import keras
+
+    seen = set()
+    for e in entries:
+        options = pretrained.build_options(e, kseg.get_spec(e.model).layouts)
+        key = (e.model, tuple(sorted(options.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        model = kseg.build_model(e.model, **options)
+        trainable = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+        if e.options.get("include_top", True):
+            assert model.output_shape == (None, 1000) and trainable == TV_PARAMS[e.model], (e, trainable)
+        else:
+            assert len(model.output_shape) == 4 and not any(layer.name == "predictions" for layer in model.layers), e
+        keras.backend.clear_session()
+    return seen
+
+
+def test_the_mobilenet_entries_build_options_build_the_model():
+    entries = [e for e in _family_entries() if e.model.startswith("mobilenet")]
+    assert len(_build_each(entries)) == 7  # v2: torchvision; v3 large, small: keras, keras without top, torchvision
+
+
+@pytest.mark.slow
+def test_the_densenet_entries_build_options_build_the_model():
+    assert len(_build_each([e for e in _family_entries() if e.model.startswith("densenet")])) == 9
+
+
+def test_a_torchvision_family_entry_loads_torchvision_keys_and_records_its_identity(home, tmp_path, monkeypatch):
+    # A state_dict with torchvision's module names (the test suite's reference module) stands in for the download.
+    torch = pytest.importorskip("torch")
+    import torch_reference_mobilenet as ref
+
+    torch.manual_seed(0)
+    state = ref.MobileNetV3("small").state_dict()
+    path = tmp_path / "mobilenet_v3_small-047dcff4.pth"
+    torch.save(state, path)
+    monkeypatch.setattr(pretrained, "ensure", lambda entry, **_: str(path))
+    model = kseg.build_model("mobilenet_v3_small", weights="IMAGENET1K_V1")
+    kernel, bias = model.get_layer("predictions").get_weights()
+    np.testing.assert_array_equal(kernel, state["classifier.3.weight"].numpy().T)
+    np.testing.assert_array_equal(bias, state["classifier.3.bias"].numpy())
+    ident = identify(model)
+    assert (ident.weights, ident.layout, ident.preprocessing, ident.eval_transform) == \
+        ("imagenet_torchvision", "torchvision", TORCH, (256, 224, "bilinear"))
+    assert ident.class_names == pretrained.load_class_names("imagenet")
+
+
+@pytest.mark.parametrize("model,name,algo", [("densenet121", "imagenet", "md5"),
+                                             ("mobilenet_v3_small", "imagenet_notop", "md5"),
+                                             ("mobilenet_v2", "imagenet_torchvision_v2", "sha256")])
+def test_a_family_file_with_another_hash_is_refused_and_nothing_is_cached(home, monkeypatch, model, name, algo):
+    entry = pretrained.get_weights(model, name)
+    with serving({f"/mirror/{entry.filename}": (b"not the published weights", "ok")}) as (server, origin):
+        monkeypatch.setenv("KSEG_WEIGHTS_MIRROR", f"{origin}/mirror")
+        with pytest.raises(pretrained.WeightsHashError, match=f"its {algo} is"):
+            kseg.build_model(model, weights=name)
+        assert server.requests == [f"/mirror/{entry.filename}"]
+    assert _cache_files(home) in ([], [model])

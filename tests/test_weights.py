@@ -205,3 +205,46 @@ def test_state_dict_for_model_without_torchvision_layout(tmp_path):
     np.savez(path, w=np.zeros(3))
     with pytest.raises(ValueError, match="lenet5 has no torchvision layout"):
         kseg.build_model("lenet5", weights=path)
+
+
+def _renamed_legacy_copy(src, dst, rename):
+    """A copy of a legacy-HDF5 weights file with layers renamed as older Keras named them (nested groups
+    for names with '/', weight names under the new name, as tf.keras 2 wrote them)."""
+    import h5py
+
+    def text(v):
+        return v.decode() if isinstance(v, bytes) else v
+
+    with h5py.File(src, "r") as f, h5py.File(dst, "w") as g:
+        layer_names = []
+        for name in map(text, f.attrs["layer_names"]):
+            new = rename.get(name, name)
+            group = g.require_group(new)
+            weight_names = []
+            for w in map(text, f[name].attrs["weight_names"]):
+                key = f"{new}/{w.split('/', 1)[1]}:0"
+                group[key] = f[name][w][()]
+                weight_names.append(key.encode())
+            group.attrs["weight_names"] = weight_names
+            layer_names.append(new.encode())
+        g.attrs["layer_names"] = layer_names
+
+
+def test_keras_file_with_older_layer_names_loads_by_position_as_keras_does(tmp_path, rng, caplog):
+    # keras.applications' MobileNetV3 files name layers `Conv`, `Conv/BatchNorm`, ... (tf.keras 2's code);
+    # DenseNet's `conv1/conv`, `fc1000`. Keras loads them by position; so does kseg when every shape agrees.
+    keras.utils.set_random_seed(0)
+    source = kseg.build_model("mobilenet_v3_small", include_top=False, input_shape=(64, 64, 3))
+    save_legacy_h5(source, tmp_path / "new.h5")
+    old = tmp_path / "old_names.h5"
+    _renamed_legacy_copy(tmp_path / "new.h5", old, {"conv": "Conv", "conv_bn": "Conv/BatchNorm",
+                                                   "expanded_conv_depthwise": "expanded_conv/depthwise"})
+    with caplog.at_level("INFO", logger="kseg.weights"):
+        model = kseg.build_model("mobilenet_v3_small", include_top=False, input_shape=(64, 64, 3), weights=old)
+    assert "loaded by position" in caplog.text and "Conv -> conv" in caplog.text
+    x = rng.uniform(-1, 1, (1, 64, 64, 3)).astype("float32")
+    np.testing.assert_array_equal(model.predict(x, verbose=0), source.predict(x, verbose=0))
+    # Another architecture's file (shapes differ in order): no positional guess, the missing names are named.
+    with pytest.raises(WeightsMismatchError, match="layers missing from the file: .*'conv'"):
+        kseg.build_model("mobilenet_v3_small", include_top=False, input_shape=(64, 64, 3), alpha=0.75, weights=old)
+    keras.backend.clear_session()
