@@ -225,7 +225,9 @@ def _count(layer, ins, outs, prefix) -> LayerFlops:
     params = int(sum(math.prod(w.shape) for w in layer.weights))
     macs = flops = 0
     out_size = math.prod(out_shape) if out_shape else 0
-    if isinstance(layer, L.SeparableConv2D):
+    if callable(getattr(layer, "count_macs", None)):  # a layer that counts itself (attention's matrix products)
+        macs = int(layer.count_macs(in_shape))
+    elif isinstance(layer, L.SeparableConv2D):
         kh, kw = layer.kernel_size
         c_in = in_shape[-1]
         spatial = out_size // out_shape[-1]

@@ -130,7 +130,8 @@ class TorchMapping:
     """One torchvision module (a state_dict key prefix) and the Keras layer holding its weights.
 
     kind: "conv" (OIHW <-> HWIO), "depthwise" (a groups=C conv's (C, 1, kh, kw) <-> DepthwiseConv2D's
-    (kh, kw, C, 1); depth multiplier 1), "bn" (weight/bias/running_mean/running_var), "dense"
+    (kh, kw, C, 1); depth multiplier 1), "bn" (weight/bias/running_mean/running_var), "layernorm"
+    (weight/bias as gamma/beta), "dense"
     (out,in <-> in,out), "in_proj" (torch.nn.MultiheadAttention's fused query / key / value projection,
     `in_proj_weight` (3D, D) and `in_proj_bias`, into a Dense of 3D units), "dense_nchw" (a dense layer
     right after a flatten of a (C, H, W) map: torchvision flattens NCHW, Keras NHWC, so rows are

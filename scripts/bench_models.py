@@ -78,6 +78,8 @@ MODELS = {
     "mobilenet_v3_large": dict(size=(224, 224, 3), train_batch=8, kwargs={"layout": "torchvision"}),
     "densenet121": dict(size=(224, 224, 3), train_batch=4, kwargs={"layout": "torchvision"}),
     "repvgg_a0": dict(size=(224, 224, 3), train_batch=8),
+    "deit_small": dict(size=(224, 224, 3), train_batch=8),
+    "mobilevit_s": dict(size=(256, 256, 3), train_batch=8),
     # A detector, timed with and without decoding + NMS (scripts/_bench_ssd.py): torchvision's
     # ssd300_vgg16 layout and its 91 COCO classes, at its own 300x300. Opt-in (--models ssd300).
     "ssd300": dict(size=(300, 300, 3), train_batch=None, detector=True,
@@ -491,6 +493,14 @@ def _test_reference(name, num_classes):
             import torch_reference_repvgg as ref
 
             return ref.RepVGG(name, num_classes=num_classes)
+        if name.startswith("deit"):
+            import torch_reference_vit as ref
+
+            return ref.TimmViT(name, num_classes=num_classes)
+        if name.startswith("mobilevit"):
+            import torch_reference_mobilevit as ref
+
+            return ref.MobileViT(name, num_classes=num_classes)
         return None
     finally:
         sys.path.remove(os.path.join(ROOT, "tests"))

@@ -32,7 +32,7 @@ BIG_MODEL_PARAMS = 50_000_000
 SIBLING_COVERED = {"fcn16s", "fcn32s", "fcn8s_atonce", "deeplab_largefov_resnet101", "fcn_resnet101", "resnet101",
                    "faster_rcnn_resnet101_c4", "rcnn_alexnet", "fcn_alexnet", "segnet_tutorial", "resnet152",
                    "resnet34", "vgg11", "vgg13", "vgg19", "vgg13_bn", "vgg19_bn", "fast_rcnn_vgg16",
-                   "deeplab_largefov_resnet50", "segnet", "mobilenet_v2", "densenet121"}
+                   "deeplab_largefov_resnet50", "segnet", "mobilenet_v2", "densenet121", "deit_tiny_distilled"}
 
 
 # Exporting a plainly saved model to TF Serving (test_models.py) traces and verifies four
@@ -43,8 +43,10 @@ EXPORT_DEFAULT_PARAMS = 22_000_000
 # argmax unpooling; hed: crops, deconvolutions and the edge signatures fsds' skeleton_images follows, tested on
 # its own in tests/test_fsds.py; the classification export of lenet5 and the recipes' end-to-end tests: a
 # classifier's signatures, which resnet18 / resnet34 add nothing to).
+# The new families' signatures are every classifier's (lenet5's and deit_tiny's exports run by default);
+# mobilenet_v3_small's and mobilevit_xxs' layers are traced by their default ONNX conversions.
 EXPORT_SIBLING_COVERED = {"fsds", "segnet_tutorial", "resnet18", "resnet34", "mobilenet_v2", "densenet121",
-                          "repvgg_a0"}
+                          "repvgg_a0", "deit_tiny_distilled", "mobilenet_v3_small", "mobilevit_xxs"}
 
 
 # Every generic test of these (build, forward, snapshot, save) is in the slow set: variants of a family whose
@@ -55,7 +57,8 @@ EXPORT_SIBLING_COVERED = {"fsds", "segnet_tutorial", "resnet18", "resnet34", "mo
 GENERIC_SLOW = {"resnet152", "vgg11", "vgg13", "vgg19", "vgg13_bn", "vgg19_bn", "resnet101", "fcn_resnet101",
                 "deeplab_largefov_resnet101", "faster_rcnn_resnet101_c4", "fcn16s", "fcn32s", "fcn8s_atonce",
                 "mobilenet_v3_large", "densenet169", "densenet201", "repvgg_a1", "repvgg_a2", "repvgg_b0",
-                "repvgg_b1"}
+                "repvgg_b1", "vit_b_16", "deit_small", "deit_base", "deit_small_distilled", "deit_base_distilled",
+                "mobilevit_xs", "mobilevit_s"}
 
 # Classifiers whose fixed 224 top the conversion tests leave out (lenet5's, alexnet's and vgg16's are
 # converted whole): their trunks (include_top=False) at 64x64.

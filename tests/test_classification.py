@@ -126,10 +126,11 @@ def test_lenet5_paper_options_reload(suffix, tmp_path, rng):
 
 def test_registry_lists_and_filters():
     assert kseg.list_models(task="classification") == [
-        "alexnet", "densenet121", "densenet169", "densenet201", "lenet5", "mobilenet_v2", "mobilenet_v3_large",
-        "mobilenet_v3_small", "repvgg_a0", "repvgg_a1", "repvgg_a2", "repvgg_b0", "repvgg_b1", "resnet101",
-        "resnet152", "resnet18", "resnet34", "resnet50", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg19",
-        "vgg19_bn"]
+        "alexnet", "deit_base", "deit_base_distilled", "deit_small", "deit_small_distilled", "deit_tiny",
+        "deit_tiny_distilled", "densenet121", "densenet169", "densenet201", "lenet5", "mobilenet_v2",
+        "mobilenet_v3_large", "mobilenet_v3_small", "mobilevit_s", "mobilevit_xs", "mobilevit_xxs", "repvgg_a0",
+        "repvgg_a1", "repvgg_a2", "repvgg_b0", "repvgg_b1", "resnet101", "resnet152", "resnet18", "resnet34",
+        "resnet50", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg19", "vgg19_bn", "vit_b_16"]
     assert set(kseg.list_models(task="classification")) <= set(kseg.list_models())
     assert kseg.list_models(task="detection") == ["fast_rcnn_vgg16", "faster_rcnn_resnet101_c4",
                                                   "faster_rcnn_resnet50_c4", "faster_rcnn_vgg16", "rcnn_alexnet",

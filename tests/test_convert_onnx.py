@@ -33,8 +33,10 @@ CASES.update({
 # Together these cover every layer type: argmax pooling + unpooling (segnet_basic), dilated convs +
 # align-corners resize (deeplab_largefov), crops + transposed convs and six outputs (hed; fcn8s' are
 # the same layers at 134M parameters, slow), BatchNorm + residual adds (resnet50), depthwise convs,
-# hard-swish and squeeze-and-excitation (mobilenet_v3_small), LeNet's dense head.
-FAST = ["lenet5", "segnet_basic", "deeplab_largefov", "resnet50", "mobilenet_v3_small", "hed"]
+# hard-swish and squeeze-and-excitation (mobilenet_v3_small), LayerNorm, attention and GELU (deit_tiny),
+# MobileViT's unfold / fold (mobilevit_xxs), LeNet's dense head.
+FAST = ["lenet5", "segnet_basic", "deeplab_largefov", "resnet50", "mobilenet_v3_small", "deit_tiny", "mobilevit_xxs",
+        "hed"]
 
 
 def _params(names):

@@ -42,12 +42,18 @@ CLASSIFIERS = {
     "vgg16_imagenet": _set("data.val_split=test", "model_options.num_classes=3",
                            "model_options.input_shape=[32, 32, 3]", "data.crop=[32, 32]", "data.scale=[36, 44]",
                            "data.eval_resize=40", "data.eval_crop=32"),
-    # The modern families' recipes (RMSprop + weight EMA, cosine per iteration, piecewise) at 32x32.
-    **{name: _set("data.val_split=test", "model_options.num_classes=3", "model_options.input_shape=[32, 32, 3]",
-                  "data.crop=[32, 32]", "data.eval_resize=40", "data.eval_crop=32")
+    # The modern families' recipes (RMSprop + weight EMA, cosine per iteration with warmup, piecewise, RandAugment,
+    # Random Erasing, Mixup / CutMix, clipping) at 64x64: at 32x32
+    # their last stages are 1x1 maps, whose BatchNorm statistics over 4 images are degenerate (a variance
+    # near zero under a large mean), and the SavedModel's fused conv + BatchNorm then rightly fails the
+    # export's 1e-4 check against the Keras model.
+    **{name: _set("data.val_split=test", "model_options.num_classes=3", "model_options.input_shape=[64, 64, 3]",
+                  "data.crop=[64, 64]", "data.eval_resize=72", "data.eval_crop=64")
        for name in ("mobilenet_v2_imagenet", "mobilenet_v3_large_imagenet", "densenet121_imagenet",
-                    "repvgg_a0_imagenet")},
+                    "repvgg_a0_imagenet", "deit_small_imagenet", "vit_b_16_imagenet")},
 }
+for _name in ("deit_small_imagenet", "vit_b_16_imagenet"):  # one epoch: no room for their 5 / 30 warmup epochs
+    CLASSIFIERS[_name] += _set("schedule.warmup=0")
 RECIPES = [*CLASSIFIERS, "hed_bsds"]
 
 

@@ -10,7 +10,7 @@ from kseg.train.recipes import RECIPE_DIR
 PAPER_RECIPES = {"fcn8s_voc", "fcn16s_voc", "fcn32s_voc", "deeplab_largefov_voc", "segnet_pets", "hed_bsds",
                  "alexnet_imagenet", "vgg16_imagenet", "lenet5_digits", "faster_rcnn_vgg16_voc", "fast_rcnn_vgg16_voc",
                  "rcnn_alexnet_voc", "fsds_sklarge", "mobilenet_v2_imagenet", "mobilenet_v3_large_imagenet",
-                 "densenet121_imagenet", "repvgg_a0_imagenet"}
+                 "densenet121_imagenet", "repvgg_a0_imagenet", "deit_small_imagenet", "vit_b_16_imagenet"}
 
 
 def test_every_issue_recipe_ships_and_builds_its_model():
