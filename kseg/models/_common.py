@@ -29,6 +29,15 @@ def global_pooling(x, pooling):
     raise ValueError(f"pooling must be None, 'avg' or 'max', got {pooling!r}")
 
 
+def classifier_top(x, *, include_top, pooling, num_classes, classifier_activation):
+    """keras.applications' top on a trunk's last map: global average pooling (`avg_pool`) and the classifier,
+    or with include_top=False the `pooling` option."""
+    if include_top:
+        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        return classifier_head(x, num_classes, classifier_activation)
+    return global_pooling(x, pooling)
+
+
 def scaled(filters: int, width: float) -> int:
     """A conv's filters under the channel multiplier `width`: rounded, at least 8 (1.0: unchanged)."""
     return filters if width == 1.0 else max(8, int(round(filters * width)))

@@ -26,7 +26,7 @@ import re
 import keras
 from keras import layers
 
-from kseg.models._common import classifier_head, global_pooling, model_input
+from kseg.models._common import classifier_top, model_input
 from kseg.registry import TorchMapping, register_model
 
 PAPER = "Huang, Liu, van der Maaten, Weinberger, Densely Connected Convolutional Networks, CVPR 2017"
@@ -136,11 +136,8 @@ def densenet_trunk(x, arch, *, layout="keras"):
 def _densenet(arch, *, num_classes, input_shape, include_top, pooling, layout, classifier_activation):
     inputs = model_input(input_shape, (224, 224, 3) if include_top else (None, None, 3))
     x = densenet_trunk(inputs, arch, layout=layout)
-    if include_top:
-        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-        x = classifier_head(x, num_classes, classifier_activation)
-    else:
-        x = global_pooling(x, pooling)
+    x = classifier_top(x, include_top=include_top, pooling=pooling, num_classes=num_classes,
+                       classifier_activation=classifier_activation)
     return keras.Model(inputs, x, name=arch)
 
 

@@ -42,7 +42,7 @@ import keras
 import tensorflow as tf
 from keras import layers
 
-from kseg.models._common import classifier_head, global_pooling, model_input
+from kseg.models._common import classifier_top, model_input
 from kseg.registry import TorchMapping, register_model
 
 PAPER = ("Mehta, Rastegari, MobileViT: Light-weight, General-purpose, and Mobile-friendly Vision Transformer, "
@@ -314,11 +314,8 @@ def torch_map(arch):
 def _mobilevit(arch, *, num_classes, input_shape, include_top, pooling, classifier_activation):
     inputs = model_input(input_shape, (256, 256, 3) if include_top else (None, None, 3))
     x = mobilevit_trunk(inputs, arch)
-    if include_top:
-        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-        x = classifier_head(x, num_classes, classifier_activation)
-    else:
-        x = global_pooling(x, pooling)
+    x = classifier_top(x, include_top=include_top, pooling=pooling, num_classes=num_classes,
+                       classifier_activation=classifier_activation)
     return keras.Model(inputs, x, name=arch)
 
 

@@ -33,7 +33,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from kseg.models._common import classifier_head, global_pooling, model_input
+from kseg.models._common import classifier_top, model_input
 from kseg.registry import TorchMapping, register_model
 
 PAPER = "Ding, Zhang, Ma, Han, Ding, Sun, RepVGG: Making VGG-style ConvNets Great Again, CVPR 2021"
@@ -144,11 +144,8 @@ def repvgg_trunk(x, arch, *, deploy=False):
 def _repvgg(arch, *, num_classes, input_shape, include_top, pooling, classifier_activation, deploy):
     inputs = model_input(input_shape, (224, 224, 3) if include_top else (None, None, 3))
     x = repvgg_trunk(inputs, arch, deploy=deploy)
-    if include_top:
-        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-        x = classifier_head(x, num_classes, classifier_activation)
-    else:
-        x = global_pooling(x, pooling)
+    x = classifier_top(x, include_top=include_top, pooling=pooling, num_classes=num_classes,
+                       classifier_activation=classifier_activation)
     return keras.Model(inputs, x, name=arch)
 
 

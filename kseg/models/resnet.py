@@ -21,7 +21,7 @@ import functools
 import keras
 from keras import layers
 
-from kseg.models._common import classifier_head, global_pooling, model_input
+from kseg.models._common import classifier_top, model_input
 from kseg.registry import TorchMapping, register_model
 
 PAPER = "He, Zhang, Ren, Sun, Deep Residual Learning for Image Recognition, CVPR 2016"
@@ -177,11 +177,8 @@ def resnet_trunk(x, arch, *, layout="keras", output_stride=32):
 def _resnet(arch, *, num_classes, input_shape, include_top, pooling, layout, output_stride, classifier_activation):
     inputs = model_input(input_shape, (224, 224, 3) if include_top else (None, None, 3))
     x = resnet_trunk(inputs, arch, layout=layout, output_stride=output_stride)
-    if include_top:
-        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-        x = classifier_head(x, num_classes, classifier_activation)
-    else:
-        x = global_pooling(x, pooling)
+    x = classifier_top(x, include_top=include_top, pooling=pooling, num_classes=num_classes,
+                       classifier_activation=classifier_activation)
     return keras.Model(inputs, x, name=arch)
 
 
