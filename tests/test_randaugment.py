@@ -358,3 +358,23 @@ def test_pipeline_applies_randaugment_per_crop_and_erases_before_preprocessing(t
         kd.ClassificationAugment(randaugment=(2, 31))
     with pytest.raises(ValueError, match="erasing_fill must be one of"):
         kd.ClassificationAugment(erasing=0.5, erasing_fill="zeros")
+
+
+def test_bicubic_random_resized_crop_resizes_the_whole_pixel_window_antialiased(tmp_path):
+    # DeiT's recipe crops with bicubic interpolation: the window cut at whole pixels, then tf.image.resize
+    # (bicubic, antialiased), as torchvision's RandomResizedCrop on a PIL image; bilinear keeps crop_and_resize.
+    import kseg.data.augment as aug_ops
+
+    image = tf.constant(np.random.default_rng(0).integers(0, 256, (60, 80, 3)), tf.uint8)
+    seed = tf.constant([3, 4], tf.int64)
+    augment = aug_ops.ClassificationAugment(flip=False, brightness=0, contrast=0, saturation=0)
+    bicubic = aug_ops.augment_image(image, seed, augment, (24, 24), interpolation="bicubic").numpy()
+    box_seed, _ = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), tf.zeros([1, 0, 4]), box_seed, area_range=augment.area, aspect_ratio_range=augment.aspect,
+        max_attempts=10, use_image_if_no_bounding_boxes=True)
+    window = tf.cast(tf.slice(image, begin, extent), tf.float32)
+    np.testing.assert_allclose(bicubic, tf.image.resize(window, (24, 24), "bicubic", antialias=True).numpy(),
+                               atol=1e-4)
+    bilinear = aug_ops.augment_image(image, seed, augment, (24, 24)).numpy()
+    assert bilinear.shape == bicubic.shape and not np.allclose(bilinear, bicubic, atol=1.0)

@@ -274,8 +274,12 @@ def _jitter(image, u, aug, affine=None):
     return tf.clip_by_value(tf.reshape(flat, tf.shape(image)), lo, hi)
 
 
-def augment_image(image, seed, aug: ClassificationAugment, size, affine=None):
-    """Random resized crop + flip + jitter (+ preprocessing `affine`) of one uint8 image to float32 `size`."""
+def augment_image(image, seed, aug: ClassificationAugment, size, affine=None, interpolation="bilinear"):
+    """Random resized crop + flip + jitter (+ preprocessing `affine`) of one uint8 image to float32 `size`.
+
+    interpolation: "bilinear" samples the crop's window directly (tf.image.crop_and_resize); another
+    tf.image.resize method (DeiT's "bicubic") cuts the window at whole pixels and resizes it with that
+    method, antialiased when shrinking, as torchvision's RandomResizedCrop on PIL images."""
     box_seed, draw_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     u = tf.random.stateless_uniform([5], draw_seed)  # flip, then 4 for the colour jitter
     if aug.scale is not None:
@@ -306,8 +310,14 @@ def augment_image(image, seed, aug: ClassificationAugment, size, affine=None):
     if aug.flip:
         flip = u[0] < 0.5
         x1, x2 = tf.where(flip, x2, x1), tf.where(flip, x1, x2)
-    box = tf.stack([y1, x1, y2, x2])[None]
-    out = tf.image.crop_and_resize(image[None], box, [0], list(size))[0]
+    if interpolation != "bilinear" and aug.scale is None and aug.area is not None:
+        window = tf.cast(tf.slice(image, begin, extent), tf.float32)
+        out = tf.image.resize(window, list(size), method=interpolation, antialias=True)
+        if aug.flip:
+            out = tf.where(u[0] < 0.5, tf.reverse(out, [1]), out)
+    else:
+        box = tf.stack([y1, x1, y2, x2])[None]
+        out = tf.image.crop_and_resize(image[None], box, [0], list(size))[0]
     if aug.randaugment is not None:  # on the crop, before the jitter, as torchvision's presets order them
         ops, magnitude = aug.randaugment
         out = rand_augment(out, tf.random.experimental.stateless_fold_in(seed, 1), num_ops=ops,

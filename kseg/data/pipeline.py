@@ -348,7 +348,8 @@ def classification_dataset(source: Source, *, image_size, channels=3, augment=No
     crop) its shorter side is resized to resize_shorter and the centre crop (an int or (h, w))
     kept: the evaluation transform of the published ImageNet accuracies (256 -> 224). The
     output size is then the crop (image_size, if given, must equal it). interpolation: a
-    tf.image.resize method ("bilinear", "bicubic", "nearest", "area", "lanczos3", "lanczos5").
+    tf.image.resize method ("bilinear", "bicubic", "nearest", "area", "lanczos3", "lanczos5") for
+    the evaluation resize and, with augment's random resized crop, the crop's resize.
     """
     if augment is True:
         augment = aug_ops.ClassificationAugment()
@@ -385,7 +386,7 @@ def classification_dataset(source: Source, *, image_size, channels=3, augment=No
 
     def post(image, label, seed_pair):
         if augment is not None:
-            image = aug_ops.augment_image(image, seed_pair, augment, image_size, early)
+            image = aug_ops.augment_image(image, seed_pair, augment, image_size, early, interpolation)
         else:
             image = aug_ops.apply_affine(aug_ops.eval_image(image, image_size, eval_transform, interpolation), early)
         if one_hot and not mixers:  # with mixers, labels are one-hot encoded at the batch

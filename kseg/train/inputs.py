@@ -159,7 +159,8 @@ def _classification_datasets(recipe, data_dir, batch, seed):
     try:
         if layout == "classification_list":
             train = kd.classification_list(data_dir, train_split, image_size=train_size,
-                                           augment=classification_augment(d), shuffle=True, seed=seed, **common)
+                                           augment=classification_augment(d), shuffle=True, seed=seed,
+                                           interpolation=interpolation, **common)
             val = kd.classification_list(data_dir, val_split, class_names=train.class_names,
                                          image_size=None if transform else val_size, eval_transform=transform,
                                          interpolation=interpolation, **common)
@@ -170,7 +171,7 @@ def _classification_datasets(recipe, data_dir, batch, seed):
                 raise FileNotFoundError(f"no {' or '.join(missing)}: expected {data_dir}/{train_split}/CLASS/*.jpg "
                                         f"and {data_dir}/{val_split}/CLASS/*.jpg ([data] train_split, val_split)")
             train = kd.classification_folder(folders[0], image_size=train_size, augment=classification_augment(d),
-                                             shuffle=True, seed=seed, **common)
+                                             shuffle=True, seed=seed, interpolation=interpolation, **common)
             val = kd.classification_folder(folders[1], class_names=train.class_names,
                                            image_size=None if transform else val_size, eval_transform=transform,
                                            interpolation=interpolation, **common)
