@@ -1,4 +1,4 @@
-"""kseg's optimizers: per-layer learning rates (Caffe's lr_mult) and a fused SGD update.
+"""kseg's optimizers: per-layer learning rates (Caffe's lr_mult) and fused updates.
 
 LayerRates gives an optimizer learning-rate multipliers and weight-decay exclusions chosen by
 variable path globs, as Caffe's `param { lr_mult decay_mult }` did per layer (DeepLab trains
@@ -11,9 +11,9 @@ its classifier at 10x the base rate, its biases at 2x):
 The first pattern that matches a variable's path (`layer/kernel`) gives its multiplier; a
 pattern that matches no variable is an error when the optimizer is built. The multiplier scales
 the learning rate inside the update (so it means the same for SGD, Adam and AdamW), not the
-gradient. FusedSGD, Adam and AdamW here are Keras' with LayerRates.
+gradient. FusedSGD, Adam, AdamW and RMSprop here are Keras' with LayerRates and fused updates.
 
-FusedSGD: keras.optimizers.SGD with the momentum update as one TF kernel per variable.
+Fused updates: each optimizer's update as TensorFlow's one kernel per variable.
 
 Keras' SGD writes the momentum update as separate element-wise ops (m * momentum, g * lr,
 subtract, assign, assign_add): five passes over every weight and slot. TensorFlow's own
@@ -24,8 +24,10 @@ is a large share of a CPU training step; see docs/performance.md for the measure
     opt = kseg.train.FusedSGD(learning_rate=1e-3, momentum=0.9)     # same arguments as SGD
     model.compile(optimizer=opt, ...)
 
-Anything the kernel does not cover (no momentum, sparse gradients, non-TF variables) falls
-back to keras.optimizers.SGD's own update, so results always equal SGD's.
+Adam and AdamW run `ResourceApplyAdam` (Keras writes nine element-wise ops), RMSprop with
+momentum `ResourceApply(Centered)RMSProp`. Anything a kernel does not cover (SGD or RMSprop
+without momentum, AMSGrad, sparse gradients, non-TF variables) falls back to Keras' own update,
+so results always equal Keras' optimizer's.
 """
 
 from __future__ import annotations
@@ -89,25 +91,58 @@ def _path(variable):
     return getattr(variable, "path", None) or variable.name
 
 
-@keras.saving.register_keras_serializable(package="kseg")
-class Adam(LayerRates, keras.optimizers.Adam):
-    """keras.optimizers.Adam with LayerRates."""
+def _handles(*variables):
+    """The resource handles of `variables` (Keras or TF), or None where one has none (a fused kernel
+    needs them all)."""
+    handles = [_handle(v) for v in variables]
+    return None if any(h is None for h in handles) else handles
+
+
+def _fusable(gradient):
+    # TF's Apply* kernels take dense gradients; sparse ones (embedding lookups) go through Keras' ops.
+    return not isinstance(gradient, tf.IndexedSlices)
+
+
+class _FusedAdam:
+    """Adam's update as TensorFlow's ResourceApplyAdam: one pass over weight, m and v per variable.
+
+    Keras' Adam writes it as nine element-wise ops; the kernel does the same arithmetic
+    (m += (g - m)(1 - b1); v += (g^2 - v)(1 - b2); w -= lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps))
+    in one. AMSGrad and sparse gradients go through Keras' own update. AdamW's decoupled weight decay
+    stays Keras' (applied before the update, `w -= w * wd * lr`).
+    """
 
     def update_step(self, gradient, variable, learning_rate):
-        return super().update_step(gradient, variable, self._rate(variable, learning_rate))
+        learning_rate = self._rate(variable, learning_rate)
+        index = self._get_variable_index(variable)
+        handles = _handles(variable, self._momentums[index], self._velocities[index])
+        if self.amsgrad or handles is None or not _fusable(gradient):
+            return super().update_step(gradient, variable, learning_rate)
+        dtype = variable.dtype
+        step = tf.cast(self.iterations + 1, dtype)
+        beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
+        tf.raw_ops.ResourceApplyAdam(
+            var=handles[0], m=handles[1], v=handles[2], beta1_power=tf.pow(beta_1, step),
+            beta2_power=tf.pow(beta_2, step), lr=tf.cast(learning_rate, dtype), beta1=beta_1, beta2=beta_2,
+            epsilon=tf.cast(self.epsilon, dtype), grad=tf.cast(gradient, dtype), use_locking=False)
 
 
 @keras.saving.register_keras_serializable(package="kseg")
-class AdamW(LayerRates, keras.optimizers.AdamW):
-    """keras.optimizers.AdamW with LayerRates."""
+class Adam(LayerRates, _FusedAdam, keras.optimizers.Adam):
+    """keras.optimizers.Adam with LayerRates and a fused update (one TF kernel per variable)."""
 
-    def update_step(self, gradient, variable, learning_rate):
-        return super().update_step(gradient, variable, self._rate(variable, learning_rate))
+
+@keras.saving.register_keras_serializable(package="kseg")
+class AdamW(LayerRates, _FusedAdam, keras.optimizers.AdamW):
+    """keras.optimizers.AdamW with LayerRates and a fused update (one TF kernel per variable)."""
 
 
 @keras.saving.register_keras_serializable(package="kseg")
 class RMSprop(LayerRates, keras.optimizers.RMSprop):
-    """keras.optimizers.RMSprop with LayerRates (MobileNet's and EfficientNet's optimizer).
+    """keras.optimizers.RMSprop with LayerRates (MobileNet's and EfficientNet's optimizer) and, with
+    momentum, a fused update: TensorFlow's ResourceApply(Centered)RMSProp, one pass per variable over
+    Keras' eight to twelve element-wise ops (same arithmetic; without momentum Keras keeps no slot the
+    kernel needs, so Keras' ops run).
 
     Its epsilon is added inside the square root (w -= lr * g / sqrt(v + eps)), as TensorFlow's RMSProp
     that MobileNet V2 / V3 were trained with; PyTorch's torch.optim.RMSprop adds eps outside it, so
@@ -115,7 +150,22 @@ class RMSprop(LayerRates, keras.optimizers.RMSprop):
     """
 
     def update_step(self, gradient, variable, learning_rate):
-        return super().update_step(gradient, variable, self._rate(variable, learning_rate))
+        learning_rate = self._rate(variable, learning_rate)
+        if self.momentum == 0:
+            return super().update_step(gradient, variable, learning_rate)
+        index = self._get_variable_index(variable)
+        handles = _handles(variable, self._velocities[index], self._momentums[index],
+                           *([self._average_gradients[index]] if self.centered else []))
+        if handles is None or not _fusable(gradient):
+            return super().update_step(gradient, variable, learning_rate)
+        dtype = variable.dtype
+        args = dict(var=handles[0], ms=handles[1], mom=handles[2], lr=tf.cast(learning_rate, dtype),
+                    rho=tf.cast(self.rho, dtype), momentum=tf.cast(self.momentum, dtype),
+                    epsilon=tf.cast(self.epsilon, dtype), grad=tf.cast(gradient, dtype), use_locking=False)
+        if self.centered:
+            tf.raw_ops.ResourceApplyCenteredRMSProp(mg=handles[3], **args)
+        else:
+            tf.raw_ops.ResourceApplyRMSProp(**args)
 
 
 @keras.saving.register_keras_serializable(package="kseg")
@@ -125,13 +175,12 @@ class FusedSGD(LayerRates, keras.optimizers.SGD):
 
     def update_step(self, gradient, variable, learning_rate):
         learning_rate = self._rate(variable, learning_rate)
-        if self.momentum == 0 or isinstance(gradient, tf.IndexedSlices):
+        if self.momentum == 0:  # no momentum slot: Keras' one op
             return super().update_step(gradient, variable, learning_rate)
-        m = self.momentums[self._get_variable_index(variable)]
-        var_handle, m_handle = _handle(variable), _handle(m)
-        if var_handle is None or m_handle is None:
+        handles = _handles(variable, self.momentums[self._get_variable_index(variable)])
+        if handles is None or not _fusable(gradient):
             return super().update_step(gradient, variable, learning_rate)
         dtype = variable.dtype
         tf.raw_ops.ResourceApplyKerasMomentum(
-            var=var_handle, accum=m_handle, lr=tf.cast(learning_rate, dtype), grad=tf.cast(gradient, dtype),
+            var=handles[0], accum=handles[1], lr=tf.cast(learning_rate, dtype), grad=tf.cast(gradient, dtype),
             momentum=tf.cast(self.momentum, dtype), use_locking=False, use_nesterov=self.nesterov)
