@@ -94,7 +94,8 @@ DEFAULT_MODELS = [name for name, cfg in MODELS.items() if not cfg.get("detector"
 QUICK_SIZES = {"fcn8s": 32, "segnet": 64, "deeplab_largefov": 65, "hed": 64, "fcn_resnet50": 64}
 VGG_FAMILY = ("vgg16", "fcn8s", "segnet", "deeplab_largefov", "hed")
 RUNTIMES = ("tf", "xla", "onnxruntime", "tflite", "pytorch")
-LABELS = {"tf": "TF graph", "xla": "TF XLA", "onnxruntime": "ONNX Runtime", "tflite": "TFLite", "pytorch": "PyTorch"}
+LABELS = {"fit": "model.fit",
+          "tf": "TF graph", "xla": "TF XLA", "onnxruntime": "ONNX Runtime", "tflite": "TFLite", "pytorch": "PyTorch"}
 # A runtime's outputs "equal" TF's when max|a - b| <= REL_TOL * max|TF output| (fp32, other kernels).
 REL_TOL = 1e-3
 
@@ -108,6 +109,14 @@ def _bench_ssd():
     import _bench_ssd
 
     return _bench_ssd
+
+
+def _bench_train():
+    """scripts/_bench_train.py: the training step, hand-written, through model.fit, and in PyTorch."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _bench_train
+
+    return _bench_train
 
 
 def _bench_detectors():
@@ -753,20 +762,30 @@ def worker(name, cfg, args):
         # Labels per image, label maps, or a binary edge map for every side output (HED).
         yt = spec.task_object.random_targets(rng, tb, h, w, num_classes)
 
+        bt = _bench_train()
+
         def tf_train(runtime, jit):
             def body():
                 with Phase(rec, f"train_{runtime}", log):
-                    train[runtime] = train_tf(model, spec.task_object, xt, yt, jit, budget)
+                    train[runtime] = bt.train_tf(sys.modules[__name__], model, spec.task_object, xt, yt, jit, budget)
 
             return body
 
         guarded("tf", tf_train("tf", False), train)
         if args.train_xla:
             guarded("xla", tf_train("xla", True), train)
+
+        def fit_train():
+            with Phase(rec, "train_fit", log):
+                train["fit"] = bt.train_fit(model, name, spec.task_object, xt, yt, budget,
+                                            step_s=train.get("tf", {}).get("median_s"))
+
+        guarded("fit", fit_train, train)
         if state["torch"] is not None:
             def torch_train():
                 with Phase(rec, "train_pytorch", log):
-                    train["pytorch"] = train_torch(state["torch"], spec.task_object, xt, yt, budget)
+                    train["pytorch"] = bt.train_torch(sys.modules[__name__], state["torch"], spec.task_object, xt, yt,
+                                                      budget)
 
             guarded("pytorch", torch_train, train)
         for m in train.values():
@@ -777,59 +796,6 @@ def worker(name, cfg, args):
     rec["train"] = train
     rec["loadavg_end"] = os.getloadavg()
     return rec
-
-
-def train_tf(model, task, xt, yt, jit, budget):
-    import keras
-    import tensorflow as tf
-
-    if task.target_kind == "edge_map":
-        bce = keras.losses.BinaryCrossentropy(from_logits=True)
-        loss_fn = lambda y, out: tf.add_n([bce(y, o) for o in out])  # noqa: E731
-    else:
-        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    from kseg.train import FusedSGD
-
-    # kseg's SGD: keras.optimizers.SGD's arithmetic in one fused kernel per variable (kseg.train.optim).
-    opt = FusedSGD(learning_rate=1e-3, momentum=0.9)
-    # Built outside the tf.function: creating the momentum slots inside it costs a second trace.
-    opt.build(model.trainable_variables)
-
-    @tf.function(jit_compile=jit)
-    def step(batch):
-        x, y = batch
-        with tf.GradientTape() as tape:
-            loss = loss_fn(y, model(x, training=True))
-        grads = tape.gradient(loss, model.trainable_variables)
-        opt.apply(grads, model.trainable_variables)
-        return loss
-
-    batch = (tf.constant(xt), tf.constant(yt))
-    return measure(lambda b: step(b).numpy(), batch, min_runs=2, max_runs=20, budget_s=budget)
-
-
-def train_torch(module, task, xt, yt, budget):
-    import torch
-    import torch.nn.functional as F
-
-    module.train()
-    opt = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-    x = torch.from_numpy(xt.transpose(0, 3, 1, 2).copy())
-    if task.target_kind == "edge_map":
-        y = torch.from_numpy(yt.transpose(0, 3, 1, 2).copy())
-        loss_fn = lambda out: sum(F.binary_cross_entropy_with_logits(o, y) for o in out)  # noqa: E731
-    else:
-        y = torch.from_numpy(yt.astype("int64"))
-        loss_fn = lambda out: F.cross_entropy(out, y)  # noqa: E731
-
-    def step(_):
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(module(x))
-        loss.backward()
-        opt.step()
-        return loss.item()
-
-    return measure(step, None, min_runs=2, max_runs=20, budget_s=budget)
 
 
 # === GEMM peak =================================================================================
@@ -946,6 +912,7 @@ def summarise(rec, peak):
     best = max(tf_train, key=tf_train.get) if tf_train else None
     s["best_tf_train"] = best
     s["best_tf_vs_pytorch_train"] = ratio(tf_train.get(best), tr.get("pytorch", {}).get("images_per_s"))
+    s["fit_vs_pytorch_train"] = ratio(tr.get("fit", {}).get("images_per_s"), tr.get("pytorch", {}).get("images_per_s"))
     gf = {rt: inf[rt]["b8"]["gflops_per_s"] for rt in inf if "b8" in inf[rt]}
     if gf:
         best_rt = max(gf, key=gf.get)
@@ -967,6 +934,7 @@ def targets(records, peak):
         for key, what in (("best_tf_vs_pytorch_b1", "kseg best TF >= 1.0x PyTorch, batch-1 latency"),
                           ("best_tf_vs_pytorch_b8", "kseg best TF >= 1.0x PyTorch, batch-8 throughput"),
                           ("best_tf_vs_pytorch_train", "kseg best TF >= 1.0x PyTorch, training step"),
+                          ("fit_vs_pytorch_train", "kseg model.fit >= 1.0x PyTorch, training step"),
                           ("onnx_vs_tf_b1", "ONNX Runtime >= 1.0x kseg TF graph, batch 1"),
                           ("onnx_vs_tf_b8", "ONNX Runtime >= 1.0x kseg TF graph, batch 8")):
             if s.get(key) is not None:
@@ -1036,18 +1004,21 @@ def markdown(result):
         lines += _bench_ssd().markdown(recs, LABELS, RUNTIMES)
     lines += _bench_detectors().markdown(recs)
     lines.append("")
-    lines.append("Training step (forward, backward, SGD momentum 0.9), images/s; ratios and achieved GFLOP/s:")
+    lines.append("Training step (forward, backward, SGD momentum 0.9), images/s: hand-written (TF graph, TF XLA), "
+                 "through model.fit as kseg train compiles it (task loss and metrics, tf.data), PyTorch; ratios "
+                 "and achieved GFLOP/s:")
     lines.append("")
-    lines.append("| model | train batch | TF graph | TF XLA | PyTorch | best TF / PyTorch: b1 · b8 · train | "
-                 "ONNX RT / TF: b1 · b8 | best b8 GFLOP/s (runtime) | TF b8 % of GEMM peak |")
-    lines.append("|---|---:|---:|---:|---:|---|---|---|---:|")
+    lines.append("| model | train batch | TF graph | TF XLA | model.fit | PyTorch | best TF / PyTorch: b1 · b8 · "
+                 "train | model.fit / PyTorch | ONNX RT / TF: b1 · b8 | best b8 GFLOP/s (runtime) | "
+                 "TF b8 % of GEMM peak |")
+    lines.append("|---|---:|---:|---:|---:|---:|---|---:|---|---|---:|")
     for r in recs:
         tr, s = r["train"], r["summary"]
-        cells = [fmt(tr.get(rt, {}).get("images_per_s")) for rt in ("tf", "xla", "pytorch")]
+        cells = [fmt(tr.get(rt, {}).get("images_per_s")) for rt in ("tf", "xla", "fit", "pytorch")]
         lines.append(
             f"| {r['model']} | {r['train_batch'] or '–'} | " + " | ".join(cells) + " | "
             f"{fmt(s.get('best_tf_vs_pytorch_b1'))}x · {fmt(s.get('best_tf_vs_pytorch_b8'))}x · "
-            f"{fmt(s.get('best_tf_vs_pytorch_train'))}x | "
+            f"{fmt(s.get('best_tf_vs_pytorch_train'))}x | {fmt(s.get('fit_vs_pytorch_train'))}x | "
             f"{fmt(s.get('onnx_vs_tf_b1'))}x · {fmt(s.get('onnx_vs_tf_b8'))}x | "
             f"{fmt(s.get('best_b8_gflops'), '.1f')} ({LABELS.get(s.get('best_b8_runtime'), '–')}) | "
             f"{fmt(100 * s['tf_b8_peak_fraction'] if s.get('tf_b8_peak_fraction') else None, '.0f')}% |")
@@ -1056,7 +1027,7 @@ def markdown(result):
                  "models that are loaded at that point):")
     lines.append("")
     phases = ("infer_tf", "infer_xla", "infer_onnxruntime", "infer_tflite", "infer_pytorch", "train_tf",
-              "train_pytorch", "export_onnx", "export_tflite")
+              "train_fit", "train_pytorch", "export_onnx", "export_tflite")
     lines.append("| model | " + " | ".join(p.replace("_", " ") for p in phases) + " |")
     lines.append("|---|" + "---:|" * len(phases))
     for r in recs:
@@ -1067,8 +1038,8 @@ def markdown(result):
     lines.append("One-off costs (s): trace + first call of each mode, exports:")
     lines.append("")
     lines.append("| model | TF first b1 | XLA compile b1 | XLA compile b8 | TF train first step | "
-                 "PyTorch train first | ONNX export | TFLite export |")
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+                 "model.fit first step | PyTorch train first | ONNX export | TFLite export |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in recs:
         inf, tr, ph = r["inference"], r["train"], r.get("phases", {})
         lines.append(
@@ -1076,6 +1047,7 @@ def markdown(result):
             f"{fmt(inf.get('xla', {}).get('b1', {}).get('first_call_s'), '.1f')} | "
             f"{fmt(inf.get('xla', {}).get('b8', {}).get('first_call_s'), '.1f')} | "
             f"{fmt(tr.get('tf', {}).get('first_call_s'), '.1f')} | "
+            f"{fmt(tr.get('fit', {}).get('first_call_s'), '.1f')} | "
             f"{fmt(tr.get('pytorch', {}).get('first_call_s'), '.1f')} | "
             f"{fmt(ph.get('export_onnx', {}).get('seconds'), '.1f')} | "
             f"{fmt(ph.get('export_tflite', {}).get('seconds'), '.1f')} |")
@@ -1106,8 +1078,9 @@ def chart(result, path):
     recs = [r for r in result["models"] if "error" not in r]
     names = [r["model"] for r in recs]
     panels = [("batch-1 latency", "b1", RUNTIMES), ("batch-8 throughput", "b8", RUNTIMES),
-              ("training step", "train", ("tf", "xla", "pytorch"))]
-    colors = {"tf": "#ff7f0e", "xla": "#d62728", "onnxruntime": "#2ca02c", "tflite": "#9467bd", "pytorch": "#1f77b4"}
+              ("training step", "train", ("tf", "xla", "fit", "pytorch"))]
+    colors = {"fit": "#8c564b",
+              "tf": "#ff7f0e", "xla": "#d62728", "onnxruntime": "#2ca02c", "tflite": "#9467bd", "pytorch": "#1f77b4"}
     fig, axes = plt.subplots(3, 1, figsize=(max(8, 1.3 * len(names)), 11), sharex=True)
     x = np.arange(len(names))
     for ax, (title, key, runtimes) in zip(axes, panels):
@@ -1169,7 +1142,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="threads for every runtime (default: all cores)")
     parser.add_argument("--budget", type=float, help="seconds of timed runs per measurement (default 2, quick 0.5)")
-    parser.add_argument("--skip", nargs="+", default=[], choices=["xla", "onnxruntime", "tflite", "pytorch", "train"],
+    parser.add_argument("--skip", nargs="+", default=[],
+                        choices=["xla", "onnxruntime", "tflite", "pytorch", "train", "fit"],
                         help="runtimes/phases to leave out")
     parser.add_argument("--train-xla", action="store_true", help="also time an XLA-compiled training step")
     parser.add_argument("--spin", action="store_true",
