@@ -21,6 +21,12 @@ LEARNING_RATE, MOMENTUM = 1e-3, 0.9
 
 
 def train_tf(bm, model, task, xt, yt, jit, budget):
+    step, batch = tf_step(model, task, xt, yt, jit)
+    return bm.measure(lambda b: step(b).numpy(), batch, min_runs=2, max_runs=20, budget_s=budget)
+
+
+def tf_step(model, task, xt, yt, jit=False):
+    """The hand-written training step (a tf.function of one batch) and its batch."""
     import keras
     import tensorflow as tf
 
@@ -45,8 +51,7 @@ def train_tf(bm, model, task, xt, yt, jit, budget):
         opt.apply(grads, model.trainable_variables)
         return loss
 
-    batch = (tf.constant(xt), tf.constant(yt))
-    return bm.measure(lambda b: step(b).numpy(), batch, min_runs=2, max_runs=20, budget_s=budget)
+    return step, (tf.constant(xt), tf.constant(yt))
 
 
 def train_fit(model, name, task, xt, yt, budget, step_s=None):
@@ -82,6 +87,11 @@ def train_fit(model, name, task, xt, yt, budget, step_s=None):
 
 
 def train_torch(bm, module, task, xt, yt, budget):
+    return bm.measure(torch_step(module, task, xt, yt), None, min_runs=2, max_runs=20, budget_s=budget)
+
+
+def torch_step(module, task, xt, yt):
+    """PyTorch's training step on the same batch (NCHW), a function of one ignored argument."""
     import torch
     import torch.nn.functional as F
 
@@ -102,4 +112,4 @@ def train_torch(bm, module, task, xt, yt, budget):
         opt.step()
         return loss.item()
 
-    return bm.measure(step, None, min_runs=2, max_runs=20, budget_s=budget)
+    return step
