@@ -222,3 +222,22 @@ def test_timm_state_dict_b0_full_size(tmp_path, rng):
     _assert_close(model.predict(x, verbose=0), want, TOL, "repvgg_b0 from timm's keys")
     _assert_close(reparameterize(model).predict(x, verbose=0), want, TOL, "repvgg_b0 reparameterized")
     keras.backend.clear_session()
+
+
+def test_training_at_imagenet_sizes_does_not_crash(tmp_path):
+    # TF 2.21's oneDNN filter gradient of a strided 1x1 conv over fewer than 16 channels corrupts the heap
+    # from 128-pixel inputs on (the process dies): the first block samples the image before its 1x1 conv.
+    # In a subprocess, so that a crash fails this test instead of ending the test run.
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import keras, numpy as np\nimport kseg\n"
+        "model = kseg.build_model('repvgg_a0', input_shape=(128, 128, 3), num_classes=4)\n"
+        "model.compile('sgd', keras.losses.SparseCategoricalCrossentropy(from_logits=True))\n"
+        "x = np.random.default_rng(0).uniform(-1, 1, (4, 128, 128, 3)).astype('float32')\n"
+        "print(model.fit(x, np.arange(4) % 4, batch_size=2, epochs=2, verbose=0).history['loss'])\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "stage1_block1_1x1_sample" in [layer.name for layer in kseg.build_model("repvgg_a0").layers]

@@ -96,6 +96,13 @@ def torch_map(arch):
     return out + [TorchMapping("head.fc", "predictions", "dense")]
 
 
+def _block_input(model, name):
+    """The tensor a train-time block starts from: its 3x3 branch's input (before the padding at stride 2)."""
+    names = {layer.name for layer in model.layers}
+    first = f"{name}_3x3_pad" if f"{name}_3x3_pad" in names else f"{name}_3x3_conv"
+    return model.get_layer(first).input
+
+
 def _has_identity(arch, index):
     blocks = block_config(arch)
     _, filters, stride = blocks[index]
@@ -117,7 +124,13 @@ def train_block(x, filters, stride, name):
                             name=f"{name}_3x3_conv")(branch3)
     branch3 = layers.BatchNormalization(name=f"{name}_3x3_bn", **BATCHNORM)(branch3)
     # A 1x1 conv at stride 2 samples the inputs at the centres of the padded 3x3's windows.
-    branch1 = layers.Conv2D(filters, 1, strides=stride, use_bias=False, name=f"{name}_1x1_conv")(x)
+    sampled, stride1 = x, stride
+    if stride > 1 and x.shape[-1] < 16:
+        # On the image (3 channels): the samples taken first (a 1x1 max-pool, exact), then the 1x1 conv at
+        # stride 1. TF 2.21's oneDNN filter gradient of a strided 1x1 conv over fewer than 16 channels
+        # crashes the process (heap corruption) from 128-pixel inputs on.
+        sampled, stride1 = layers.MaxPooling2D(1, strides=stride, name=f"{name}_1x1_sample")(x), 1
+    branch1 = layers.Conv2D(filters, 1, strides=stride1, use_bias=False, name=f"{name}_1x1_conv")(sampled)
     branch1 = layers.BatchNormalization(name=f"{name}_1x1_bn", **BATCHNORM)(branch1)
     branches = [branch3, branch1]
     if stride == 1 and x.shape[-1] == filters:
@@ -200,7 +213,7 @@ def reparameterize(model):
     x, fused, expected = inputs, {}, source_input
     for name in blocks:
         # The blocks must form the chain the builder makes, from the input on: nothing before or between them.
-        if model.get_layer(f"{name}_1x1_conv").input is not expected:
+        if _block_input(model, name) is not expected:
             raise ValueError(f"{model.name}: block {name} does not follow {expected.name!r}; "
                              "reparameterize takes the RepVGG models kseg builds")
         expected = model.get_layer(f"{name}_relu").output
