@@ -908,7 +908,8 @@ def summarise(rec, peak):
         s[f"best_tf_vs_pytorch_b{b}"] = ratio(tf_modes.get(best), speed("pytorch", b))
         s[f"onnx_vs_tf_b{b}"] = ratio(speed("onnxruntime", b), speed("tf", b))
         s[f"tflite_vs_tf_b{b}"] = ratio(speed("tflite", b), speed("tf", b))
-    tf_train = {rt: tr[rt]["images_per_s"] for rt in ("tf", "xla") if rt in tr}
+    # A runtime that failed (XLA without a kernel for SegNet's argmax pooling) has an error, no speed.
+    tf_train = {rt: tr[rt]["images_per_s"] for rt in ("tf", "xla") if "images_per_s" in tr.get(rt, {})}
     best = max(tf_train, key=tf_train.get) if tf_train else None
     s["best_tf_train"] = best
     s["best_tf_vs_pytorch_train"] = ratio(tf_train.get(best), tr.get("pytorch", {}).get("images_per_s"))
@@ -1193,7 +1194,9 @@ def main(argv=None):
     if args.from_json:
         with open(args.from_json) as f:
             result = json.load(f)
-        return write_outputs(result, args)
+        result.setdefault("loadavg_end", result["loadavg_start"])
+        result.setdefault("wall_seconds", float("nan"))
+        return write_outputs(summarise_all(result), args)
 
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -1240,16 +1243,24 @@ def main(argv=None):
     for when in ("start", "end"):
         if "error" in result["gemm"].get(when, {}):
             raise SystemExit(f"GEMM measurement failed: {result['gemm'][when]['error']}")
+    # The measurements first, as they are: a later failure loses no run (--from-json renders them again).
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_models.raw.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    result["loadavg_end"] = os.getloadavg()
+    result["wall_seconds"] = round(time.perf_counter() - start, 1)
+    write_outputs(summarise_all(result), args)
+
+
+def summarise_all(result):
+    """Ratios and targets of a run's measurements (bench_models.raw.json holds them without)."""
     peak = max(v for g in result["gemm"].values() for v in g.values())
     result["gemm_peak_gflops"] = peak
     for rec in result["models"]:
         if "error" not in rec:
             rec["summary"] = summarise(rec, peak)
     result["targets"] = targets(result["models"], peak)
-    result["loadavg_end"] = os.getloadavg()
-    result["wall_seconds"] = round(time.perf_counter() - start, 1)
-
-    write_outputs(result, args)
+    return result
 
 
 def write_outputs(result, args):
