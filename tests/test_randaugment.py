@@ -378,3 +378,18 @@ def test_bicubic_random_resized_crop_resizes_the_whole_pixel_window_antialiased(
                                atol=1e-4)
     bilinear = aug_ops.augment_image(image, seed, augment, (24, 24)).numpy()
     assert bilinear.shape == bicubic.shape and not np.allclose(bilinear, bicubic, atol=1.0)
+
+
+@pytest.mark.parametrize("recipe", ["deit_small_imagenet", "vit_b_16_imagenet"])
+def test_the_transformer_recipes_augmentation_reads_a_class_folder(tmp_path, recipe):
+    # Their whole training transform in the reader (bicubic random resized crop, RandAugment, erasing,
+    # Mixup / CutMix): the bicubic crop's window has a dynamic extent, and RandAugment needs the channels.
+    import data_fixtures as fx
+
+    from kseg.train.inputs import datasets
+    from kseg.train.recipes import load_recipe
+
+    fx.write_class_splits(str(tmp_path), splits=("train", "val"))
+    train, _ = datasets(load_recipe(recipe, ["training.batch_size=4"]), str(tmp_path))
+    images, labels = next(iter(train))
+    assert images.shape == (4, 224, 224, 3) and labels.shape == (4, 1000)

@@ -313,6 +313,7 @@ def augment_image(image, seed, aug: ClassificationAugment, size, affine=None, in
     if interpolation != "bilinear" and aug.scale is None and aug.area is not None:
         window = tf.cast(tf.slice(image, begin, extent), tf.float32)
         out = tf.image.resize(window, list(size), method=interpolation, antialias=True)
+        out.set_shape([*size, image.shape[-1]])  # the slice's extent is dynamic: its channels too
         if aug.flip:
             out = tf.where(u[0] < 0.5, tf.reverse(out, [1]), out)
     else:
