@@ -266,7 +266,7 @@ def verify(a, b, *, inputs=None, images=None, input_size=None, batch=2, seed=0, 
         return Report(kind, tol, tuple(shown.shape), [], False,
                       f"no output in common: {sorted(ref)} against {sorted(out)}", unmatched)
     meta = a.metadata or b.metadata
-    reports = _task_of(meta).compare_outputs(ref, out, tol, postprocess=_decoder_of(meta))
+    reports = _task_of(meta).compare_outputs(ref, out, tol, postprocess=_decoder_of(meta), images=shown)
     return Report(kind, tol, tuple(shown.shape), reports, all(r.passed for r in reports), None,
                   unmatched or None)
 

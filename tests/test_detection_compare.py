@@ -70,3 +70,38 @@ def test_an_iou_tie_at_the_nms_threshold_is_excused():
     assert found.passed and found.excused == 1
     clear = (1, 0.85, 0, 0, 100, 60)  # IoU 0.6: one run suppressed it and the other did not
     assert not compare_detection_sets(_dets([better, clear] + ROWS[1:]), _dets([better] + ROWS[1:]), **TOL).passed
+
+
+# NMS ties: candidates are what the decoder scored before NMS (here: the rows plus two suppressed ones).
+P = (1, 0.9, 10, 10, 50, 50)
+Q = (1, 0.9, 20, 10, 60, 50)  # P's twin in score (say, the same pooled features), IoU 0.6 with P
+R = (1, 0.8, 34, 10, 74, 50)  # IoU 0.48 with Q, 0.25 with P: Q suppresses it, P does not
+CANDIDATES = [P, Q, R] + ROWS[1:]
+
+
+def test_an_nms_tie_is_excused_against_the_candidates():
+    # One run kept P (and so R), the other its twin Q, which suppressed R there.
+    kept_p, kept_q = [P, R] + ROWS[1:], [Q] + ROWS[1:]
+    assert not compare_detection_sets(_dets(kept_p), _dets(kept_q), **TOL).passed
+    found = compare_detection_sets(_dets(kept_p), _dets(kept_q), candidates=_dets(CANDIDATES), **TOL)
+    assert found.passed and found.excused == 3 and found.matched == 2
+
+
+def test_a_box_no_decoder_made_is_not_excused_as_a_tie():
+    moved = (1, 0.9, 11, 10, 51, 50)  # P shifted by a pixel: overlaps P, but is no candidate
+    found = compare_detection_sets(_dets([P] + ROWS[1:]), _dets([moved] + ROWS[1:]), candidates=_dets(CANDIDATES),
+                                   **TOL)
+    assert not found.passed and sorted(side for _, side, _, _ in found.unmatched) == ["a", "b"]
+
+
+def test_a_candidate_missing_beside_a_box_both_runs_kept_is_reported():
+    # R is a candidate, but P (kept by both, IoU 0.25 with R) cannot have suppressed it at 0.45.
+    found = compare_detection_sets(_dets([P, R] + ROWS[1:]), _dets([P] + ROWS[1:]), candidates=_dets(CANDIDATES),
+                                   **TOL)
+    assert not found.passed and found.unmatched == [(0, "a", 1, pytest.approx(0.8))]
+
+
+def test_a_lower_box_kept_instead_of_a_better_one_is_reported():
+    # An NMS that kept R over Q (IoU 0.48, Q better by 0.1): Q is missing and nothing better explains it.
+    found = compare_detection_sets(_dets([Q] + ROWS[1:]), _dets([R] + ROWS[1:]), candidates=_dets(CANDIDATES), **TOL)
+    assert not found.passed and found.unmatched == [(0, "a", 1, pytest.approx(0.9))]

@@ -54,6 +54,39 @@ def test_context_dilates_the_box_and_outside_is_the_mean():
     assert np.all(crop[9:, 9:, :] == 1)
 
 
+def test_outside_the_image_is_the_mean_blended_over_one_pixel():
+    # One column of the crop per sample point: x (pixel index) -1.5 .. 1 step 0.5 across the left edge.
+    image = np.full((1, 4, 4, 1), 8.0, np.float32)
+    # Without context, crop column j samples index x1 + (j + 0.5) * (x2 - x1) / 6 - 0.5: -1.5, -1, ... 1
+    # (rows: 0.25 .. 2.75, inside).
+    crop = warp_regions(image, np.array([[[-1.25, 0.5, 1.75, 3.5]]], np.float32), 6, context=0).numpy()[0, 0, :, 0]
+    np.testing.assert_allclose(crop, [0, 0, 4, 8, 8, 8], atol=1e-5)  # at the border (-0.5): half the edge pixel
+
+
+def test_crops_convert_to_onnx_exactly_across_the_image_edges(rng):
+    # Boxes on a coarse grid over and past the edges (R-CNN's context makes them cross): ONNX Runtime's
+    # Resize clamps where crop_and_resize extrapolates, within half a pixel outside; on the zero-padded
+    # image both give the mean.
+    import onnxruntime as ort
+    import tensorflow as tf
+    import tf2onnx
+
+    from kseg.detection.crops import RegionCrops
+
+    image, boxes = keras.Input((13, 17, 3)), keras.Input((4, 4))
+    model = keras.Model([image, boxes], RegionCrops(24, 4)([image, boxes]))
+    x = rng.normal(size=(2, 13, 17, 3)).astype(np.float32)
+    grid = np.array([[-4, 0, 12, 8], [0, -4, 16, 12], [4, 4, 20, 16], [-4, -4, 20, 16]], np.float32)
+    b = np.stack([grid, grid[::-1] + 1]).astype(np.float32)
+    spec = [tf.TensorSpec((None, 13, 17, 3), tf.float32, name="image"), tf.TensorSpec((None, 4, 4), tf.float32,
+                                                                                      name="boxes")]
+    proto, _ = tf2onnx.convert.from_function(tf.function(lambda i, r: model([i, r])), input_signature=spec, opset=17)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, dict(zip([i.name for i in session.get_inputs()], (x, b))))[0]
+    # float32 sample coordinates: |x| ~ 4, bilinear slopes ~ 2 per pixel.
+    np.testing.assert_allclose(got, model([x, b]).numpy(), atol=1e-4)
+
+
 def test_features_equal_torchvision_alexnet_from_its_state_dict(tmp_path):
     """backbone_weights= a torchvision AlexNet state_dict: fc7 of every warped region equals the torch
     module's classifier up to fc7's ReLU (eval mode) on the same crops, NCHW."""

@@ -9,8 +9,10 @@ to the image, resizes the clipped window bilinearly (MATLAB imresize, no antiali
 proportional part of the crop and pastes it at the offset of the clipped-away part, the rest of the
 crop being the (subtracted) image mean. kseg samples the same dilated box in continuous coordinates
 with `tf.image.crop_and_resize` on the preprocessed image, sample points at the crop's pixel centres
-(half-pixel convention, as imresize), and 0 (the mean, after mean subtraction) outside the image: the
-same warp without the two integer roundings of the reference (a sub-pixel shift of the sample grid).
+(half-pixel convention, as imresize), and 0 (the mean, after mean subtraction) outside the image,
+blended with the edge pixels over the pixel beyond them: the same warp without the two integer
+roundings of the reference (a sub-pixel shift of the sample grid), its edge at the image's border
+(half a pixel out) a one-pixel ramp instead of a step.
 """
 
 from __future__ import annotations
@@ -31,21 +33,27 @@ def context_boxes(boxes, crop_size, context):
 
 def warp_regions(images, boxes, crop_size, context=16):
     """images (B, H, W, C) preprocessed (mean-subtracted), boxes (B, R, 4) xyxy pixels ->
-    crops (B*R, crop_size, crop_size, C), image-major: each box with its context, warped bilinearly,
-    0 outside the image (module docstring)."""
-    images = tf.cast(images, tf.float32)
+    crops (B*R, crop_size, crop_size, C), image-major: each box with its context, warped bilinearly
+    from the image padded with 0 (the mean), module docstring.
+
+    The image is sampled as if one pixel of 0 surrounded it: a sample point within a pixel of the
+    edge blends the edge pixel with the mean (at the image's border, half a pixel out, half each),
+    further out it is 0. crop_and_resize alone would switch to 0 at the outer pixel centres, and
+    runtimes disagree there (ONNX Runtime's Resize, tf2onnx's conversion of it, clamps within half
+    a pixel outside instead): on the padded image, clamping and extrapolating both give 0."""
+    images = tf.pad(tf.cast(images, tf.float32), [[0, 0], [1, 1], [1, 1], [0, 0]])
     shape = tf.shape(boxes)
     b, r = shape[0], shape[1]
     x1, y1, x2, y2 = tf.unstack(tf.reshape(context_boxes(boxes, crop_size, context), [-1, 4]), 4, axis=-1)
     size = float(crop_size)
-    hw = tf.cast(tf.shape(images)[1:3], tf.float32)
+    hw = tf.cast(tf.shape(images)[1:3], tf.float32)  # of the padded image: at least 3 x 3
     # Output pixel j samples the continuous point lo + (j + 0.5) * (hi - lo) / size, i.e. pixel index
-    # lo + (j + 0.5) * (hi - lo) / size - 0.5; crop_and_resize samples y1n * (H - 1) + j * step.
+    # lo + (j + 0.5) * (hi - lo) / size - 0.5 of the image, + 1 of the padded one; crop_and_resize
+    # samples y1n * (H' - 1) + j * step of the padded H' = H + 2.
     def ends(lo, hi, extent):
         step = (hi - lo) / size
-        first, last = lo + 0.5 * step - 0.5, lo + (size - 0.5) * step - 0.5
-        denominator = tf.maximum(extent - 1.0, 1.0)
-        return first / denominator, last / denominator
+        first, last = lo + 0.5 * step + 0.5, lo + (size - 0.5) * step + 0.5
+        return first / (extent - 1.0), last / (extent - 1.0)
 
     ny1, ny2 = ends(y1, y2, hw[0])
     nx1, nx2 = ends(x1, x2, hw[1])

@@ -120,10 +120,11 @@ class Task:
 
     # --- verification ----------------------------------------------------------------------
 
-    def compare_outputs(self, ref: dict, out: dict, tol, postprocess=None) -> list:
+    def compare_outputs(self, ref: dict, out: dict, tol, postprocess=None, images=None) -> list:
         """Every output two runs of a model share ({name: array} each; `ref` the reference) ->
         OutputReports, in ref's order. By default each output on its own (`compare`).
-        postprocess: the model's decoder layer, where it has one (a detector's thresholds)."""
+        postprocess: the model's decoder layer, where it has one (a detector's thresholds);
+        images: the batch both ran on."""
         return [self.compare(ref[name], out[name], name, tol) for name in ref if name in out]
 
     def compare(self, ref, out, name, tol):

@@ -104,11 +104,19 @@ class Detection(Task):
         raise NotImplementedError("detection targets are boxes matched to a model's anchors: "
                                   "kseg.detection.targets.ssd_targets")
 
-    def compare_outputs(self, ref, out, tol, postprocess=None):
+    def compare_outputs(self, ref, out, tol, postprocess=None, images=None):
         """Raw outputs element-wise; the decoded detections (both runs must have all four) as sets
         per image (kseg.detection.compare): one report per detection output, their differences
         over matched detections. Scores within max(1e-5, tol["atol"]), boxes within 1e-3 of the
-        input's larger side (tol["box"] overrides, as a fraction)."""
+        input's larger side (tol["box"] overrides, as a fraction).
+
+        Where both runs carry the raw outputs the decoder `postprocess` reads (and `images`, the
+        batch they ran on, when it reads the image's size), each run's detections are compared with
+        the decoder run on that run's own raw outputs, ties in NMS excused against the decoder's
+        candidates: with the raw outputs equal within tolerance, that proves the detections. Two
+        runs' detections compared with each other can also differ wherever two overlapping
+        candidates score closer than the runs' raw outputs differ: that count is reported, not
+        failed. Otherwise the runs' detections are compared directly."""
         from kseg.detection.compare import compare_detection_sets
 
         names = ("detection_boxes", "detection_scores", "detection_classes", "num_detections")
@@ -117,13 +125,25 @@ class Detection(Task):
             return reports
         size = max(getattr(postprocess, "input_hw", (300, 300)))
         score_atol, box_atol = max(1e-5, tol["atol"]), tol.get("box", 1e-3) * size
-        found = compare_detection_sets(
-            ref, out, score_atol=score_atol, box_atol=box_atol,
-            score_threshold=getattr(postprocess, "score_threshold", 0.0),
-            iou_threshold=getattr(postprocess, "iou_threshold", 0.5))
-        note = (f"as sets: {found.matched} matched, {found.excused} excused at a threshold or cut, "
-                f"{len(found.unmatched)} unmatched" + (f" (first: {found.unmatched[:3]})" if found.unmatched else ""))
-        diffs = {"detection_boxes": (found.box_diffs, box_atol), "detection_scores": (found.score_diffs, score_atol),
+        settings = dict(score_atol=score_atol, box_atol=box_atol,
+                        score_threshold=getattr(postprocess, "score_threshold", 0.0),
+                        iou_threshold=getattr(postprocess, "iou_threshold", 0.5))
+        direct = compare_detection_sets(ref, out, **settings)
+        if _decodable(postprocess, ref, images) and _decodable(postprocess, out, images):
+            sides = [compare_detection_sets(_decode(postprocess, run, images), run,
+                                            candidates=_decode(postprocess, run, images, candidates=True), **settings)
+                     for run in (ref, out)]
+            found = _merged(sides)
+            note = (f"as sets against the decoder on each run's raw outputs: {found.matched} matched, "
+                    f"{found.excused} excused at a threshold, cut or NMS tie, {len(found.unmatched)} unmatched"
+                    + (f" (first: {found.unmatched[:3]})" if found.unmatched else "")
+                    + f"; run against run: {direct.matched} matched, {len(direct.unmatched)} apart")
+        else:
+            found = direct
+            note = (f"as sets: {found.matched} matched, {found.excused} excused at a threshold or cut, "
+                    f"{len(found.unmatched)} unmatched"
+                    + (f" (first: {found.unmatched[:3]})" if found.unmatched else ""))
+        diffs = {"detection_boxes": (direct.box_diffs, box_atol), "detection_scores": (direct.score_diffs, score_atol),
                  "detection_classes": ([0.0], 0.0), "num_detections": ([0.0], 0.0)}
         for name in names:
             diff, allowed = diffs[name]
@@ -173,6 +193,34 @@ class Detection(Task):
             return {**detect(images), "image_size": tf.identity(sizes, name="image_size")}
 
         return {"serving_default": serving_default, "predict_images": predict_images}
+
+
+def _decodable(decoder, run, images):
+    """Whether `decoder` can run on a run's outputs: it is a kseg decoder layer and the run has what it reads."""
+    reads = getattr(decoder, "inputs_from", None)
+    return reads is not None and all(n in run if n != "image" else images is not None for n in reads)
+
+
+def _decode(decoder, run, images, candidates=False):
+    """The decoder's padded detections of a run's raw outputs ({name: array}); candidates=True:
+    every box it scores, before NMS (IoU threshold 1: no box suppresses another)."""
+    if candidates:
+        capacity = max(int(np.prod(np.shape(run[n])[1:])) for n in decoder.inputs_from if n != "image")
+        decoder = type(decoder).from_config({**decoder.get_config(), "iou_threshold": 1.0,
+                                             "max_detections": capacity})
+    found = decoder([images if n == "image" else run[n] for n in decoder.inputs_from])
+    return {k: np.asarray(v) for k, v in found.items()}
+
+
+def _merged(sides):
+    """One SetComparison of several (each run against its own decoding), unmatched ones labelled by run."""
+    from kseg.detection.compare import SetComparison
+
+    found = SetComparison(sum(s.matched for s in sides), sum(s.excused for s in sides), [], 0.0, 0.0)
+    for run, side in zip(("reference", "converted"), sides):
+        found.unmatched += [(image, run if where == "b" else f"{run}'s decoder", cls, score)
+                            for image, where, cls, score in side.unmatched]
+    return found
 
 
 def any_size_signatures(serving):
