@@ -68,87 +68,18 @@ def torch_module(name, spec_kwargs, num_classes):
             x = F.avg_pool2d(torch.tanh(self.C3(x)), 2)
             return self.output(torch.tanh(self.F6(torch.tanh(self.C5(x)).flatten(1))))
 
-    class AlexNet(nn.Module):  # torchvision.models.alexnet
-        def __init__(self):
-            super().__init__()
-            self.features = nn.Sequential(
-                nn.Conv2d(3, 64, 11, 4, 2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
-                nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
-                nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(inplace=True),
-                nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True),
-                nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2))
-            self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
-            self.classifier = nn.Sequential(
-                nn.Dropout(0.5), nn.Linear(256 * 36, 4096), nn.ReLU(inplace=True),
-                nn.Dropout(0.5), nn.Linear(4096, 4096), nn.ReLU(inplace=True), nn.Linear(4096, num_classes))
+    def AlexNet():  # torchvision.models.alexnet (the test suite's module)
+        return _tests_module("torch_reference").AlexNet(num_classes)
 
-        def forward(self, x):
-            return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+    def VGG16():  # torchvision.models.vgg16 (the test suite's module)
+        return _tests_module("torch_reference").VGG16(num_classes)
 
-    class VGG16(nn.Module):  # torchvision.models.vgg16
-        def __init__(self):
-            super().__init__()
-            layers, c = [], 3
-            for convs in vgg_cfg:
-                for v in convs:
-                    layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU(inplace=True)]
-                    c = v
-                layers.append(nn.MaxPool2d(2, 2))
-            self.features = nn.Sequential(*layers)
-            self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
-            self.classifier = nn.Sequential(
-                nn.Linear(512 * 49, 4096), nn.ReLU(True), nn.Dropout(),
-                nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(), nn.Linear(4096, num_classes))
-
-        def forward(self, x):
-            return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
-
-    class Bottleneck(nn.Module):  # torchvision v1.5: stride on the 3x3
-        def __init__(self, inplanes, planes, stride=1, downsample=None, dilation=1):
-            super().__init__()
-            self.conv1, self.bn1 = nn.Conv2d(inplanes, planes, 1, bias=False), nn.BatchNorm2d(planes)
-            self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
-            self.bn2 = nn.BatchNorm2d(planes)
-            self.conv3, self.bn3 = nn.Conv2d(planes, planes * 4, 1, bias=False), nn.BatchNorm2d(planes * 4)
-            self.relu, self.downsample = nn.ReLU(inplace=True), downsample
-
-        def forward(self, x):
-            identity = x if self.downsample is None else self.downsample(x)
-            out = self.relu(self.bn1(self.conv1(x)))
-            out = self.relu(self.bn2(self.conv2(out)))
-            return self.relu(self.bn3(self.conv3(out)) + identity)
-
-    class ResNet50(nn.Module):  # torchvision.models.resnet50 (+ replace_stride_with_dilation)
-        def __init__(self, dilate=(False, False, False), top=True):
-            super().__init__()
-            self.inplanes, self.dilation = 64, 1
-            self.conv1, self.bn1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64)
-            self.relu, self.maxpool = nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
-            self.layer1 = self._layer(64, 3)
-            self.layer2 = self._layer(128, 4, 2, dilate[0])
-            self.layer3 = self._layer(256, 6, 2, dilate[1])
-            self.layer4 = self._layer(512, 3, 2, dilate[2])
-            self.top = top
-            if top:
-                self.avgpool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(2048, num_classes)
-
-        def _layer(self, planes, n, stride=1, dilate=False):
-            previous = self.dilation
-            if dilate:
-                self.dilation, stride = self.dilation * stride, 1
-            down = None
-            if stride != 1 or self.inplanes != planes * 4:
-                down = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride, bias=False),
-                                     nn.BatchNorm2d(planes * 4))
-            blocks = [Bottleneck(self.inplanes, planes, stride, down, previous)]
-            self.inplanes = planes * 4
-            blocks += [Bottleneck(self.inplanes, planes, dilation=self.dilation) for _ in range(1, n)]
-            return nn.Sequential(*blocks)
-
-        def forward(self, x):
-            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-            return self.fc(torch.flatten(self.avgpool(x), 1)) if self.top else x
+    def ResNet50(dilate=(False, False, False), top=True):  # torchvision.models.resnet50 (tests' module)
+        net = _tests_module("torch_reference").ResNet((3, 4, 6, 3), num_classes, replace_stride_with_dilation=dilate)
+        if not top:  # the trunk alone, as torchvision's segmentation backbones hold it
+            net.avgpool = net.fc = None
+            net.forward = net.features
+        return net
 
     class FCNResNet50(nn.Module):  # torchvision.models.segmentation.fcn_resnet50 (no aux)
         def __init__(self):
@@ -263,6 +194,17 @@ def torch_module(name, spec_kwargs, num_classes):
         raise ValueError(f"no PyTorch module for {name}; benchmarked models: {sorted(builders)}")
     return builders[name](), "written here (torchvision layout)" if name in (
         "alexnet", "vgg16", "resnet50", "fcn_resnet50") else "written here (paper / reference net)"
+
+
+def _tests_module(name):
+    """A module of the test suite (tests/), imported by name."""
+    import importlib
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(os.path.join(ROOT, "tests"))
 
 
 def _test_reference(name, num_classes):
