@@ -220,9 +220,8 @@ def worker(name, cfg, args, bm):
 
     h, w, c = cfg["size"]
     spec = kseg.get_spec(name)
-    rec = {"model": name, "input": [h, w, c], "train_batch": None, "build_kwargs": cfg.get("kwargs", {}),
-           "loadavg_start": os.getloadavg(), "detector": True, "train": {},
-           "train_note": "not measured for detectors (MultiBox targets need matched anchors)",
+    rec = {"model": name, "input": [h, w, c], "train_batch": cfg.get("train_batch"),
+           "build_kwargs": cfg.get("kwargs", {}), "loadavg_start": os.getloadavg(), "detector": True, "train": {},
            "target_note": " (decoding + NMS included)"}
     with bm.Phase(rec, "build_kseg", log):
         keras.utils.set_random_seed(0)
@@ -377,6 +376,12 @@ def worker(name, cfg, args, bm):
     shutil.rmtree(tmp, ignore_errors=True)
     rec["inference"], rec["inference_network"], rec["checks"] = results, network_results, checks
     rec["ratios"], rec["ratios_best"] = ratios(results, network_results), ratios(results, network_results, "min_s")
+    if "train" not in args.skip and cfg.get("train_batch"):
+        # Last: training changes the Keras weights (the PyTorch module takes its copy first).
+        import _bench_ssd_train
+
+        rec["train"] = _bench_ssd_train.train(bm, model, spec, np.asarray(decoder.anchors), num_classes, cfg, args,
+                                              rec, log)
     rec["loadavg_end"] = os.getloadavg()
     return rec
 

@@ -20,20 +20,21 @@ import time
 LEARNING_RATE, MOMENTUM = 1e-3, 0.9
 
 
-def train_tf(bm, model, task, xt, yt, jit, budget):
-    step, batch = tf_step(model, task, xt, yt, jit)
+def train_tf(bm, model, task, xt, yt, jit, budget, loss_fn=None):
+    step, batch = tf_step(model, task, xt, yt, jit, loss_fn)
     return bm.measure(lambda b: step(b).numpy(), batch, min_runs=2, max_runs=20, budget_s=budget)
 
 
-def tf_step(model, task, xt, yt, jit=False):
-    """The hand-written training step (a tf.function of one batch) and its batch."""
+def tf_step(model, task, xt, yt, jit=False, loss_fn=None):
+    """The hand-written training step (a tf.function of one batch) and its batch. loss_fn(y, outputs):
+    a detector's loss (the task's cross-entropy otherwise)."""
     import keras
     import tensorflow as tf
 
-    if task.target_kind == "edge_map":
+    if loss_fn is None and task.target_kind == "edge_map":
         bce = keras.losses.BinaryCrossentropy(from_logits=True)
         loss_fn = lambda y, out: tf.add_n([bce(y, o) for o in out])  # noqa: E731
-    else:
+    elif loss_fn is None:
         loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     from kseg.train import FusedSGD
 
@@ -51,12 +52,13 @@ def tf_step(model, task, xt, yt, jit=False):
         opt.apply(grads, model.trainable_variables)
         return loss
 
-    return step, (tf.constant(xt), tf.constant(yt))
+    return step, (tf.constant(xt), tf.nest.map_structure(tf.constant, yt))
 
 
-def train_fit(model, name, task, xt, yt, budget, step_s=None):
+def train_fit(model, name, task, xt, yt, budget, step_s=None, loss=None):
     """model.fit as `kseg train` compiles it; `step_s` (the hand-written step's time) sizes the run to
-    about `budget` seconds of timed steps (at least 3, at most 20)."""
+    about `budget` seconds of timed steps (at least 3, at most 20). loss: the recipe's loss name (by
+    default the task's cross-entropy); yt: the Keras targets when given."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -64,13 +66,14 @@ def train_fit(model, name, task, xt, yt, budget, step_s=None):
     from kseg.train.fit import compile_segmentation
     from kseg.train.recipes import Recipe
 
-    loss = "balanced_sigmoid_cross_entropy" if task.target_kind == "edge_map" else "sparse_cross_entropy"
+    if loss is None:
+        loss = "balanced_sigmoid_cross_entropy" if task.target_kind == "edge_map" else "sparse_cross_entropy"
     recipe = Recipe(name="bench_models", source="scripts/bench_models.py", model=name, description="",
                     model_options={}, data={}, optimizer={"name": "sgd", "learning_rate": LEARNING_RATE,
                                                           "momentum": MOMENTUM},
                     schedule={"kind": "constant"}, training={}, loss={"name": loss})
     fit_model = compile_segmentation(model, recipe)
-    targets = task.fit_targets(yt, len(fit_model.outputs))
+    targets = task.fit_targets(yt, len(fit_model.outputs)) if task is not None else yt
     data = tf.data.Dataset.from_tensors((xt, targets)).repeat().prefetch(tf.data.AUTOTUNE)
     ends = []
 

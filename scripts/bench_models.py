@@ -33,8 +33,9 @@ spinning, 0.15 s passive, same machine, same minute).
     python scripts/bench_models.py --update-docs            # also refresh docs/performance.*
 
 SSD300 (opt-in, not in the default list: 6-10 minutes of its own on 2 cores) is timed twice per
-runtime, network only and with its postprocessing, and checked by its detections as sets; no training
-step. scripts/_bench_ssd.py holds its worker and the PyTorch postprocessing.
+runtime, network only and with its postprocessing, and checked by its detections as sets; its training
+step (MultiBox loss on anchors matched once, before timing) beside PyTorch's. scripts/_bench_ssd.py
+holds its worker and the PyTorch postprocessing, scripts/_bench_ssd_train.py its training step.
 
 faster_rcnn_vgg16 and faster_rcnn_resnet50_c4 (opt-in too) run scripts/bench_frcnn.py's comparison
 (scripts/_bench_detectors.py): batch 1 at 600x800 (--quick: 320x448), TF graph mode beside a PyTorch
@@ -82,7 +83,7 @@ MODELS = {
     "mobilevit_s": dict(size=(256, 256, 3), train_batch=8),
     # A detector, timed with and without decoding + NMS (scripts/_bench_ssd.py): torchvision's
     # ssd300_vgg16 layout and its 91 COCO classes, at its own 300x300. Opt-in (--models ssd300).
-    "ssd300": dict(size=(300, 300, 3), train_batch=None, detector=True,
+    "ssd300": dict(size=(300, 300, 3), train_batch=4, detector=True,
                    kwargs={"layout": "torchvision", "num_classes": 91}),
     # Faster R-CNN (scripts/_bench_detectors.py runs scripts/bench_frcnn.py's comparison): torchvision's
     # layout, 21 classes, one 600x800 image. Opt-in (--models faster_rcnn_vgg16 faster_rcnn_resnet50_c4).
