@@ -105,3 +105,44 @@ def test_a_lower_box_kept_instead_of_a_better_one_is_reported():
     # An NMS that kept R over Q (IoU 0.48, Q better by 0.1): Q is missing and nothing better explains it.
     found = compare_detection_sets(_dets([Q] + ROWS[1:]), _dets([R] + ROWS[1:]), candidates=_dets(CANDIDATES), **TOL)
     assert not found.passed and found.unmatched == [(0, "a", 1, pytest.approx(0.9))]
+
+
+def _two_stage_runs(shift=0.0):
+    """A reference run and another of a Fast R-CNN head's raw outputs with their detections (kseg's
+    decoder): two proposals under the same features (equal logits) overlapping at IoU 0.82, and a third.
+    The other run reports the same raw outputs, its detections decoded with the twins in the other order
+    (its NMS kept the second twin) and moved by `shift` px."""
+    from kseg.detection.postprocess import FastRCNNDecoder
+
+    decoder = FastRCNNDecoder(score_threshold=0.05, iou_threshold=0.5, max_detections=10)
+    proposals = np.array([[[10, 10, 50, 50], [14, 10, 54, 50], [60, 60, 90, 90], [0, 0, 0, 0]]], np.float32)
+    raw = {"proposals": proposals, "proposal_mask": np.array([[1, 1, 1, 0]], np.float32),
+           "class_logits": np.array([[[0, 2, -1], [0, 2, -1], [0, -1, 2], [0, 0, 0]]], np.float32),
+           "box_regression": np.zeros((1, 4, 12), np.float32)}
+    images = np.zeros((1, 100, 100, 3), np.float32)
+
+    def decode(r):
+        found = decoder([r[n] if n != "image" else images for n in decoder.inputs_from])
+        return {k: np.asarray(v) for k, v in found.items()}
+
+    other = decode({k: v[:, [1, 0, 2, 3]] for k, v in raw.items()})
+    other["detection_boxes"] = other["detection_boxes"] + np.float32(shift) * (other["detection_scores"] > 0)[..., None]
+    return {**raw, **decode(raw)}, {**raw, **other}, decoder, images
+
+
+def test_a_detectors_verification_excuses_its_nms_tie_only():
+    from kseg.tasks.detection import Detection
+
+    tol = {"atol": 1e-5, "rtol": 1e-3, "argmax": 0.999}
+    ref, out, decoder, images = _two_stage_runs()
+    assert ref["detection_boxes"][0, 0, 0] != out["detection_boxes"][0, 0, 0]  # the runs kept different twins
+    reports = Detection().compare_outputs(ref, out, tol, postprocess=decoder, images=images)
+    assert all(r.passed for r in reports)
+    # The other run: its twin and the decoder's excused as a tie; the run against run: the twins apart.
+    assert "3 matched, 2 excused" in reports[-1].note and "run against run: 1 matched, 2 apart" in reports[-1].note
+    # Without the decoder, the two runs are compared with each other: the twins differ.
+    assert not all(r.passed for r in Detection().compare_outputs(ref, out, tol, postprocess=decoder))
+    # A twin 3 px off is no candidate of the decoder: reported.
+    ref, out, decoder, images = _two_stage_runs(shift=3.0)
+    reports = Detection().compare_outputs(ref, out, tol, postprocess=decoder, images=images)
+    assert not reports[-1].passed and "unmatched" in reports[-1].note
