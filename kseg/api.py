@@ -7,6 +7,7 @@ import inspect
 import os
 
 from kseg.batchnorm import fuse_batch_norm
+from kseg.layernorm import fuse_layer_norm
 from kseg.registry import get_spec
 
 
@@ -83,8 +84,9 @@ def build_model(name, *, num_classes=None, input_shape=None, weights=None, backb
         weights_mod.load_backbone(model, backbone_weights, spec)
     if weights is not None:
         weights_mod.load_weights(model, os.fspath(weights), spec=spec)
-    # BatchNorm trains with TF's fused kernel (kseg.batchnorm): the layers and files stay Keras'.
-    return fuse_batch_norm(model)
+    # BatchNorm trains with TF's fused kernel (kseg.batchnorm), LayerNorm with its closed-form gradient
+    # (kseg.layernorm): the layers and files stay Keras'.
+    return fuse_layer_norm(fuse_batch_norm(model))
 
 
 def pretrained_identity(spec, build_kwargs, entry=None, backbone_entry=None) -> dict:

@@ -26,6 +26,7 @@ from kseg.api import build_model, layout_options
 from kseg.batchnorm import fuse_batch_norm
 from kseg.data.check import check_dataset
 from kseg.identity import RUN_FILE
+from kseg.layernorm import fuse_layer_norm
 from kseg.progress import progress
 from kseg.registry import get_spec
 from kseg.tasks import losses as losses_mod
@@ -137,7 +138,8 @@ def compile_segmentation(model, recipe, *, steps_per_epoch=None, total_steps=Non
     precision) are cast to float32 first.
     """
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    fuse_batch_norm(model)  # a model loaded from a file: BatchNorm's fused training kernel (kseg.batchnorm)
+    # A model loaded from a file: BatchNorm's fused training kernel (kseg.batchnorm), LayerNorm's gradient.
+    fuse_layer_norm(fuse_batch_norm(model))
     if recipe.loss.get("stride8"):
         model = losses_mod.stride8_model(model)
     model = float32_outputs(model)
@@ -180,7 +182,7 @@ def compile_trainer(model, recipe, *, steps_per_epoch=None, total_steps=None, ji
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     from kseg.identity import identify
 
-    ident = identify(fuse_batch_norm(model))
+    ident = identify(fuse_layer_norm(fuse_batch_norm(model)))
     trainer = get_spec(recipe.model).trainer(model, dict(ident.options), rcnn_settings(recipe))
     trainer.compile(optimizer=make_optimizer(recipe, steps_per_epoch, total_steps), jit_compile=jit_compile)
     return trainer
