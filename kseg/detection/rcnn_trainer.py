@@ -129,10 +129,14 @@ class RCNNTrainer(keras.Model):
         batch, rows = tf.shape(rois)[0], tf.shape(rois)[1]
         index = tf.cast(tf.repeat(tf.range(batch), rows), tf.float32)
         flat_rois = tf.concat([index[:, None], tf.reshape(rois, [-1, 4])], axis=1)
-        logits, box_regression = self.head([features, flat_rois], training=training)
+        # Only the sampled RoIs go through the head, as torchvision's and py-faster-rcnn's samplers
+        # return them: where fewer than roi_batch could be sampled (few proposals, as from an
+        # untrained RPN), the padding rows would cost the head's full work for nothing.
+        keep = tf.where(tf.reshape(valid, [-1]))[:, 0]
+        logits, box_regression = self.head([features, tf.gather(flat_rois, keep)], training=training)
+        labels, targets = tf.gather(tf.reshape(labels, [-1]), keep), tf.gather(tf.reshape(targets, [-1, 4]), keep)
         out["classifier_loss"], out["box_loss"] = rt.head_losses(
-            logits, box_regression, tf.reshape(labels, [-1]), tf.reshape(targets, [-1, 4]),
-            tf.reshape(valid, [-1]), beta=s["head_beta"])
+            logits, box_regression, labels, targets, tf.ones_like(labels, tf.bool), beta=s["head_beta"])
         return out
 
     def _report(self, parts, total):
