@@ -66,22 +66,29 @@ def worker(name, cfg, args, bm):
 
     h, w, c = cfg["size"]
     count = rounds(args.budget)
+    transcribed = " (PyTorch's RoIAlign / NMS are torch-op transcriptions)"
     rec = {"model": name, "input": [h, w, c], "train_batch": None, "build_kwargs": cfg.get("kwargs", {}),
            "loadavg_start": os.getloadavg(), "frcnn": True, "train": {},
-           "train_note": "not measured for Faster R-CNN (scripts/bench_frcnn.py times inference)",
-           "target_note": " (Faster R-CNN whole pipeline: PyTorch's RoIAlign / NMS are torch-op transcriptions)"}
+           "target_note": " (Faster R-CNN whole pipeline:" + transcribed[1:],
+           "train_target_note": transcribed}
     if "pytorch" in args.skip:
         log("--skip pytorch ignored: the Faster R-CNN rows are the comparison with PyTorch")
     tmp = tempfile.mkdtemp(prefix="kseg_bench_frcnn_")  # the reference's state_dict, which kseg loads
     try:
         with bm.Phase(rec, "bench_frcnn", log):
             out = frcnn.bench(name, argparse.Namespace(size=(h, w), rounds=count, out=tmp))
+        rec.update(params=out["params"], flops_per_image=out["flops_per_image"],
+                   macs_per_image=out["macs_per_image"], stages=out["rows"], frcnn_checks=out["checks"], rounds=count,
+                   pytorch_module=("tests/torch_reference_frcnn.py" if name == "faster_rcnn_vgg16" else
+                                   "tests/torch_reference_frcnn_c4.py") + " (torchvision's FasterRCNN module tree)")
+        if "train" not in args.skip:  # scripts/_bench_frcnn_train.py: the approximate joint training step
+            import _bench_frcnn_train
+
+            rec["train_batch"] = cfg["train_batch"]
+            rec["train"] = _bench_frcnn_train.train(bm, frcnn, name, os.path.join(tmp, f"{name}.pth"), cfg, args,
+                                                    rec, log)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    rec.update(params=out["params"], flops_per_image=out["flops_per_image"], macs_per_image=out["macs_per_image"],
-               stages=out["rows"], frcnn_checks=out["checks"], rounds=count,
-               pytorch_module=("tests/torch_reference_frcnn.py" if name == "faster_rcnn_vgg16"
-                               else "tests/torch_reference_frcnn_c4.py") + " (torchvision's FasterRCNN module tree)")
     whole = next(row for row in out["rows"] if row["stage"] == STAGES[-1])
     rec["inference"] = {rt: {"b1": _timing(whole[f"{key}_ms"], count, rec["flops_per_image"])}
                         for rt, key in (("tf", "kseg"), ("pytorch", "pytorch"))}

@@ -68,7 +68,7 @@ def targets(records, peak):
                           ("onnx_vs_tf_b1", "ONNX Runtime >= 1.0x kseg TF graph, batch 1"),
                           ("onnx_vs_tf_b8", "ONNX Runtime >= 1.0x kseg TF graph, batch 8")):
             if s.get(key) is not None:
-                note = "" if key.endswith("_train") else rec.get("target_note", "")  # the note is inference's
+                note = rec.get("train_target_note" if key.endswith("_train") else "target_note", "")
                 rows.append({"model": name, "target": what + note, "value": s[key],
                              "threshold": 1.0, "met": s[key] >= 1.0})
         if name in VGG_FAMILY and s.get("tf_b8_peak_fraction") is not None:

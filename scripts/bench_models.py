@@ -40,7 +40,9 @@ holds its worker and the PyTorch postprocessing, scripts/_bench_ssd_train.py its
 faster_rcnn_vgg16 and faster_rcnn_resnet50_c4 (opt-in too) run scripts/bench_frcnn.py's comparison
 (scripts/_bench_detectors.py): batch 1 at 600x800 (--quick: 320x448), TF graph mode beside a PyTorch
 reference with torchvision's module names and the same weights, outputs checked first; the whole
-pipeline fills their TF graph and PyTorch cells, a table of their own has each stage.
+pipeline fills their TF graph and PyTorch cells, a table of their own has each stage. Their training
+step (scripts/_bench_frcnn_train.py): approximate joint training with torchvision's settings, hand-written,
+through model.fit as `kseg train` compiles it, and torchvision's training computation in PyTorch.
 
 Outputs (--out, default bench_results/): bench_models.json, bench_models.md, bench_models.png.
 """
@@ -85,11 +87,11 @@ MODELS = {
     # ssd300_vgg16 layout and its 91 COCO classes, at its own 300x300. Opt-in (--models ssd300).
     "ssd300": dict(size=(300, 300, 3), train_batch=4, detector=True,
                    kwargs={"layout": "torchvision", "num_classes": 91}),
-    # Faster R-CNN (scripts/_bench_detectors.py runs scripts/bench_frcnn.py's comparison): torchvision's
-    # layout, 21 classes, one 600x800 image. Opt-in (--models faster_rcnn_vgg16 faster_rcnn_resnet50_c4).
-    "faster_rcnn_vgg16": dict(size=(600, 800, 3), train_batch=None, frcnn=True, kwargs={"layout": "torchvision"}),
-    "faster_rcnn_resnet50_c4": dict(size=(600, 800, 3), train_batch=None, frcnn=True,
-                                    kwargs={"layout": "torchvision"}),
+    # Faster R-CNN (scripts/_bench_detectors.py runs scripts/bench_frcnn.py's comparison, and
+    # scripts/_bench_frcnn_train.py the training step): torchvision's layout, 21 classes, one 600x800 image.
+    # Opt-in (--models faster_rcnn_vgg16 faster_rcnn_resnet50_c4).
+    "faster_rcnn_vgg16": dict(size=(600, 800, 3), train_batch=1, frcnn=True, kwargs={"layout": "torchvision"}),
+    "faster_rcnn_resnet50_c4": dict(size=(600, 800, 3), train_batch=1, frcnn=True, kwargs={"layout": "torchvision"}),
 }
 DEFAULT_MODELS = [name for name, cfg in MODELS.items() if not cfg.get("detector") and not cfg.get("frcnn")]
 QUICK_SIZES = {"fcn8s": 32, "segnet": 64, "deeplab_largefov": 65, "hed": 64, "fcn_resnet50": 64}
