@@ -31,7 +31,7 @@ def fuse_batch_norm(model):
     fused kernel; returns `model`. Idempotent; other layers are left alone."""
     if keras.backend.backend() != "tensorflow":
         return model
-    for layer in _layers(model):
+    for layer in model_layers(model):
         if type(layer) is keras.layers.BatchNormalization and "call" not in vars(layer):
             layer.call = types.MethodType(_fused_call, layer)
     return model
@@ -42,7 +42,8 @@ def is_fused(layer) -> bool:
     return getattr(vars(layer).get("call"), "__func__", None) is _fused_call
 
 
-def _layers(model):
+def model_layers(model):
+    """Every layer of `model`, nested models and layers included, each once (the model first)."""
     seen = set()
     stack = [model]
     while stack:

@@ -25,13 +25,15 @@ import types
 import keras
 import tensorflow as tf
 
+from kseg.batchnorm import model_layers
+
 
 def fuse_layer_norm(model):
     """Let every LayerNormalization layer of `model` (nested models included) over the last axis train
     with the hand-written gradient; returns `model`. Idempotent; other layers are left alone."""
     if keras.backend.backend() != "tensorflow":
         return model
-    for layer in _layers(model):
+    for layer in model_layers(model):
         if type(layer) is keras.layers.LayerNormalization and "call" not in vars(layer):
             layer.call = types.MethodType(_fused_call, layer)
     return model
@@ -40,18 +42,6 @@ def fuse_layer_norm(model):
 def is_fused(layer) -> bool:
     """Whether `layer` trains with the hand-written gradient (fuse_layer_norm was applied to it)."""
     return getattr(vars(layer).get("call"), "__func__", None) is _fused_call
-
-
-def _layers(model):
-    seen = set()
-    stack = [model]
-    while stack:
-        layer = stack.pop()
-        if id(layer) in seen:
-            continue
-        seen.add(id(layer))
-        yield layer
-        stack.extend(getattr(layer, "_layers", None) or getattr(layer, "layers", None) or [])
 
 
 def _coverable(layer, inputs):

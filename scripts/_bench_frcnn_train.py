@@ -166,16 +166,7 @@ def train(bm, frcnn, name, weights_path, cfg, args, rec, log):
         "each side) kseg " + ", ".join(f"{v:.4f}" for v in k.values()) + " PyTorch "
         + ", ".join(f"{v:.4f}" for v in t.values()))
     results = {}
-
-    def guarded(runtime, fn):
-        if runtime in args.skip:
-            return
-        try:
-            with bm.Phase(rec, f"train_{runtime}", log):
-                results[runtime] = fn()
-        except Exception as e:  # one path's failure is recorded; the others go on
-            results[runtime] = {"error": f"{type(e).__name__}: {e}"[:2000]}
-            log(f"train {runtime} failed: {results[runtime]['error'][:200]}")
+    guarded = _bench_train.guarded_runner(bm, rec, results, args.skip, log)
 
     # The step's work depends on the RPN's state (how many proposals survive NMS, so how many RoIs the
     # head gets): every runtime starts from the same weights, not from where the previous one left them.

@@ -119,16 +119,7 @@ def train(bm, model, spec, anchors, num_classes, cfg, args, rec, log):
                           "positives": int((targets[1] > 0).sum())}
     log(f"first-step loss kseg {k:.6f} PyTorch {t:.6f}")
     results = {}
-
-    def guarded(runtime, fn):
-        if runtime in args.skip:
-            return
-        try:
-            with bm.Phase(rec, f"train_{runtime}", log):
-                results[runtime] = fn()
-        except Exception as e:  # one path's failure is recorded; the others go on
-            results[runtime] = {"error": f"{type(e).__name__}: {e}"[:2000]}
-            log(f"train {runtime} failed: {results[runtime]['error'][:200]}")
+    guarded = _bench_train.guarded_runner(bm, rec, results, args.skip, log)
 
     guarded("tf", lambda: _bench_train.train_tf(bm, model, None, xt, y, False, budget, loss_fn=keras_loss))
     guarded("fit", lambda: _bench_train.train_fit(model, "ssd300", None, xt, y, budget,

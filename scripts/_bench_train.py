@@ -20,6 +20,23 @@ import time
 LEARNING_RATE, MOMENTUM = 1e-3, 0.9
 
 
+def guarded_runner(bm, rec, results, skip, log):
+    """guarded(runtime, fn): results[runtime] = fn() in bench_models' phase "train_<runtime>" (its time and
+    peak memory into `rec`), unless the runtime is in `skip`; a failure is recorded and the others go on."""
+
+    def guarded(runtime, fn):
+        if runtime in skip:
+            return
+        try:
+            with bm.Phase(rec, f"train_{runtime}", log):
+                results[runtime] = fn()
+        except Exception as e:
+            results[runtime] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            log(f"train {runtime} failed: {results[runtime]['error'][:200]}")
+
+    return guarded
+
+
 def train_tf(bm, model, task, xt, yt, jit, budget, loss_fn=None):
     step, batch = tf_step(model, task, xt, yt, jit, loss_fn)
     return bm.measure(lambda b: step(b).numpy(), batch, min_runs=2, max_runs=20, budget_s=budget)

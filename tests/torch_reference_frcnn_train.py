@@ -16,7 +16,7 @@ from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
-from torch_reference_frcnn import box_iou, concat_box_prediction_layers
+from torch_reference_frcnn import box_iou
 
 # ------------------------------------------------------------------- models/detection/_utils.py
 
@@ -127,19 +127,12 @@ def rpn_compute_loss(objectness, pred_bbox_deltas, labels, regression_targets, f
 def rpn_forward_train(rpn, images, image_sizes, features, targets):
     """RegionProposalNetwork.forward in training mode: (proposals per image, losses). The module's
     pre/post NMS top-n are used as given (set them to the training values, 2000 / 2000)."""
-    features = list(features.values())
-    objectness, pred_bbox_deltas = rpn.head(features)
-    anchors = rpn.anchor_generator(images, features)
-    num_images = len(anchors)
-    num_anchors_per_level = [o[0].shape[0] * o[0].shape[1] * o[0].shape[2] for o in objectness]
-    objectness, pred_bbox_deltas = concat_box_prediction_layers(objectness, pred_bbox_deltas)
-    proposals = rpn.box_coder.decode(pred_bbox_deltas.detach(), anchors).view(num_images, -1, 4)
-    boxes, _ = rpn.filter_proposals(proposals, objectness, image_sizes, num_anchors_per_level)
-    labels, matched_gt_boxes = assign_targets_to_anchors(anchors, targets, Matcher(0.7, 0.3, True))
-    regression_targets = [encode(m, a, (1.0, 1.0, 1.0, 1.0)) for m, a in zip(matched_gt_boxes, anchors)]
-    loss_objectness, loss_rpn_box_reg = rpn_compute_loss(objectness, pred_bbox_deltas, labels, regression_targets,
-                                                         BalancedPositiveNegativeSampler(256, 0.5))
-    return boxes, {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_rpn_box_reg}
+    out = rpn(images, image_sizes, features)  # the inference half: anchors, raw outputs, proposals
+    labels, matched_gt_boxes = assign_targets_to_anchors(out["anchors"], targets, Matcher(0.7, 0.3, True))
+    regression_targets = [encode(m, a, (1.0, 1.0, 1.0, 1.0)) for m, a in zip(matched_gt_boxes, out["anchors"])]
+    loss_objectness, loss_rpn_box_reg = rpn_compute_loss(out["objectness"], out["rpn_deltas"].reshape(-1, 4), labels,
+                                                         regression_targets, BalancedPositiveNegativeSampler(256, 0.5))
+    return out["proposals"], {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_rpn_box_reg}
 
 
 # ------------------------------------------------------------------ models/detection/roi_heads.py
