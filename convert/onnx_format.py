@@ -150,8 +150,38 @@ def _convert_structure(model, *, opset, dynamic, nchw, input_size):
     _pass_inputs_through(graph, renames)
     _rename(graph, renames)
     _repair_output_ranks(graph, model)
+    _explicit_dilated_pads(graph)
     _name_dims(graph, nchw)
     return proto, list(zip(names, variables))
+
+
+def _explicit_dilated_pads(graph):
+    """Give every dilated stride-1 Conv explicit pads in place of auto_pad SAME_UPPER/LOWER.
+
+    tf2onnx keeps a "SAME" TF conv as auto_pad, and ONNX Runtime refuses auto_pad on a dilated
+    Conv ("Dilation not supported for AutoPadType::SAME_UPPER"). At stride 1 the padding does not
+    depend on the input size: d * (k - 1) per axis, the odd pixel after (SAME_UPPER, TF's split)
+    or before (SAME_LOWER), so the explicit pads are the same convolution.
+    """
+    import onnx
+
+    for node in graph.node:
+        if node.op_type != "Conv":
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        auto_pad = onnx.helper.get_attribute_value(attrs["auto_pad"]) if "auto_pad" in attrs else b"NOTSET"
+        dilations = list(attrs["dilations"].ints) if "dilations" in attrs else []
+        if auto_pad not in (b"SAME_UPPER", b"SAME_LOWER") or max(dilations, default=1) == 1:
+            continue
+        strides, kernel = list(attrs["strides"].ints), list(attrs["kernel_shape"].ints)
+        if any(s != 1 for s in strides):  # TF refuses stride > 1 with dilation > 1; never emitted
+            raise ValueError(f"ONNX Conv {node.name}: dilations {dilations} with strides {strides}")
+        totals = [d * (k - 1) for d, k in zip(dilations, kernel)]
+        small = [t // 2 for t in totals]
+        large = [t - t // 2 for t in totals]
+        begins, ends = (small, large) if auto_pad == b"SAME_UPPER" else (large, small)
+        node.attribute.remove(attrs["auto_pad"])
+        node.attribute.append(onnx.helper.make_attribute("pads", begins + ends))
 
 
 def _repair_output_ranks(graph, model):

@@ -153,7 +153,7 @@ class MaxUnpooling2D(keras.layers.Layer):
     as in the max-pool gradient.
     """
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         _check_inputs(inputs, 3, "MaxUnpooling2D")
         x, argmax, reference = inputs
         argmax = tf.cast(argmax, tf.int64)
@@ -166,13 +166,21 @@ class MaxUnpooling2D(keras.layers.Layer):
         # the flat output.
         batch_offset = tf.range(batch, dtype=tf.int64) * image_size
         indices = argmax + tf.reshape(batch_offset, (-1, 1, 1, 1))
-        # scatter_nd touches only the pooled values, O(pooled size), unlike
+        # A scatter touches only the pooled values, O(pooled size), unlike
         # one-hot or equality masks that cost O(output size * window).
-        flat = tf.scatter_nd(
-            tf.reshape(indices, (-1, 1)),
-            tf.reshape(x, (-1,)),
-            tf.reshape(batch * image_size, (1,)),
-        )
+        if training:
+            # UnsortedSegmentSum, a kernel for this 1-D scatter-add, trains 1.7x
+            # faster than ScatterNd at SegNet's shapes; inference graphs (what
+            # the exports convert) keep ScatterNd. Same sums either way.
+            flat = tf.math.unsorted_segment_sum(
+                tf.reshape(x, (-1,)), tf.reshape(indices, (-1,)), batch * image_size
+            )
+        else:
+            flat = tf.scatter_nd(
+                tf.reshape(indices, (-1, 1)),
+                tf.reshape(x, (-1,)),
+                tf.reshape(batch * image_size, (1,)),
+            )
         return tf.reshape(flat, (batch, height, width, channels))
 
     def compute_output_shape(self, input_shape):
@@ -446,20 +454,47 @@ def _bilinear_1d(size):
     return 1 - np.abs(np.arange(size) - center) / factor
 
 
+# From this rate on, the fallback computes a dilated conv as one matmul rather than TF's
+# SpaceToBatchND decomposition (docs/performance.md, slow spot 2).
+IM2COL_MIN_RATE = 8
+_NATIVE_GRADIENT = []
+
+
+def native_dilated_gradient() -> bool:
+    """Whether this process's CPU kernels differentiate a dilated Conv2D natively.
+
+    oneDNN's do (TensorFlow's default on x86-64 Linux and Windows); with oneDNN off
+    (``TF_ENABLE_ONEDNN_OPTS=0``) Conv2DBackpropInput refuses dilation rates above 1. Probed
+    once, eagerly, on a 1x3x3x1 input.
+
+        >>> native_dilated_gradient() in (True, False)
+        True
+    """
+    if not _NATIVE_GRADIENT:
+        with tf.init_scope(), tf.device("/CPU:0"):
+            try:
+                tf.raw_ops.Conv2DBackpropInput(
+                    input_sizes=[1, 3, 3, 1], filter=tf.ones([3, 3, 1, 1]), out_backprop=tf.ones([1, 3, 3, 1]),
+                    strides=[1, 1, 1, 1], padding="SAME", dilations=[1, 2, 2, 1]).numpy()
+                _NATIVE_GRADIENT.append(True)
+            except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
+                _NATIVE_GRADIENT.append(False)
+    return _NATIVE_GRADIENT[0]
+
+
 @keras.saving.register_keras_serializable(package="kseg")
 class DilatedConv2D(keras.layers.Conv2D):
-    """A stride-1, "same"-padded dilated Conv2D computed as one matmul ("im2col"); same weights as Conv2D.
+    """A stride-1, "same"-padded dilated Conv2D that trains fast on the CPU; same weights as Conv2D.
 
-    TensorFlow runs a dilated convolution as SpaceToBatchND -> Conv2D -> BatchToSpaceND, and
-    when the rate is large against the feature map (DeepLab-LargeFOV's fc6: 3x3, rate 12, on a
-    41x41 map) the backward pass runs on N x rate^2 tiny padded images, pathologically slowly
-    on the CPU. This layer gathers the kernel's taps as shifted slices of the zero-padded input,
-    concatenates them along channels and applies the kernel as one 1x1 convolution (a GEMM).
-    Measured on 2 cores, fc6 of DeepLab at 321x321 (41x41x512 -> 1024, rate 12, batch 2):
-    forward + backward 3.85 s -> 0.94 s, forward 320 -> 276 ms. Small rates on small maps are
-    faster the TF way (rate 2 on 41x41x512: 0.42 vs 0.58 s), so the builders use this layer
-    for large rates only. The kernel has Conv2D's shape [kh, kw, in, out] and name, so weights
-    load and export exactly as Conv2D's; outputs equal Conv2D's within float rounding.
+    Keras' Conv2D decomposes a dilated conv into SpaceToBatchND -> Conv2D -> BatchToSpaceND,
+    whose backward pass crawls when the rate is large against the map (DeepLab's fc6: rate 12
+    on 41x41). This layer emits one Conv2D op with its ``dilations`` attribute, which oneDNN
+    and cuDNN compute natively: fc6's forward + backward 347 ms against 811 (2 cores). Where
+    the CPU kernels cannot differentiate that op (oneDNN off: ``native_dilated_gradient()``)
+    it falls back to Keras' decomposition, and from rate 8 on to im2col: the kernel's taps as
+    shifted slices of the padded input, concatenated, one 1x1 convolution. Every path
+    computes Conv2D's function with Conv2D's kernel [kh, kw, in, out] and name, so weights
+    load and export exactly as Conv2D's. Measurements: docs/performance.md, slow spot 2.
 
         >>> layer = DilatedConv2D(4, 3, dilation_rate=12, padding="same")
         >>> layer(np.zeros((1, 41, 41, 8), "float32")).shape
@@ -474,6 +509,10 @@ class DilatedConv2D(keras.layers.Conv2D):
                              f"data_format={self.data_format!r}")
 
     def convolution_op(self, inputs, kernel):
+        if native_dilated_gradient():
+            return tf.nn.conv2d(inputs, kernel, 1, "SAME", dilations=list(self.dilation_rate))
+        if max(self.dilation_rate) < IM2COL_MIN_RATE:
+            return super().convolution_op(inputs, kernel)
         kh, kw, cin, cout = kernel.shape
         rh, rw = self.dilation_rate
         # "same" padding of the dilated kernel: (r * (k - 1)) split as TF splits it (less on top/left).

@@ -270,7 +270,7 @@ def load_torch_weights(keras_model, module, spec):
             if not w:
                 continue
             kind = type(layer).__name__
-            if kind in ("Conv2D", "DilatedConv2D"):  # DilatedConv2D: Conv2D's kernel, computed as im2col
+            if kind in ("Conv2D", "DilatedConv2D"):  # DilatedConv2D: Conv2D's kernel
                 # HWIO -> OIHW
                 arrays[f"{layer.name}.weight"] = w[0].transpose(3, 2, 0, 1)
             elif kind == "Conv2DTranspose":

@@ -123,21 +123,36 @@ def test_other_output_rank_mismatch_is_refused():
         _repair_output_ranks(proto.graph, model)
 
 
-def test_fixed_size_export_has_one_dilated_conv_per_dilated_layer(tmp_path):
+def test_export_has_one_dilated_conv_per_dilated_layer(tmp_path):
     import onnx
+
+    from kseg.layers import native_dilated_gradient
 
     model, _ = _build("deeplab_largefov")
     fixed = load_onnx(export_onnx(model, tmp_path / "fixed.onnx", input_size=(65, 65)))
     assert fixed.input_shape == (65, 65, 3)
     _check(model, fixed, (65, 65))
-    ops = [n.op_type for n in onnx.load(tmp_path / "fixed.onnx").graph.node]
-    dilated = [n for n in onnx.load(tmp_path / "fixed.onnx").graph.node
-               if n.op_type == "Conv" and any(a.name == "dilations" and max(a.ints) > 1 for a in n.attribute)]
-    # conv5_1-3 (rate 2); fc6 (rate 12) is kseg's im2col DilatedConv2D: taps concatenated, one 1x1 Conv.
-    assert len(dilated) == 3 and "SpaceToDepth" not in ops and "Concat" in ops
-    # With dynamic H/W tf2onnx emits the SpaceToDepth chain instead; still the same numbers.
-    dynamic_ops = [n.op_type for n in onnx.load(export_onnx(model, tmp_path / "dyn.onnx")).graph.node]
-    assert "SpaceToDepth" in dynamic_ops
+
+    def dilated_convs(path):
+        graph = onnx.load(path).graph
+        ops = [n.op_type for n in graph.node]
+        return ops, [n for n in graph.node if n.op_type == "Conv"
+                     and any(a.name == "dilations" and max(a.ints) > 1 for a in n.attribute)]
+
+    ops, dilated = dilated_convs(tmp_path / "fixed.onnx")
+    dynamic_ops, dynamic_dilated = dilated_convs(export_onnx(model, tmp_path / "dyn.onnx"))
+    if native_dilated_gradient():
+        # kseg.layers.DilatedConv2D emits one dilated Conv2D op: conv5_1-3 (rate 2) and fc6
+        # (rate 12) each become one ONNX Conv with dilations, at a fixed size and a dynamic one.
+        assert len(dilated) == len(dynamic_dilated) == 4
+        assert "SpaceToDepth" not in ops + dynamic_ops
+        # Explicit pads: ONNX Runtime refuses auto_pad SAME_* on a dilated Conv.
+        assert not [a for n in dilated + dynamic_dilated for a in n.attribute if a.name == "auto_pad"]
+    else:
+        # The oneDNN-less fallback: conv5's SpaceToBatchND (one dilated Conv once tf2onnx knows
+        # the size, a SpaceToDepth chain when it does not); fc6 as taps concatenated, a 1x1 Conv.
+        assert len(dilated) == 3 and "SpaceToDepth" not in ops and "Concat" in ops
+        assert "SpaceToDepth" in dynamic_ops
 
 
 def test_nchw_input(tmp_path):

@@ -3,6 +3,8 @@
 import inspect
 import json
 import os
+import subprocess
+import sys
 import zipfile
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -170,7 +172,10 @@ def test_argmax_pool_rejects_bad_padding():
 # ----------------------------------------------------------- MaxUnpooling2D
 
 
-def test_unpool_matches_numpy_scatter():
+# training=True scatters with UnsortedSegmentSum (training speed), inference with ScatterNd
+# (what the exports convert): both must be the same unpooling.
+@pytest.mark.parametrize("training", [False, True])
+def test_unpool_matches_numpy_scatter(training):
     rng = np.random.default_rng(4)
     reference = np.zeros((3, 7, 9, 2), np.float32)
     x = rng.normal(size=(3, 4, 5, 2)).astype(np.float32)
@@ -178,17 +183,18 @@ def test_unpool_matches_numpy_scatter():
     argmax = np.stack(
         [rng.choice(7 * 9 * 2, size=4 * 5 * 2, replace=False) for _ in range(3)]
     ).reshape(3, 4, 5, 2)
-    out = MaxUnpooling2D()([x, tf.constant(argmax, tf.int64), reference])
+    out = MaxUnpooling2D()([x, tf.constant(argmax, tf.int64), reference], training=training)
     assert out.shape == (3, 7, 9, 2)
     np.testing.assert_array_equal(out.numpy(), np_unpool(x, argmax, 7, 9))
 
 
+@pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("padding", ["same", "valid"])
 @pytest.mark.parametrize("shape", [(3, 7, 9, 4), (2, 5, 11, 3)])
-def test_pool_unpool_round_trip_keeps_only_window_maxima(padding, shape):
+def test_pool_unpool_round_trip_keeps_only_window_maxima(padding, shape, training):
     x = distinct_values(shape, seed=5)
     pooled, argmax = MaxPoolingWithArgmax2D(padding=padding)(x)
-    out = MaxUnpooling2D()([pooled, argmax, x])
+    out = MaxUnpooling2D()([pooled, argmax, x], training=training)
     # NumPy: keep the max of each window, zero elsewhere.
     _, want_argmax = np_pool_with_argmax(x, (2, 2), (2, 2), padding)
     keep = np.zeros(x.size, bool)
@@ -200,7 +206,8 @@ def test_pool_unpool_round_trip_keeps_only_window_maxima(padding, shape):
     np.testing.assert_array_equal(out.numpy(), want)
 
 
-def test_unpool_gradient_gathers_from_argmax():
+@pytest.mark.parametrize("training", [False, True])
+def test_unpool_gradient_gathers_from_argmax(training):
     source = distinct_values((2, 7, 9, 3), seed=6)
     _, argmax = np_pool_with_argmax(source, (2, 2), (2, 2), "same")
     x = tf.constant(distinct_values((2, 4, 5, 3), seed=7))
@@ -208,12 +215,24 @@ def test_unpool_gradient_gathers_from_argmax():
     upstream = upstream.astype(np.float32)
     with tf.GradientTape() as tape:
         tape.watch(x)
-        out = MaxUnpooling2D()([x, tf.constant(argmax), source])
+        out = MaxUnpooling2D()([x, tf.constant(argmax), source], training=training)
         loss = tf.reduce_sum(out * upstream)
     grad = tape.gradient(loss, x)
     flat = upstream.reshape(2, -1)
     want = np.stack([flat[b][argmax[b]] for b in range(2)])
     np.testing.assert_allclose(grad.numpy(), want, rtol=1e-6)
+
+
+def test_unpool_sums_values_sharing_a_max_in_training_and_inference_alike():
+    # 3x3/2 windows overlap: a pixel that is the max of several windows receives their sum.
+    x = distinct_values((2, 9, 11, 3), seed=10)
+    pooled, argmax = MaxPoolingWithArgmax2D(pool_size=3, strides=2, padding="same")(x)
+    assert len(np.unique(argmax.numpy()[0])) < argmax.numpy()[0].size  # shared maxima occur
+    values = tf.constant(distinct_values(pooled.shape, seed=11))
+    outs = [MaxUnpooling2D()([values, argmax, x], training=t).numpy() for t in (False, True)]
+    want = np_unpool(values.numpy(), argmax.numpy(), 9, 11)
+    for out in outs:
+        np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
 
 
 def test_unpool_in_functional_model_with_dynamic_sizes():
@@ -465,9 +484,21 @@ def test_model_with_all_layers_saves_and_reloads(tmp_path):
 
 # === DilatedConv2D ===
 
+@pytest.fixture(params=["native", "fallback"])
+def dilated_path(request, monkeypatch):
+    """Each DilatedConv2D path: the native op where this process differentiates it, and the
+    fallback oneDNN-less CPUs take (SpaceToBatchND below rate 8, the im2col GEMM from 8 on)."""
+    from kseg import layers as kseg_layers
+
+    if request.param == "native" and not kseg_layers.native_dilated_gradient():
+        pytest.skip("this process's CPU kernels cannot differentiate a native dilated Conv2D (oneDNN off)")
+    monkeypatch.setattr(kseg_layers, "_NATIVE_GRADIENT", [request.param == "native"])
+    return request.param
+
+
 @pytest.mark.parametrize("kernel,rate,size",
                          [(3, 12, (41, 37)), (4, 8, (9, 10)), (3, 2, (5, 6)), ((3, 1), (6, 4), (13, 7))])
-def test_dilated_conv_equals_keras_dilated_conv_forward_and_backward(kernel, rate, size):
+def test_dilated_conv_equals_keras_dilated_conv_forward_and_backward(kernel, rate, size, dilated_path):
     from kseg.layers import DilatedConv2D
 
     x = tf.constant(distinct_values((2, *size, 5), seed=3))
@@ -500,6 +531,28 @@ def test_dilated_conv_works_with_dynamic_sizes_and_reloads(tmp_path):
     loaded = keras.models.load_model(tmp_path / "m.keras")
     assert type(loaded.get_layer("fc6")) is DilatedConv2D
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), want)
+
+
+def test_dilated_conv_trains_where_onednn_is_off(tmp_path):
+    # TensorFlow's own CPU kernels (TF_ENABLE_ONEDNN_OPTS=0) refuse the native op's gradient;
+    # the layer must notice and train through its fallback, in a real process configured so.
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import numpy as np, keras, tensorflow as tf\n"
+        "from kseg.layers import DilatedConv2D, native_dilated_gradient\n"
+        "layer = DilatedConv2D(2, 3, dilation_rate=2, padding='same')\n"
+        "x = tf.constant(np.linspace(-1, 1, 2 * 9 * 9 * 3, dtype='float32').reshape(2, 9, 9, 3))\n"
+        "with tf.GradientTape() as tape:\n"
+        "    tape.watch(x)\n"
+        "    loss = tf.reduce_sum(tf.square(layer(x)))\n"
+        "g = tf.concat([tf.reshape(t, [-1]) for t in tape.gradient(loss, [x, layer.kernel])], 0)\n"
+        "finite, nonzero = bool(tf.reduce_all(tf.math.is_finite(g))), float(tf.reduce_sum(tf.abs(g))) > 0\n"
+        "print(native_dilated_gradient(), finite, nonzero)\n"
+    )
+    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "True", "True"]
 
 
 def test_dilated_conv_refuses_what_it_does_not_compute():

@@ -112,16 +112,10 @@ def _caffe_pool(x, stride, name):
     return layers.MaxPooling2D(3, strides=2, padding="valid", name=name)(x)
 
 
-# From this rate on, a dilated conv is built as DilatedConv2D: fc6's rate 12 (and Table 2's
-# rate 8 variant) train 4-25x faster that way on the CPU, conv5's rate 2 and the demo's small
-# rate-4/6 maps run faster as TF's own dilated Conv2D (measurements in DilatedConv2D).
-IM2COL_MIN_RATE = 8
-
-
 def _conv_relu(x, filters, kernel, name, *, dilation=1, batch_norm=False):
     """Conv + ReLU, or with batch_norm Conv + BatchNormalization (`{name}_bn`) + ReLU (`{name}_relu`)."""
-    # Large rates train far faster as one matmul (kseg.layers.DilatedConv2D); same weights.
-    conv = DilatedConv2D if dilation >= IM2COL_MIN_RATE else layers.Conv2D
+    # Every dilated conv (conv5's rate 2, fc6's 12) as one native dilated op (kseg.layers.DilatedConv2D).
+    conv = DilatedConv2D if dilation > 1 else layers.Conv2D
     x = conv(filters, kernel, padding="same", dilation_rate=dilation,
              activation=None if batch_norm else "relu", name=name)(x)
     if batch_norm:

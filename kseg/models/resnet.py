@@ -21,6 +21,7 @@ import functools
 import keras
 from keras import layers
 
+from kseg.layers import DilatedConv2D
 from kseg.models._common import classifier_top, model_input
 from kseg.registry import TorchMapping, register_model
 
@@ -88,7 +89,9 @@ def _bottleneck(x, filters, *, stride, dilation, conv_shortcut, layout, name):
         padding = "valid"
     else:
         padding = "same"
-    x = layers.Conv2D(
+    # Dilated stages (output_stride 8/16): one native dilated op (kseg.layers.DilatedConv2D).
+    conv = DilatedConv2D if dilation > 1 and stride_3x3 == 1 else layers.Conv2D
+    x = conv(
         filters,
         3,
         strides=stride_3x3,

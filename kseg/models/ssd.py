@@ -44,7 +44,7 @@ import numbers
 import keras
 from keras import layers
 
-from kseg.layers import L2Normalization
+from kseg.layers import DilatedConv2D, L2Normalization
 from kseg.models._common import check_width, model_input, scaled
 from kseg.models.deeplab import _adapt_vgg
 from kseg.models.vgg import CFGS, VGG16_CONV_NAMES
@@ -109,8 +109,9 @@ def _conv(x, filters, kernel, name, *, stride=1, dilation=1, padding="same"):
         # torchvision / Caffe pad 1 on every side; Keras "same" would pad only bottom/right.
         x = layers.ZeroPadding2D(1, name=f"{name}_pad")(x)
         padding = "valid"
-    return layers.Conv2D(filters, kernel, strides=stride, padding=padding, dilation_rate=dilation,
-                         activation="relu", name=name)(x)
+    conv = DilatedConv2D if dilation > 1 else layers.Conv2D  # fc6 (rate 6): one native dilated op
+    return conv(filters, kernel, strides=stride, padding=padding, dilation_rate=dilation,
+                activation="relu", name=name)(x)
 
 
 def ssd_vgg16_sources(inputs, *, layout="paper", width=1.0):
